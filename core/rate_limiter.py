@@ -1,0 +1,199 @@
+"""Per-client token-bucket rate limiting.
+
+Theory of operation
+-------------------
+Every client id owns a bucket that holds at most ``capacity`` tokens. A bucket
+starts full, refills continuously at ``rate_per_s`` tokens per second, and each
+allowed request takes one token. Two promises follow, and the property suite
+checks both:
+
+* in any window of length ``t`` a client is allowed at most
+  ``capacity + rate_per_s * t`` requests;
+* a client that spaces its requests at least ``1 / rate_per_s`` apart is never
+  refused.
+
+Time comes in as the keyword ``now`` (seconds, any origin): the live driver
+passes ``loop.time()``, the simulator ``env.now``. A ``now`` earlier than a
+bucket's last update counts as no time passing, so a clock that steps backwards
+never mints tokens.
+
+Memory: a bucket that has refilled to full behaves exactly like a bucket that
+was never created, so it may be forgotten. Buckets are kept in least-recently-
+used order; every lookup (:meth:`TokenBucket._bucket`) inspects the two oldest
+and drops them if they are full by now. A lookup adds at most one bucket and
+drops up to two stale ones, so the table holds the clients seen within the last
+``capacity / rate_per_s`` seconds plus a stale backlog that shrinks by at least
+one per call: a million one-off clients do not leave a million buckets behind.
+
+Student exercise 1 is :meth:`TokenBucket.is_allowed`; everything else here is
+complete and is what the live node and the simulator call
+(:meth:`TokenBucket.acquire`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from core._validate import number
+from core.exercise import ExerciseNotImplemented
+
+__all__ = ["Bucket", "RateLimitDecision", "TokenBucket"]
+
+
+class Bucket:
+    """One client's bucket: ``tokens`` available as of time ``updated_at`` (seconds)."""
+
+    __slots__ = ("tokens", "updated_at")
+
+    def __init__(self, tokens: float, updated_at: float) -> None:
+        self.tokens = tokens
+        self.updated_at = updated_at
+
+    def __repr__(self) -> str:
+        return f"Bucket(tokens={self.tokens!r}, updated_at={self.updated_at!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitDecision:
+    """The outcome of one :meth:`TokenBucket.acquire`, with what HTTP headers need.
+
+    ``remaining`` is whole tokens left after this request, ``reset_s`` the
+    seconds until the bucket is full again, ``retry_after_s`` the seconds until
+    the next request would be allowed (0 when one would be now).
+    """
+
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_s: float
+    retry_after_s: float
+
+    def headers(self) -> dict[str, str]:
+        """``RateLimit-*`` fields (IETF draft) and, on a rejection, ``Retry-After``.
+
+        Seconds are rounded up, so a client that waits as told is not refused again.
+        """
+        out = {
+            "RateLimit-Limit": str(self.limit),
+            "RateLimit-Remaining": str(self.remaining),
+            "RateLimit-Reset": str(math.ceil(self.reset_s)),
+        }
+        if not self.allowed:
+            out["Retry-After"] = str(max(1, math.ceil(self.retry_after_s)))
+        return out
+
+
+class TokenBucket:
+    """Token buckets keyed by client id.
+
+    ``rate_per_s`` is the refill rate in tokens per second (> 0); ``capacity`` the
+    burst size in tokens (>= 1, default ``rate_per_s`` but at least 1).
+    """
+
+    # How many of the least recently used buckets each lookup inspects for eviction.
+    # Two is enough to make the stale backlog shrink: each lookup adds at most one.
+    _EVICT_PER_CALL = 2
+
+    def __init__(self, rate_per_s: float, capacity: float | None = None) -> None:
+        self.rate_per_s = number("rate_per_s", rate_per_s, gt=0)
+        if capacity is None:
+            capacity = max(1.0, self.rate_per_s)
+        self.capacity = number("capacity", capacity, ge=1)
+        self._buckets: OrderedDict[str, Bucket] = OrderedDict()
+
+    # -- student exercise 1 -------------------------------------------------
+    def is_allowed(self, client_id: str, *, now: float) -> bool:
+        """Take one token from ``client_id``'s bucket if it has one; say whether it did.
+
+        ``now`` is the current time in seconds. Get the bucket with
+        ``bucket = self._bucket(client_id, now=now)`` (a new client gets a full
+        one), then:
+
+        1. refill it for the time since ``bucket.updated_at`` at ``self.rate_per_s``
+           tokens per second, never above ``self.capacity``, and never for a
+           ``now`` earlier than ``bucket.updated_at`` (a clock going backwards
+           must not mint tokens);
+        2. if at least one token is there, take it and return True; otherwise
+           return False and take nothing.
+        """
+        raise ExerciseNotImplemented(
+            "rate-limiter", "TokenBucket.is_allowed", "core/rate_limiter.py",
+            "solutions/token_bucket_solution.py",
+            "refill the client's bucket for the time since its last update, then take a token if one is there",
+        )
+
+    # -- what drivers call ----------------------------------------------------
+    def acquire(self, client_id: str, *, now: float) -> RateLimitDecision:
+        """Decide one request of ``client_id`` at ``now`` and report the header data."""
+        allowed = self.is_allowed(client_id, now=now)
+        tokens = self._tokens(client_id, now)
+        return RateLimitDecision(
+            allowed=allowed,
+            limit=int(self.capacity),
+            remaining=int(tokens),
+            reset_s=(self.capacity - tokens) / self.rate_per_s,
+            retry_after_s=0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate_per_s,
+        )
+
+    def remaining(self, client_id: str, *, now: float) -> int:
+        """Whole tokens ``client_id`` could spend at ``now`` (read-only)."""
+        return int(self._tokens(client_id, now))
+
+    def retry_after(self, client_id: str, *, now: float) -> float:
+        """Seconds from ``now`` until ``client_id`` has a token (0.0 if it has one now)."""
+        tokens = self._tokens(client_id, now)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate_per_s
+
+    def reset_after(self, client_id: str, *, now: float) -> float:
+        """Seconds from ``now`` until ``client_id``'s bucket is full again."""
+        return (self.capacity - self._tokens(client_id, now)) / self.rate_per_s
+
+    @property
+    def tracked_clients(self) -> int:
+        """How many buckets are held in memory (full ones are dropped lazily)."""
+        return len(self._buckets)
+
+    def sweep(self, *, now: float) -> int:
+        """Drop every bucket that is full at ``now``; return how many were dropped.
+
+        Never needed for correctness or bounded memory (lookups evict lazily);
+        a driver may call it on a timer to release memory after a burst of clients.
+        """
+        stale = [cid for cid, b in self._buckets.items() if self._is_full(b, now)]
+        for cid in stale:
+            del self._buckets[cid]
+        return len(stale)
+
+    # -- helpers --------------------------------------------------------------
+    def _bucket(self, client_id: str, *, now: float) -> Bucket:
+        """Return ``client_id``'s bucket, creating a full one, and mark it recently used.
+
+        Also drops up to two least recently used buckets that are full at ``now``.
+        """
+        buckets = self._buckets
+        for _ in range(self._EVICT_PER_CALL):
+            if not buckets:
+                break
+            oldest_id = next(iter(buckets))
+            if oldest_id == client_id or not self._is_full(buckets[oldest_id], now):
+                break
+            del buckets[oldest_id]
+        bucket = buckets.get(client_id)
+        if bucket is None:
+            bucket = buckets[client_id] = Bucket(self.capacity, now)
+        else:
+            buckets.move_to_end(client_id)
+        return bucket
+
+    def _is_full(self, bucket: Bucket, now: float) -> bool:
+        return bucket.tokens + (now - bucket.updated_at) * self.rate_per_s >= self.capacity
+
+    def _tokens(self, client_id: str, now: float) -> float:
+        """Tokens in ``client_id``'s bucket at ``now``, without changing anything."""
+        bucket = self._buckets.get(client_id)
+        if bucket is None:
+            return self.capacity
+        elapsed = max(0.0, now - bucket.updated_at)
+        return min(self.capacity, bucket.tokens + elapsed * self.rate_per_s)

@@ -1,0 +1,1 @@
+"""Scenarios, benchmarks and the ``testbed`` command line."""

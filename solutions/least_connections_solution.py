@@ -1,0 +1,26 @@
+"""Reference solution of exercise 2: ``LeastConnectionsStrategy.select_node``.
+
+To use it, copy the method below over the stub in ``core/strategies.py``
+(same indentation, replacing the whole stub method). ``testbed check
+least-connections --impl exercise`` then grades your copy.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from core.strategies import Backend, LeastConnectionsStrategy
+
+__all__ = ["LeastConnectionsSolution"]
+
+
+class LeastConnectionsSolution(LeastConnectionsStrategy):
+    """:class:`LeastConnectionsStrategy` with the exercise method filled in."""
+
+    def select_node(self, backends: Sequence[Backend]) -> Backend:
+        """Return a healthy backend whose ``active_connections`` is the smallest."""
+        candidates = self.healthy(backends)
+        fewest = min(b.active_connections for b in candidates)
+        ties = [b for b in candidates if b.active_connections == fewest]
+        # Taking ties in turn spreads an idle system's requests over every backend.
+        return ties[0] if len(ties) == 1 else self._rotate(ties)
