@@ -62,7 +62,8 @@ rates = st.sampled_from(RATES)
 capacities = st.one_of(st.none(), st.integers(1, 10).map(Fraction))
 # Steps between requests in milliseconds: bursts (0), close calls, and long pauses.
 steps_ms = st.one_of(st.just(0), st.integers(0, 50), st.integers(0, 3000))
-clients = st.sampled_from(["a", "b", "c"])
+# Mostly one client, so its bursts and pauses are long enough to matter.
+clients = st.sampled_from(["a", "a", "a", "b", "c"])
 traces = st.lists(st.tuples(clients, steps_ms), min_size=1, max_size=40)
 
 
@@ -76,6 +77,15 @@ def _make(cls: type, rate: Fraction, capacity: Fraction | None):
 
 def _t(ms: int) -> str:
     return f"t={ms / 1000:.3f}"
+
+
+def _n(x: Fraction) -> str:
+    """A rate or capacity as a plain number: 0.5, 3, 100."""
+    return f"{float(x):g}"
+
+
+def _requests(n: int) -> str:
+    return f"{n} allowed request{'' if n == 1 else 's'}"
 
 
 class _IdealBucket:
@@ -155,12 +165,12 @@ def _window_bound(cls: type) -> Callable[[], None]:
                     if count > bound + TOLERANCE:
                         if allowed[j] == first:
                             raise Counterexample(
-                                f"client {client!r}: after {count - 1} allowed requests at {_t(first)}, "
-                                f"request {count} at the same instant was allowed too; the capacity is {cap}")
+                                f"client {client!r}: after {_requests(count - 1)} at {_t(first)}, "
+                                f"request {count} at the same instant was allowed too; the capacity is {_n(cap)}")
                         raise Counterexample(
                             f"client {client!r}: {count} requests were allowed between {_t(first)} and "
                             f"{_t(allowed[j])}; in {(allowed[j] - first) / 1000:.3f} s a bucket of capacity "
-                            f"{cap} refilling at {rate}/s allows at most {math.floor(bound + TOLERANCE)}")
+                            f"{_n(cap)} refilling at {_n(rate)}/s allows at most {math.floor(bound + TOLERANCE)}")
     return test
 
 
@@ -193,7 +203,7 @@ def _matches_ideal(cls: type) -> Callable[[], None]:
                                     for x in steps[:steps.index(s)]) or "none"
                 raise Counterexample(
                     f"request {seen[s.client]} of client {s.client!r} at {_t(s.ms)} was {verdict}, but a "
-                    f"token bucket (rate {rate}/s, capacity {cap}) held {float(s.ideal_tokens):.3f} tokens "
+                    f"token bucket (rate {_n(rate)}/s, capacity {_n(cap)}) held {float(s.ideal_tokens):.3f} tokens "
                     f"then, so it should have been {'allowed' if s.ideal else 'refused'}; "
                     f"earlier requests: {history}")
     return test
@@ -228,7 +238,7 @@ def _backwards_clock(cls: type) -> Callable[[], None]:
                 raise Counterexample(
                     f"at {_t(s.ms)}{f' (after the clock had already reached {_t(s.clock_ms)})' if went_back else ''} "
                     f"the request was {'allowed' if s.allowed else 'refused'}; a clock going backwards counts "
-                    f"as no time passing, so a bucket of capacity {cap} at {rate}/s held "
+                    f"as no time passing, so a bucket of capacity {_n(cap)} at {_n(rate)}/s held "
                     f"{float(s.ideal_tokens):.3f} tokens and should have {'allowed' if s.ideal else 'refused'} it")
     return test
 
