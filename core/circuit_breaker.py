@@ -108,7 +108,11 @@ def next_state(state: State, signal: Signal) -> State:
 
 @dataclass(frozen=True, slots=True)
 class Permit:
-    """Leave to make one call; report its outcome with this object."""
+    """Leave to make one call; report its outcome with this very object.
+
+    The breaker hands out one permit object per generation and kind, and
+    recognises current permits by identity: a permit built by hand is stale.
+    """
 
     generation: int
     probe: bool
@@ -211,10 +215,14 @@ class CircuitBreaker:
 
     def try_acquire(self, *, now: float) -> Permit | None:
         """A permit for one call at ``now``, or None if the breaker refuses it."""
-        self._advance(now)
+        if now > self._now:
+            self._now = now
         state = self._state
         if state is State.CLOSED:
             return self._permit
+        if state is State.OPEN:
+            self._advance(now)
+            state = self._state
         if state is State.HALF_OPEN and self._probes_admitted < self.half_open_max_calls:
             self._probes_admitted += 1
             self._probes_in_flight += 1
@@ -230,10 +238,14 @@ class CircuitBreaker:
         return permit
 
     # -- outcomes ------------------------------------------------------------
+    # Outcomes need no time-triggered move: only OPEN moves by time, and OPEN
+    # hands out no permits, so an outcome reported while OPEN is always stale.
+    # Permits are cached per generation, so "current" is an identity test.
     def record_success(self, permit: Permit, *, now: float) -> None:
         """The call made under ``permit`` succeeded."""
-        self._advance(now)
-        if permit.generation != self._generation:
+        if now > self._now:
+            self._now = now
+        if permit is not self._permit:
             self.stale += 1
             return
         self.successes += 1
@@ -249,8 +261,9 @@ class CircuitBreaker:
 
     def record_failure(self, permit: Permit, *, now: float) -> None:
         """The call made under ``permit`` failed."""
-        self._advance(now)
-        if permit.generation != self._generation:
+        if now > self._now:
+            self._now = now
+        if permit is not self._permit:
             self.stale += 1
             return
         self.failures += 1
@@ -271,8 +284,9 @@ class CircuitBreaker:
 
         A probe's slot is given back, so another probe may be admitted.
         """
-        self._advance(now)
-        if permit.generation != self._generation:
+        if now > self._now:
+            self._now = now
+        if permit is not self._permit:
             self.stale += 1
             return
         if permit.probe:

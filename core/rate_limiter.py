@@ -18,12 +18,14 @@ bucket's last update counts as no time passing, so a clock that steps backwards
 never mints tokens.
 
 Memory: a bucket that has refilled to full behaves exactly like a bucket that
-was never created, so it may be forgotten. Buckets are kept in least-recently-
-used order; every lookup (:meth:`TokenBucket._bucket`) inspects the two oldest
-and drops them if they are full by now. A lookup adds at most one bucket and
-drops up to two stale ones, so the table holds the clients seen within the last
-``capacity / rate_per_s`` seconds plus a stale backlog that shrinks by at least
-one per call: a million one-off clients do not leave a million buckets behind.
+was never created, so it may be forgotten. When a new client arrives and the
+table has reached its sweep mark, :meth:`TokenBucket.sweep` drops every full
+bucket and the mark is set to twice what is left (at least
+``MIN_SWEEP_MARK``). A sweep of n buckets thus follows at least n/2 new clients
+since the previous one: O(1) amortized per call, and the table never holds
+more than twice the clients seen in the last ``capacity / rate_per_s`` seconds
+(or ``MIN_SWEEP_MARK``). A million one-off clients do not leave a million
+buckets behind, and a lookup of a known client never pays for any of it.
 
 Student exercise 1 is :meth:`TokenBucket.is_allowed`; everything else here is
 complete and is what the live node and the simulator call
@@ -33,7 +35,6 @@ complete and is what the live node and the simulator call
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from core._validate import number
@@ -92,16 +93,16 @@ class TokenBucket:
     burst size in tokens (>= 1, default ``rate_per_s`` but at least 1).
     """
 
-    # How many of the least recently used buckets each lookup inspects for eviction.
-    # Two is enough to make the stale backlog shrink: each lookup adds at most one.
-    _EVICT_PER_CALL = 2
+    #: The table is never swept below this many buckets.
+    MIN_SWEEP_MARK = 1024
 
     def __init__(self, rate_per_s: float, capacity: float | None = None) -> None:
         self.rate_per_s = number("rate_per_s", rate_per_s, gt=0)
         if capacity is None:
             capacity = max(1.0, self.rate_per_s)
         self.capacity = number("capacity", capacity, ge=1)
-        self._buckets: OrderedDict[str, Bucket] = OrderedDict()
+        self._buckets: dict[str, Bucket] = {}
+        self._sweep_mark = self.MIN_SWEEP_MARK
 
     # -- student exercise 1 -------------------------------------------------
     def is_allowed(self, client_id: str, *, now: float) -> bool:
@@ -158,37 +159,25 @@ class TokenBucket:
     def sweep(self, *, now: float) -> int:
         """Drop every bucket that is full at ``now``; return how many were dropped.
 
-        Never needed for correctness or bounded memory (lookups evict lazily);
-        a driver may call it on a timer to release memory after a burst of clients.
+        New clients trigger it when the table reaches its sweep mark, so a driver
+        never needs to; one may still call it on a timer to give memory back sooner.
         """
-        stale = [cid for cid, b in self._buckets.items() if self._is_full(b, now)]
-        for cid in stale:
-            del self._buckets[cid]
-        return len(stale)
+        before = len(self._buckets)
+        capacity, rate = self.capacity, self.rate_per_s
+        self._buckets = {cid: b for cid, b in self._buckets.items()
+                         if b.tokens + (now - b.updated_at) * rate < capacity}
+        self._sweep_mark = max(self.MIN_SWEEP_MARK, 2 * len(self._buckets))
+        return before - len(self._buckets)
 
     # -- helpers --------------------------------------------------------------
     def _bucket(self, client_id: str, *, now: float) -> Bucket:
-        """Return ``client_id``'s bucket, creating a full one, and mark it recently used.
-
-        Also drops up to two least recently used buckets that are full at ``now``.
-        """
-        buckets = self._buckets
-        for _ in range(self._EVICT_PER_CALL):
-            if not buckets:
-                break
-            oldest_id = next(iter(buckets))
-            if oldest_id == client_id or not self._is_full(buckets[oldest_id], now):
-                break
-            del buckets[oldest_id]
-        bucket = buckets.get(client_id)
+        """Return ``client_id``'s bucket; a new client gets a full one, dated ``now``."""
+        bucket = self._buckets.get(client_id)
         if bucket is None:
-            bucket = buckets[client_id] = Bucket(self.capacity, now)
-        else:
-            buckets.move_to_end(client_id)
+            if len(self._buckets) >= self._sweep_mark:
+                self.sweep(now=now)
+            bucket = self._buckets[client_id] = Bucket(self.capacity, now)
         return bucket
-
-    def _is_full(self, bucket: Bucket, now: float) -> bool:
-        return bucket.tokens + (now - bucket.updated_at) * self.rate_per_s >= self.capacity
 
     def _tokens(self, client_id: str, now: float) -> float:
         """Tokens in ``client_id``'s bucket at ``now``, without changing anything."""

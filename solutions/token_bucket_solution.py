@@ -18,10 +18,11 @@ class TokenBucketSolution(TokenBucket):
     def is_allowed(self, client_id: str, *, now: float) -> bool:
         """Take one token from ``client_id``'s bucket if it has one; say whether it did."""
         bucket = self._bucket(client_id, now=now)
-        # A clock that went backwards counts as no time passing.
-        elapsed = max(0.0, now - bucket.updated_at)
-        bucket.tokens = min(self.capacity, bucket.tokens + elapsed * self.rate_per_s)
-        bucket.updated_at = max(bucket.updated_at, now)
+        elapsed = now - bucket.updated_at
+        if elapsed > 0:  # a clock that went backwards counts as no time passing
+            tokens = bucket.tokens + elapsed * self.rate_per_s
+            bucket.tokens = tokens if tokens < self.capacity else self.capacity
+            bucket.updated_at = now
         if bucket.tokens >= 1.0:
             bucket.tokens -= 1.0
             return True

@@ -10,38 +10,35 @@ from core.rate_limiter import TokenBucket
 from core.strategies import LeastConnectionsStrategy, NoHealthyBackend
 
 
-class _Bucket(TokenBucket):
-    cap = True
-    clamp = True
-    threshold = 1.0
-    key = None
-
+def _is_allowed(cap=True, clamp=True, threshold=1.0, key=None):
+    """A token-bucket ``is_allowed`` with one of its parts switched off."""
     def is_allowed(self, client_id, *, now):
-        bucket = self._bucket(self.key or client_id, now=now)
-        elapsed = max(0.0, now - bucket.updated_at) if self.clamp else abs(now - bucket.updated_at)
+        bucket = self._bucket(key or client_id, now=now)
+        elapsed = max(0.0, now - bucket.updated_at) if clamp else abs(now - bucket.updated_at)
         tokens = bucket.tokens + elapsed * self.rate_per_s
-        bucket.tokens = min(self.capacity, tokens) if self.cap else tokens
-        bucket.updated_at = max(bucket.updated_at, now) if self.clamp else now
-        if bucket.tokens >= self.threshold:
+        bucket.tokens = min(self.capacity, tokens) if cap else tokens
+        bucket.updated_at = max(bucket.updated_at, now) if clamp else now
+        if bucket.tokens >= threshold:
             bucket.tokens -= 1.0
             return True
         return False
+    return is_allowed
 
 
-class NoCap(_Bucket):
-    cap = False
+class NoCap(TokenBucket):
+    is_allowed = _is_allowed(cap=False)
 
 
-class BackwardsMints(_Bucket):
-    clamp = False
+class BackwardsMints(TokenBucket):
+    is_allowed = _is_allowed(clamp=False)
 
 
-class OffByOne(_Bucket):
-    threshold = 0.0
+class OffByOne(TokenBucket):
+    is_allowed = _is_allowed(threshold=0.0)
 
 
-class SharedBucket(_Bucket):
-    key = "everyone"
+class SharedBucket(TokenBucket):
+    is_allowed = _is_allowed(key="everyone")
 
 
 class NeverRefills(TokenBucket):
