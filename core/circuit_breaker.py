@@ -191,6 +191,8 @@ class CircuitBreaker:
         self._opened_at = float("-inf")
         # Permits are immutable and identical within a generation, so one per kind is reused.
         self._permit = Permit(0, probe=False)
+        # The same object while CLOSED, None otherwise: the hot path is one test.
+        self._closed_permit: Permit | None = self._permit
         # CLOSED bookkeeping
         self._consecutive_failures = 0
         self._window: deque[bool] = deque(maxlen=self.window_size)  # True = failure
@@ -217,9 +219,9 @@ class CircuitBreaker:
         """A permit for one call at ``now``, or None if the breaker refuses it."""
         if now > self._now:
             self._now = now
+        if self._closed_permit is not None:
+            return self._closed_permit
         state = self._state
-        if state is State.CLOSED:
-            return self._permit
         if state is State.OPEN:
             self._advance(now)
             state = self._state
@@ -245,19 +247,21 @@ class CircuitBreaker:
         """The call made under ``permit`` succeeded."""
         if now > self._now:
             self._now = now
-        if permit is not self._permit:
-            self.stale += 1
-            return
-        self.successes += 1
-        if permit.probe:
-            self._probes_in_flight -= 1
-            self._probe_successes += 1
-            if self._probe_successes >= self.success_threshold:
-                self._fire(Signal.PROBES_PASSED, self._now)
-        else:
+        if permit is self._closed_permit:
+            self.successes += 1
             self._consecutive_failures = 0
             if self.failure_rate_threshold is not None:
                 self._push_outcome(False)
+            return
+        if permit is not self._permit:
+            self.stale += 1
+            return
+        # A current permit other than the CLOSED one is a HALF_OPEN probe.
+        self.successes += 1
+        self._probes_in_flight -= 1
+        self._probe_successes += 1
+        if self._probe_successes >= self.success_threshold:
+            self._fire(Signal.PROBES_PASSED, self._now)
 
     def record_failure(self, permit: Permit, *, now: float) -> None:
         """The call made under ``permit`` failed."""
@@ -387,6 +391,7 @@ class CircuitBreaker:
         self._state = new
         self._generation += 1
         self._permit = Permit(self._generation, probe=new is State.HALF_OPEN)
+        self._closed_permit = self._permit if new is State.CLOSED else None
         self._consecutive_failures = 0
         self._window.clear()
         self._window_failures = 0

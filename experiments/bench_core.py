@@ -31,31 +31,38 @@ from solutions.impl import rate_limiter_class, strategy_class
 
 __all__ = ["measure", "run"]
 
-ROUNDS = 5
+ROUNDS = 7
 CLIENTS = 1000  # distinct client ids cycled through, so lookups are not all cache hits
 
 
-def measure(make_loop: Callable[[int], Callable[[], None]], seconds: float) -> float:
-    """Nanoseconds per call: the best of ROUNDS rounds of about ``seconds`` each.
-
-    ``make_loop(n)`` returns a function that performs n calls.
-    """
+def _calibrate(make_loop: Callable[[int], Callable[[], None]], seconds: float) -> int:
+    """How many calls make one round of about ``seconds``."""
     n = 1000
-    while True:  # calibrate n so one round lasts about `seconds`
+    while True:
         loop = make_loop(n)
         t0 = time.perf_counter_ns()
         loop()
         elapsed = time.perf_counter_ns() - t0
         if elapsed >= seconds * 1e9 / 4 or n >= 10_000_000:
-            break
+            return max(1000, int(n * seconds * 1e9 / max(elapsed, 1)))
         n *= 4
-    n = max(1000, int(n * seconds * 1e9 / max(elapsed, 1)))
-    best = float("inf")
+
+
+def measure(*make_loops: Callable[[int], Callable[[], None]], seconds: float) -> list[float]:
+    """Nanoseconds per call of each case: the best of ROUNDS rounds of about ``seconds``.
+
+    ``make_loop(n)`` returns a function that performs n calls. The cases' rounds
+    are interleaved (A B A B ...), so a slow spell of the machine hits all of
+    them alike and their ratios stay honest.
+    """
+    sizes = [_calibrate(make, seconds) for make in make_loops]
+    best = [float("inf")] * len(make_loops)
     for _ in range(ROUNDS):
-        loop = make_loop(n)
-        t0 = time.perf_counter_ns()
-        loop()
-        best = min(best, (time.perf_counter_ns() - t0) / n)
+        for i, (make, n) in enumerate(zip(make_loops, sizes)):
+            loop = make(n)
+            t0 = time.perf_counter_ns()
+            loop()
+            best[i] = min(best[i], (time.perf_counter_ns() - t0) / n)
     return best
 
 
@@ -139,12 +146,13 @@ def _strategy_loop(name: str, size: int) -> Callable[[int], Callable[[], None]]:
     return make
 
 
-def _peer(label: str, fn: Callable[[], float], echo: Callable[[str], None]) -> float | None:
-    try:
-        return fn()
-    except ImportError as exc:
-        echo(f"  {label:<44} not measured: {exc.name} is not installed (pip install -e '.[bench]')")
-        return None
+def _peers_available(*modules: str, echo: Callable[[str], None]) -> bool:
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        echo(f"  peers not measured: {', '.join(missing)} not installed (pip install -e '.[bench]')")
+    return not missing
 
 
 def run(seconds: float = 0.3, json_path: str | None = None, echo: Callable[[str], None] = print) -> int:
@@ -152,14 +160,14 @@ def run(seconds: float = 0.3, json_path: str | None = None, echo: Callable[[str]
     results: dict[str, object] = {"seconds_per_round": seconds, "rounds": ROUNDS, "python": sys.version.split()[0]}
 
     echo("Rate limiting: ns per call (lower is better)")
-    ours = measure(_bucket_loop, seconds)
+    names = ["FixedWindowRateLimiter", "MovingWindowRateLimiter", "SlidingWindowCounterRateLimiter"]
+    have_limits = _peers_available("limits", echo=echo)
+    cases = [_bucket_loop] + ([_limits_loop(n) for n in names] if have_limits else [])
+    ours, *theirs = measure(*cases, seconds=seconds)
+    peers = dict(zip(names, theirs))
     echo(f"  {'TokenBucket.is_allowed':<44} {ours:9.0f}")
-    peers = {}
-    for strat in ("FixedWindowRateLimiter", "MovingWindowRateLimiter", "SlidingWindowCounterRateLimiter"):
-        ns = _peer(f"limits {strat}.hit", lambda s=strat: measure(_limits_loop(s), seconds), echo)
-        if ns is not None:
-            peers[strat] = ns
-            echo(f"  {'limits ' + strat + '.hit':<44} {ns:9.0f}   {ns / ours:6.1f}x ours")
+    for name, ns in peers.items():
+        echo(f"  {'limits ' + name + '.hit':<44} {ns:9.0f}   {ns / ours:6.1f}x ours")
     results["rate_limiter"] = {"is_allowed_ns": ours, "limits_ns": peers}
     if peers:
         fastest = min(peers.values())
@@ -167,21 +175,22 @@ def run(seconds: float = 0.3, json_path: str | None = None, echo: Callable[[str]
         echo(f"  => is_allowed is {fastest / ours:.1f}x cheaper than the fastest limits strategy (target >= 5x)")
 
     echo("Circuit breaking: ns per guarded call (lower is better)")
-    ours_cb = measure(_breaker_loop, seconds)
+    have_pybreaker = _peers_available("pybreaker", echo=echo)
+    ours_cb, *py = measure(_breaker_loop, *([_pybreaker_loop] if have_pybreaker else []), seconds=seconds)
     echo(f"  {'CircuitBreaker try_acquire + record_success':<44} {ours_cb:9.0f}")
-    py = _peer("pybreaker CircuitBreaker.call", lambda: measure(_pybreaker_loop, seconds), echo)
-    results["circuit_breaker"] = {"admit_record_ns": ours_cb, "pybreaker_call_ns": py}
-    if py is not None:
-        echo(f"  {'pybreaker CircuitBreaker.call':<44} {py:9.0f}   {py / ours_cb:6.1f}x ours")
-        results["circuit_breaker"]["speedup_vs_pybreaker"] = py / ours_cb
-        echo(f"  => admit+record is {py / ours_cb:.1f}x cheaper than pybreaker (target >= 5x)")
+    results["circuit_breaker"] = {"admit_record_ns": ours_cb, "pybreaker_call_ns": py[0] if py else None}
+    if py:
+        echo(f"  {'pybreaker CircuitBreaker.call':<44} {py[0]:9.0f}   {py[0] / ours_cb:6.1f}x ours")
+        results["circuit_breaker"]["speedup_vs_pybreaker"] = py[0] / ours_cb
+        echo(f"  => admit+record is {py[0] / ours_cb:.1f}x cheaper than pybreaker (target >= 5x)")
 
     sizes = (3, 100, 1000)
     echo("Strategies: ns per pick at " + ", ".join(map(str, sizes)) + " backends (and per backend at 1000)")
     table: dict[str, dict[int, float]] = {}
     for name in STRATEGIES:
-        table[name] = {size: measure(_strategy_loop(name, size), seconds / 3) for size in sizes}
-        row = "".join(f"{table[name][s]:10.0f}" for s in sizes)
+        row_ns = measure(*[_strategy_loop(name, size) for size in sizes], seconds=seconds / 3)
+        table[name] = dict(zip(sizes, row_ns))
+        row = "".join(f"{ns:10.0f}" for ns in row_ns)
         echo(f"  {name:<28}{row}   {table[name][1000] / 1000:6.1f} ns/backend")
     results["strategies_ns"] = {name: {str(k): v for k, v in row.items()} for name, row in table.items()}
 
