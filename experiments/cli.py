@@ -79,5 +79,13 @@ def bench_core(seconds: float, json_path: str | None) -> None:
     raise SystemExit(run(seconds=seconds, json_path=json_path, echo=click.echo))
 
 
+def _register() -> None:
+    from experiments.cli_sim import compare_command, sim_group
+    main.add_command(sim_group)
+    main.add_command(compare_command)
+
+
+_register()
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,344 @@
+"""Scenarios: one description of a run, for the simulator and for live runs alike.
+
+Theory of operation
+-------------------
+A scenario says what runs (nodes with their workers, service times,
+middleware and scheduled faults; a balancer with its strategy) and what load
+it gets (open-loop Poisson or constant arrivals, or a closed loop of clients
+with think time), for how long, with which seed. It is written as TOML (see
+``experiments/scenarios/``); this module turns the parsed mapping into frozen
+dataclasses and validates every key on the way, so a bad file fails with one
+message naming the key, the value and what is allowed, before anything runs::
+
+    seed.toml: nodes[2].workers = 0: must be an integer >= 1
+
+Reading the file is the caller's job (``experiments.scenarios.load``): this
+module only sees mappings, so it stays free of I/O like the rest of ``core``.
+Units are in the names: ``_s`` seconds, ``_ms`` milliseconds, ``_per_s`` a rate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from core.strategies import STRATEGIES
+
+__all__ = [
+    "ARRIVALS", "BalancerSpec", "BreakerSpec", "Fault", "NodeSpec", "SERVICES", "Scenario", "ScenarioError",
+    "Workload",
+]
+
+ARRIVALS = ("poisson", "constant", "closed")
+SERVICES = ("exponential", "deterministic")
+
+
+class ScenarioError(ValueError):
+    """A scenario key has a bad value (or is unknown, or missing); ``key`` is its dotted path."""
+
+    def __init__(self, source: str, key: str, value: Any, problem: str) -> None:
+        shown = "(missing)" if value is _MISSING else repr(value)
+        super().__init__(f"{source}: {key} = {shown}: {problem}")
+        self.source = source
+        self.key = key
+        self.value = value
+        self.problem = problem
+
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The offered load. ``rate_per_s`` for open loops; ``clients`` distinct client ids
+    (and, for ``closed``, that many clients each waiting ``think_time_ms`` on average
+    between a response and its next request)."""
+
+    arrival: str = "poisson"
+    rate_per_s: float = 10.0
+    clients: int = 1
+    think_time_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Between ``start_s`` and ``end_s``: requests fail with probability ``error_rate``,
+    take ``extra_latency_ms`` longer, or (``down``) the node is not there at all."""
+
+    start_s: float
+    end_s: float
+    error_rate: float = 0.0
+    extra_latency_ms: float = 0.0
+    down: bool = False
+
+
+@dataclass(frozen=True)
+class BreakerSpec:
+    """Parameters of a :class:`core.circuit_breaker.CircuitBreaker`."""
+
+    failure_threshold: int = 3
+    recovery_timeout_s: float = 5.0
+    half_open_max_calls: int = 1
+    success_threshold: int = 1
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One node: ``workers`` requests served at once, the rest wait FIFO; a request on the
+    work endpoint takes ``load_factor_ms`` on average, drawn from ``service``."""
+
+    id: str
+    workers: int = 1
+    load_factor_ms: float = 25.0
+    service: str = "exponential"
+    rate_limit_per_s: float | None = None
+    rate_limit_burst: float | None = None
+    backpressure: int | None = None
+    circuit_breaker: BreakerSpec | None = None
+    faults: tuple[Fault, ...] = ()
+
+    @property
+    def capacity_per_s(self) -> float:
+        """Requests per second the node completes when always busy."""
+        return self.workers * 1000.0 / self.load_factor_ms
+
+
+@dataclass(frozen=True)
+class BalancerSpec:
+    """The balancer: a strategy name from ``core.strategies``, health checks every
+    ``health_check_interval_s`` (a node is unhealthy after ``unhealthy_after`` failed
+    checks), and one retry on another backend when a connection fails."""
+
+    strategy: str = "round_robin"
+    health_check_interval_s: float = 1.0
+    unhealthy_after: int = 1
+    retry_connect_failures: bool = True
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    nodes: tuple[NodeSpec, ...]
+    seed: int = 0
+    duration_s: float = 60.0
+    warmup_s: float = 0.0
+    workload: Workload = field(default_factory=Workload)
+    balancer: BalancerSpec = field(default_factory=BalancerSpec)
+
+    @property
+    def capacity_per_s(self) -> float:
+        """The sum of the nodes' capacities: the rate at which load = 1.0."""
+        return sum(n.capacity_per_s for n in self.nodes)
+
+    def with_load(self, load: float) -> Scenario:
+        """The same scenario with an open-loop rate of ``load`` times its capacity."""
+        return self.replace(rate_per_s=load * self.capacity_per_s)
+
+    def replace(self, *, strategy: str | None = None, rate_per_s: float | None = None,
+                duration_s: float | None = None, seed: int | None = None) -> Scenario:
+        """A copy with command-line overrides applied (and validated)."""
+        data = self.to_dict()
+        if strategy is not None:
+            data["balancer"]["strategy"] = strategy
+        if rate_per_s is not None:
+            data["workload"]["rate_per_s"] = rate_per_s
+        if duration_s is not None:
+            data["duration_s"] = duration_s
+            data["warmup_s"] = min(self.warmup_s, duration_s / 2)
+        if seed is not None:
+            data["seed"] = seed
+        return Scenario.from_mapping(data, source="override")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Back to the mapping form (what ``from_mapping`` reads); Nones are left out."""
+        def clean(obj: Any) -> Any:
+            if isinstance(obj, dict):
+                return {k: clean(v) for k, v in obj.items() if v is not None}
+            if isinstance(obj, (list, tuple)):
+                return [clean(v) for v in obj]
+            return obj
+        data = clean(dataclasses.asdict(self))
+        for node in data["nodes"]:
+            if "circuit_breaker" in node:
+                node["circuit_breaker"] = dict(node["circuit_breaker"])
+            if not node.get("faults"):
+                node.pop("faults", None)
+        return data
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, source: str = "scenario") -> Scenario:
+        """Validate a parsed scenario; raise ScenarioError naming the first bad key."""
+        top = _Reader(data, "", source)
+        name = top.string("name")
+        seed = top.integer("seed", 0, ge=0)
+        duration = top.number("duration_s", 60.0, gt=0)
+        warmup = top.number("warmup_s", 0.0, ge=0)
+        if warmup >= duration:
+            top.fail("warmup_s", warmup, f"must be less than duration_s ({duration:g})")
+
+        w = top.table("workload")
+        arrival = w.choice("arrival", "poisson", ARRIVALS)
+        workload = Workload(
+            arrival=arrival,
+            rate_per_s=w.number("rate_per_s", 10.0, gt=0),
+            clients=w.integer("clients", 1, ge=1, le=1_000_000),
+            think_time_ms=w.number("think_time_ms", 0.0, ge=0),
+        )
+        if arrival == "closed" and workload.think_time_ms <= 0:
+            w.fail("think_time_ms", workload.think_time_ms,
+                   "must be > 0 for a closed loop (a client refused at once would otherwise retry "
+                   "in zero time forever); use e.g. 1 for back-to-back clients")
+        w.finish()
+
+        b = top.table("balancer")
+        balancer = BalancerSpec(
+            strategy=b.choice("strategy", "round_robin", tuple(STRATEGIES)),
+            health_check_interval_s=b.number("health_check_interval_s", 1.0, gt=0),
+            unhealthy_after=b.integer("unhealthy_after", 1, ge=1),
+            retry_connect_failures=b.boolean("retry_connect_failures", True),
+        )
+        b.finish()
+
+        nodes = tuple(_node(r, duration) for r in top.tables("nodes", required=True))
+        seen: set[str] = set()
+        for i, node in enumerate(nodes):
+            if node.id in seen:
+                top.fail(f"nodes[{i}].id", node.id, "must be unique; another node has this id")
+            seen.add(node.id)
+        top.finish()
+        return cls(name, nodes, seed, duration, warmup, workload, balancer)
+
+
+def _node(r: _Reader, duration: float) -> NodeSpec:
+    breaker: BreakerSpec | None = None
+    raw = r.data.get("circuit_breaker", False)
+    if raw is True:
+        breaker = BreakerSpec()
+    elif isinstance(raw, Mapping):
+        br = r.table("circuit_breaker")
+        breaker = BreakerSpec(
+            failure_threshold=br.integer("failure_threshold", 3, ge=1),
+            recovery_timeout_s=br.number("recovery_timeout_s", 5.0, gt=0),
+            half_open_max_calls=br.integer("half_open_max_calls", 1, ge=1),
+            success_threshold=br.integer("success_threshold", 1, ge=1),
+        )
+        if breaker.success_threshold > breaker.half_open_max_calls:
+            br.fail("success_threshold", breaker.success_threshold, "must be <= half_open_max_calls")
+        br.finish()
+    elif raw is not False:
+        r.fail("circuit_breaker", raw, "must be true, false or a table of breaker settings")
+    r.used.add("circuit_breaker")
+
+    faults = []
+    for f in r.tables("faults"):
+        start = f.number("start_s", None, ge=0)
+        end = f.number("end_s", None, gt=0)
+        if end <= start:
+            f.fail("end_s", end, f"must be greater than start_s ({start:g})")
+        faults.append(Fault(start, end, f.number("error_rate", 0.0, ge=0, le=1),
+                            f.number("extra_latency_ms", 0.0, ge=0), f.boolean("down", False)))
+        f.finish()
+    node = NodeSpec(
+        id=r.string("id"),
+        workers=r.integer("workers", 1, ge=1, le=10_000),
+        load_factor_ms=r.number("load_factor_ms", 25.0, gt=0),
+        service=r.choice("service", "exponential", SERVICES),
+        rate_limit_per_s=r.number("rate_limit_per_s", None, gt=0, optional=True),
+        rate_limit_burst=r.number("rate_limit_burst", None, ge=1, optional=True),
+        backpressure=r.integer("backpressure", None, ge=1, optional=True),
+        circuit_breaker=breaker,
+        faults=tuple(faults),
+    )
+    r.finish()
+    return node
+
+
+class _Reader:
+    """Reads keys of one table, remembering which were used, so unknown keys are reported."""
+
+    def __init__(self, data: Any, path: str, source: str) -> None:
+        self.path, self.source = path, source
+        if not isinstance(data, Mapping):
+            raise ScenarioError(source, path or "(top level)", data, "must be a table")
+        self.data: Mapping[str, Any] = data
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def fail(self, name: str, value: Any, problem: str) -> None:
+        raise ScenarioError(self.source, self.key(name), value, problem)
+
+    def _get(self, name: str, default: Any, optional: bool = False) -> Any:
+        self.used.add(name)
+        value = self.data.get(name, _MISSING)
+        if value is _MISSING:
+            if default is None and not optional:
+                self.fail(name, _MISSING, "is required")
+            return default
+        return value
+
+    def number(self, name: str, default: float | None, *, gt: float | None = None, ge: float | None = None,
+               le: float | None = None, optional: bool = False) -> Any:
+        value = self._get(name, default, optional)
+        if value is None:
+            return None
+        bounds = " and ".join(b for b in [f"> {gt:g}" if gt is not None else "",
+                                          f">= {ge:g}" if ge is not None else "",
+                                          f"<= {le:g}" if le is not None else ""] if b)
+        allowed = f"must be a number {bounds}".rstrip()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            self.fail(name, value, allowed)
+        if (gt is not None and value <= gt) or (ge is not None and value < ge) or (le is not None and value > le):
+            self.fail(name, value, allowed)
+        return float(value)
+
+    def integer(self, name: str, default: int | None, *, ge: int | None = None, le: int | None = None,
+                optional: bool = False) -> Any:
+        value = self._get(name, default, optional)
+        if value is None:
+            return None
+        bounds = " and ".join(b for b in [f">= {ge}" if ge is not None else "",
+                                          f"<= {le}" if le is not None else ""] if b)
+        if isinstance(value, bool) or not isinstance(value, int) or \
+                (ge is not None and value < ge) or (le is not None and value > le):
+            self.fail(name, value, f"must be an integer {bounds}".rstrip())
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self._get(name, default)
+        if not isinstance(value, bool):
+            self.fail(name, value, "must be true or false")
+        return value
+
+    def string(self, name: str) -> str:
+        value = self._get(name, None)
+        if not isinstance(value, str) or not value.strip():
+            self.fail(name, value, "must be a non-empty string")
+        return value
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = self._get(name, default)
+        if value not in allowed:
+            self.fail(name, value, f"must be one of: {', '.join(allowed)}")
+        return value
+
+    def table(self, name: str) -> _Reader:
+        value = self._get(name, {}, optional=True)
+        if not isinstance(value, Mapping):
+            self.fail(name, value, "must be a table")
+        return _Reader(value, self.key(name), self.source)
+
+    def tables(self, name: str, *, required: bool = False) -> list[_Reader]:
+        value = self._get(name, [], optional=True)
+        if not isinstance(value, list) or (required and not value):
+            self.fail(name, value, f"must be {'a non-empty' if required else 'an'} array of tables ([[{name}]])")
+        return [_Reader(v, f"{self.key(name)}[{i}]", self.source) for i, v in enumerate(value)]
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            known = ", ".join(sorted(self.used))
+            self.fail(unknown[0], self.data[unknown[0]], f"unknown key; known keys here: {known}")

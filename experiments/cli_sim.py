@@ -1,0 +1,195 @@
+"""``testbed sim run``, ``testbed sim compare`` and ``testbed compare``."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import click
+
+from core.scenario import Scenario, ScenarioError
+from core.strategies import STRATEGIES
+
+__all__ = ["compare_command", "sim_group"]
+
+DEFAULT_LOADS = "0.3,0.5,0.7,0.8,0.9"
+DEFAULT_STRATEGIES = "round_robin,least_connections"
+
+
+class ScenarioParam(click.ParamType):
+    """A shipped scenario name or a path to a TOML file, loaded and validated."""
+
+    name = "SCENARIO"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Scenario:
+        if isinstance(value, Scenario):
+            return value
+        from experiments.scenarios import load
+        try:
+            return load(value)
+        except ScenarioError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class CommaList(click.ParamType):
+    """A comma-separated list of strategy names or of loads in (0, 2]."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.name = "NAMES" if kind == "strategies" else "LOADS"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list:
+        if isinstance(value, list):
+            return value
+        items = [v.strip() for v in str(value).split(",") if v.strip()]
+        if not items:
+            self.fail("needs at least one value", param, ctx)
+        if self.kind == "strategies":
+            bad = [v for v in items if v not in STRATEGIES]
+            if bad:
+                self.fail(f"unknown strategy {bad[0]!r}; choose from: {', '.join(STRATEGIES)}", param, ctx)
+            return list(dict.fromkeys(items))
+        loads = []
+        for v in items:
+            try:
+                load = float(v)
+            except ValueError:
+                self.fail(f"{v!r} is not a number", param, ctx)
+            if not 0 < load <= 2:
+                self.fail(f"{v} is out of range: loads are fractions of capacity in (0, 2]", param, ctx)
+            loads.append(load)
+        return sorted(set(loads))
+
+
+def _write_json(path: str | None, data: Any) -> None:
+    if path:
+        p = pathlib.Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(data, indent=2) + "\n")
+        click.echo(f"wrote {p}")
+
+
+def _impl_option(f):
+    from experiments.cli import impl_option
+    return impl_option(f)
+
+
+@click.group("sim")
+def sim_group() -> None:
+    """Simulate scenarios with the SimPy model (same core objects as the live runtime)."""
+
+
+@sim_group.command("run")
+@click.argument("scenario", type=ScenarioParam())
+@click.option("--strategy", type=click.Choice(list(STRATEGIES)), help="Override the scenario's strategy.")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), help="Override the arrival rate (requests/s).")
+@click.option("--load", type=click.FloatRange(0, 2, min_open=True),
+              help="Set the arrival rate to this fraction of the total capacity instead.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Override duration_s.")
+@click.option("--seed", type=click.IntRange(min=0), help="Override the seed.")
+@_impl_option
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the results JSON here.")
+def sim_run(scenario: Scenario, strategy: str | None, rate: float | None, load: float | None,
+            duration: float | None, seed: int | None, impl: str, json_path: str | None) -> None:
+    """Simulate one scenario and print its summary."""
+    from experiments.report import run_summary
+    from sim.model import run_scenario
+    from solutions.impl import resolve
+
+    if rate is not None and load is not None:
+        raise click.UsageError("give --rate or --load, not both")
+    try:
+        scenario = scenario.replace(strategy=strategy, rate_per_s=rate, duration_s=duration, seed=seed)
+        if load is not None:
+            scenario = scenario.with_load(load)
+    except ScenarioError as exc:
+        raise click.UsageError(str(exc)) from None
+    _notices(impl, scenario.balancer.strategy, scenario)
+    result = run_scenario(scenario, impl)
+    result["impl"] = impl
+    click.echo(run_summary(result))
+    _write_json(json_path, result)
+
+
+def _notices(impl: str, strategy: str | None, scenario: Scenario) -> None:
+    """Say whose exercise code runs, where it matters to this run."""
+    from solutions.impl import resolve
+    if strategy == "least_connections":
+        click.echo(resolve("least-connections", impl).notice)
+    if any(n.rate_limit_per_s for n in scenario.nodes):
+        click.echo(resolve("rate-limiter", impl).notice)
+
+
+def _sweep(scenario: Scenario, strategies: list[str], loads: list[float], reps: int, workers: int | None,
+           impl: str, plot: str | None, json_path: str | None, title: str) -> None:
+    from experiments.compare import aggregate, sweep
+    from experiments.report import sweep_table
+
+    if scenario.workload.arrival == "closed":
+        raise click.UsageError(f"{scenario.name}: a load sweep needs an open-loop workload (poisson or constant)")
+    if "least_connections" in strategies or any(n.rate_limit_per_s for n in scenario.nodes):
+        _notices(impl, "least_connections" if "least_connections" in strategies else None, scenario)
+    total = len(strategies) * len(loads) * reps
+    click.echo(f"{scenario.name}: {len(strategies)} strategies x {len(loads)} loads x {reps} repetitions "
+               f"(seeds {scenario.seed}..{scenario.seed + reps - 1}), capacity {scenario.capacity_per_s:.1f} req/s")
+    with click.progressbar(length=total, label="simulating", show_pos=True) as bar:
+        results = sweep(scenario, strategies, loads, reps, impl=impl, workers=workers, progress=bar.update)
+    rows = aggregate(results)
+    click.echo(sweep_table(rows))
+    if plot:
+        from experiments.plot import plot_sweep
+        click.echo(f"wrote {plot_sweep(rows, plot, title=title)}")
+    _write_json(json_path, {"scenario": scenario.to_dict(), "strategies": strategies, "loads": loads,
+                            "reps": reps, "seeds": [scenario.seed + r for r in range(reps)], "impl": impl,
+                            "summary": rows, "runs": results})
+
+
+def _sweep_options(default_plot: str | None, default_json: str | None, default_reps: int):
+    def decorate(f):
+        options = [
+            click.option("--strategies", type=CommaList("strategies"), default=DEFAULT_STRATEGIES, show_default=True,
+                         help="Comma-separated strategy names."),
+            click.option("--loads", type=CommaList("loads"), default=DEFAULT_LOADS, show_default=True,
+                         help="Offered loads as fractions of total capacity (sum of workers / service time)."),
+            click.option("--reps", type=click.IntRange(1, 1000), default=default_reps, show_default=True,
+                         help="Repetitions per point, on seeds seed, seed+1, ..."),
+            click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Override duration_s."),
+            click.option("--workers", type=click.IntRange(1, 256), default=None,
+                         help="Processes to run repetitions in [default: one per core]."),
+            _impl_option,
+            click.option("--plot", type=click.Path(dir_okay=False), default=default_plot, show_default=True,
+                         help="Write a PNG of latency against load here."),
+            click.option("--json", "json_path", type=click.Path(dir_okay=False), default=default_json,
+                         show_default=True, help="Write every run and the summary as JSON here."),
+        ]
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return decorate
+
+
+@sim_group.command("compare")
+@click.argument("scenario", type=ScenarioParam())
+@_sweep_options(None, None, 5)
+def sim_compare(scenario: Scenario, strategies: list[str], loads: list[float], reps: int, duration: float | None,
+                workers: int | None, impl: str, plot: str | None, json_path: str | None) -> None:
+    """Sweep offered load for each strategy; print p50/p95/p99 and node shares with 95% CIs."""
+    if duration is not None:
+        scenario = scenario.replace(duration_s=duration)
+    _sweep(scenario, strategies, loads, reps, workers, impl, plot, json_path,
+           title=f"{scenario.name}: response time against offered load")
+
+
+@click.command("compare")
+@click.argument("scenario", type=ScenarioParam(), default="seed")
+@_sweep_options("results/compare.png", "results/compare.json", 3)
+def compare_command(scenario: Scenario, strategies: list[str], loads: list[float], reps: int,
+                    duration: float | None, workers: int | None, impl: str, plot: str | None,
+                    json_path: str | None) -> None:
+    """The seed's experiment: round robin against least connections on the shipped
+    three-node scenario (workers 1, 4, 1; 25 ms per request), simulated across loads."""
+    if duration is not None:
+        scenario = scenario.replace(duration_s=duration)
+    _sweep(scenario, strategies, loads, reps, workers, impl, plot, json_path,
+           title=f"{scenario.name}: {' vs '.join(strategies)}")

@@ -1,0 +1,325 @@
+"""The SimPy model: a balancer and nodes built from the same core objects as the live runtime.
+
+Theory of operation
+-------------------
+Simulated time is ``env.now`` in seconds; every core object gets it as ``now``.
+A request goes through exactly what a live request goes through:
+
+1. **Balancer.** The core strategy picks a node from immutable ``Backend``
+   snapshots (in-flight count, workers as weight, health, latency EWMA). A node
+   that is down refuses the connection: the balancer marks it unhealthy (the
+   passive half of :class:`core.health.HealthTracker`) and retries once on
+   another node. Active health checks run every ``health_check_interval_s``.
+2. **Node middleware**, in the live node's order: the per-client token bucket
+   (429), the backpressure gate (429), the circuit breaker guarding the node's
+   own work (503).
+3. **Workers.** ``workers`` requests are served at once, the rest wait FIFO;
+   a service time is drawn from the node's distribution (mean
+   ``load_factor_ms``) plus any fault latency, and a fault's ``error_rate``
+   turns the response into a 5xx that the breaker counts.
+
+Scheduled faults switch error rate, latency and ``down`` on and off; a node
+that goes down loses what it held (recorded as server errors) and comes back
+as a fresh process, with fresh middleware state.
+
+Cost per request. Arrivals are one process (one timeout per arrival); a
+request's service is one timeout whose callback completes it and starts the
+next in the queue. That is two SimPy events per request, where the textbook
+process-per-request model with a ``Resource`` needs five or more, so the
+model's extra work (snapshots, strategy, middleware, records) fits in the
+time that saves. Random numbers are drawn from numpy in chunks.
+
+Nothing here decides policy: admission, breaking, picking and health are all
+``core`` calls.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import simpy
+
+from core.backpressure import BackpressureGate
+from core.circuit_breaker import CircuitBreaker, Permit
+from core.health import HealthTracker
+from core.latency import PeakEwma
+from core.rate_limiter import TokenBucket
+from core.results import Outcome, RequestLog, summarize
+from core.scenario import NodeSpec, Scenario
+from core.strategies import Backend, BaseStrategy, NoHealthyBackend
+
+__all__ = ["Simulation", "run_scenario"]
+
+NAN = float("nan")
+_OK, _RATE, _BP, _OPEN, _ERR, _CONN, _NONE = (int(o) for o in Outcome)
+
+
+def _chunks(draw: Callable[[int], np.ndarray], size: int = 4096) -> Iterator[float]:
+    """An endless iterator over numpy draws, fetched ``size`` at a time."""
+    while True:
+        yield from draw(size).tolist()
+
+
+class Request:
+    __slots__ = ("arrival", "client", "node", "start", "permit", "life", "done")
+
+    def __init__(self, arrival: float, client: str, done: simpy.Event | None = None) -> None:
+        self.arrival = arrival
+        self.client = client
+        self.node = -1
+        self.start = NAN
+        self.permit: Permit | None = None
+        self.life = 0
+        self.done = done
+
+
+class SimNode:
+    """One node: middleware from core, ``workers`` servers, a FIFO queue."""
+
+    def __init__(self, sim: Simulation, index: int, spec: NodeSpec, rng: np.random.Generator,
+                 limiter_cls: type[TokenBucket]) -> None:
+        self.sim, self.index, self.spec = sim, index, spec
+        self.env = sim.env
+        self.workers = spec.workers
+        self._limiter_cls = limiter_cls
+        mean_s = spec.load_factor_ms / 1000.0
+        self.service = (_chunks(lambda n: rng.exponential(mean_s, n)) if spec.service == "exponential"
+                        else itertools.repeat(mean_s))
+        self.uniform = _chunks(rng.random)
+        self.up = True
+        self.error_rate = 0.0
+        self.extra_latency_s = 0.0
+        self.life = 0  # bumped by each crash: completions of an earlier life are void
+        self.busy_time = 0.0
+        self._fresh_process()
+
+    def _fresh_process(self) -> None:
+        """State a node process starts with (at start, and after each recovery)."""
+        spec = self.spec
+        self.busy = 0
+        self.queue: deque[Request] = deque()
+        self.in_service: set[Request] = set()
+        self.limiter = (self._limiter_cls(spec.rate_limit_per_s, spec.rate_limit_burst)
+                        if spec.rate_limit_per_s else None)
+        self.gate = BackpressureGate(spec.backpressure) if spec.backpressure else None
+        b = spec.circuit_breaker
+        self.breaker = (CircuitBreaker(b.failure_threshold, b.recovery_timeout_s, b.half_open_max_calls,
+                                       b.success_threshold, name=spec.id) if b else None)
+
+    # -- the request path ----------------------------------------------------
+    def accept(self, req: Request) -> None:
+        now = self.env.now
+        if self.limiter is not None and not self.limiter.is_allowed(req.client, now=now):
+            return self.sim.finish(req, _RATE, now)
+        if self.gate is not None and not self.gate.try_acquire():
+            return self.sim.finish(req, _BP, now)
+        if self.breaker is not None:
+            req.permit = self.breaker.try_acquire(now=now)
+            if req.permit is None:
+                if self.gate is not None:
+                    self.gate.release()
+                return self.sim.finish(req, _OPEN, now)
+        req.life = self.life
+        if self.busy < self.workers:
+            self._serve(req, now)
+        else:
+            self.queue.append(req)
+
+    def _serve(self, req: Request, now: float) -> None:
+        self.busy += 1
+        req.start = now
+        self.in_service.add(req)
+        delay = next(self.service) + self.extra_latency_s
+        self.env.timeout(delay, req).callbacks.append(self._complete)
+
+    def _complete(self, event: simpy.Event) -> None:
+        req: Request = event.value
+        if req.life != self.life:
+            return  # the node crashed meanwhile; the request was already recorded
+        now = self.env.now
+        self.busy -= 1
+        self.in_service.discard(req)
+        self.busy_time += now - req.start
+        failed = self.error_rate > 0.0 and next(self.uniform) < self.error_rate
+        if self.breaker is not None:
+            (self.breaker.record_failure if failed else self.breaker.record_success)(req.permit, now=now)
+        if self.gate is not None:
+            self.gate.release()
+        self.sim.finish(req, _ERR if failed else _OK, now)
+        if self.queue:
+            self._serve(self.queue.popleft(), now)
+
+    # -- faults --------------------------------------------------------------
+    def crash(self) -> None:
+        """Go down: everything held fails now; the process is gone."""
+        now = self.env.now
+        self.up = False
+        self.life += 1
+        for req in [*self.in_service, *self.queue]:
+            self.sim.finish(req, _ERR, now)
+        self._fresh_process()
+
+    def recover(self) -> None:
+        self.up = True
+
+
+@dataclass
+class _Backend:
+    """The balancer's own view of one node."""
+
+    node: SimNode
+    active: int
+    health: HealthTracker
+    latency: PeakEwma
+
+
+class Simulation:
+    """One run of a scenario. Build it, call :meth:`run`, read :meth:`results`."""
+
+    def __init__(self, scenario: Scenario, *, strategy_cls: type[BaseStrategy] | None = None,
+                 limiter_cls: type[TokenBucket] | None = None) -> None:
+        from solutions.impl import rate_limiter_class, strategy_class
+        self.scenario = scenario
+        self.env = simpy.Environment()
+        self.log = RequestLog()
+        seeds = np.random.SeedSequence(scenario.seed).spawn(3 + len(scenario.nodes))
+        self._rng_arrivals = np.random.default_rng(seeds[0])
+        self._rng_clients = np.random.default_rng(seeds[1])
+        strategy_seed = int(np.random.default_rng(seeds[2]).integers(2**63))
+        strategy_cls = strategy_cls or strategy_class(scenario.balancer.strategy, "solution")
+        self.strategy = strategy_cls(rng=random.Random(strategy_seed))
+        limiter_cls = limiter_cls or rate_limiter_class("solution")
+        b = scenario.balancer
+        self.backends = [
+            _Backend(SimNode(self, i, spec, np.random.default_rng(seeds[3 + i]), limiter_cls), 0,
+                     HealthTracker(b.unhealthy_after), PeakEwma())
+            for i, spec in enumerate(scenario.nodes)]
+        self._index = {spec.id: i for i, spec in enumerate(scenario.nodes)}
+        self.in_flight = 0
+        self.arrivals_open = True
+
+    # -- balancer ------------------------------------------------------------
+    def dispatch(self, req: Request, exclude: int = -1) -> None:
+        now = self.env.now
+        snapshots = [Backend(b.node.spec.id, "", b.active, b.node.workers, b.health.healthy and i != exclude,
+                             b.latency.value)
+                     for i, b in enumerate(self.backends)]
+        try:
+            chosen = self.strategy.select_node(snapshots)
+        except NoHealthyBackend:
+            self.in_flight += 1
+            return self.finish(req, _NONE, now)
+        i = self._index[chosen.id]
+        backend = self.backends[i]
+        if not backend.node.up:
+            backend.health.observe(False)  # passive: a refused connection counts as a failed check
+            if self.scenario.balancer.retry_connect_failures and exclude < 0:
+                return self.dispatch(req, exclude=i)
+            req.node = i
+            self.in_flight += 1
+            return self.finish(req, _CONN, now)
+        req.node = i
+        backend.active += 1
+        self.in_flight += 1
+        backend.node.accept(req)
+
+    def finish(self, req: Request, outcome: int, now: float) -> None:
+        """A response is complete: book it on the balancer's side and record it."""
+        self.in_flight -= 1
+        if req.node >= 0 and outcome != _CONN:
+            backend = self.backends[req.node]
+            backend.active -= 1
+            if outcome == _OK:
+                backend.latency.observe(now - req.arrival, now=now)
+        self.log.record(req.arrival, req.node, req.start, now, outcome)
+        if req.done is not None:
+            req.done.succeed()
+
+    # -- processes -----------------------------------------------------------
+    def _open_arrivals(self) -> Any:
+        w, env, end = self.scenario.workload, self.env, self.scenario.duration_s
+        gaps = (_chunks(lambda n: self._rng_arrivals.exponential(1.0 / w.rate_per_s, n)) if w.arrival == "poisson"
+                else itertools.repeat(1.0 / w.rate_per_s))
+        ids = [f"client-{i}" for i in range(w.clients)]
+        clients = (iter(itertools.repeat(ids[0])) if w.clients == 1
+                   else (ids[k] for k in _chunks(lambda n: self._rng_clients.integers(0, w.clients, n))))
+        dispatch, timeout = self.dispatch, env.timeout
+        for gap in gaps:
+            yield timeout(gap)
+            if env.now >= end:
+                break
+            dispatch(Request(env.now, next(clients)))
+        self.arrivals_open = False
+
+    def _closed_client(self, client: str, think: Iterator[float]) -> Any:
+        env, end = self.env, self.scenario.duration_s
+        while True:
+            yield env.timeout(next(think))
+            if env.now >= end:
+                break
+            done = env.event()
+            self.dispatch(Request(env.now, client, done))
+            yield done
+
+    def _closed_arrivals(self) -> Any:
+        w = self.scenario.workload
+        mean = w.think_time_ms / 1000.0
+        think = (_chunks(lambda n: self._rng_arrivals.exponential(mean, n)) if mean > 0 else itertools.repeat(0.0))
+        clients = [self.env.process(self._closed_client(f"client-{i}", think)) for i in range(w.clients)]
+        yield simpy.AllOf(self.env, clients)
+        self.arrivals_open = False
+
+    def _health_checks(self) -> Any:
+        interval = self.scenario.balancer.health_check_interval_s
+        while self.arrivals_open or self.in_flight:
+            yield self.env.timeout(interval)
+            for b in self.backends:
+                b.health.observe(b.node.up)
+
+    def _fault(self, node: SimNode, start: float, end: float, error_rate: float, extra_ms: float,
+               down: bool) -> Any:
+        yield self.env.timeout(start)
+        if down:
+            node.crash()
+        node.error_rate, node.extra_latency_s = error_rate, extra_ms / 1000.0
+        yield self.env.timeout(end - start)
+        node.error_rate, node.extra_latency_s = 0.0, 0.0
+        if down:
+            node.recover()
+
+    # -- running -------------------------------------------------------------
+    def run(self) -> Simulation:
+        env = self.env
+        if self.scenario.workload.arrival == "closed":
+            env.process(self._closed_arrivals())
+        else:
+            env.process(self._open_arrivals())
+        env.process(self._health_checks())
+        for b in self.backends:
+            for f in b.node.spec.faults:
+                env.process(self._fault(b.node, f.start_s, f.end_s, f.error_rate, f.extra_latency_ms, f.down))
+        env.run()
+        return self
+
+    def results(self) -> dict[str, Any]:
+        s = self.scenario
+        return summarize(
+            self.log, scenario=s.name, mode="sim", seed=s.seed, strategy=s.balancer.strategy,
+            duration_s=s.duration_s, warmup_s=s.warmup_s, node_ids=[n.id for n in s.nodes],
+            node_workers=[n.workers for n in s.nodes],
+            extra={"offered_rate_per_s": s.workload.rate_per_s if s.workload.arrival != "closed" else None,
+                   "load": (s.workload.rate_per_s / s.capacity_per_s) if s.workload.arrival != "closed" else None,
+                   "simulated_requests": len(self.log)})
+
+
+def run_scenario(scenario: Scenario, impl: str = "auto") -> dict[str, Any]:
+    """Simulate ``scenario`` with the exercise implementations ``impl`` picks; return the results."""
+    from solutions.impl import rate_limiter_class, strategy_class
+    sim = Simulation(scenario, strategy_cls=strategy_class(scenario.balancer.strategy, impl),
+                     limiter_cls=rate_limiter_class(impl))
+    return sim.run().results()
