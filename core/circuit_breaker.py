@@ -232,6 +232,18 @@ class CircuitBreaker:
         self.rejected += 1
         return None
 
+    def available(self, *, now: float) -> bool:
+        """Whether :meth:`try_acquire` at ``now`` would admit a call, without taking a permit.
+
+        A balancer asks this of every backend before picking one, then acquires
+        only from the one it picked.
+        """
+        if self._closed_permit is not None:
+            return True
+        self._advance(now)
+        return self._state is State.CLOSED or (
+            self._state is State.HALF_OPEN and self._probes_admitted < self.half_open_max_calls)
+
     def acquire(self, *, now: float) -> Permit:
         """Like :meth:`try_acquire` but raise :class:`CircuitOpen` on a refusal."""
         permit = self.try_acquire(now=now)

@@ -109,12 +109,16 @@ class NodeSpec:
 class BalancerSpec:
     """The balancer: a strategy name from ``core.strategies``, health checks every
     ``health_check_interval_s`` (a node is unhealthy after ``unhealthy_after`` failed
-    checks), and one retry on another backend when a connection fails."""
+    checks), one retry on another backend when a connection fails, and passive
+    ejection: a per-backend circuit breaker takes a node out for ``ejection_time_s``
+    after ``eject_after_failures`` consecutive 5xx or refused connections (0: never)."""
 
     strategy: str = "round_robin"
     health_check_interval_s: float = 1.0
     unhealthy_after: int = 1
     retry_connect_failures: bool = True
+    eject_after_failures: int = 5
+    ejection_time_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,7 @@ class Scenario:
         duration = top.number("duration_s", 60.0, gt=0)
         warmup = top.number("warmup_s", 0.0, ge=0)
         if warmup >= duration:
-            top.fail("warmup_s", warmup, f"must be less than duration_s ({duration:g})")
+            top.fail("warmup_s", data["warmup_s"], f"must be less than duration_s ({duration:g})")
 
         w = top.table("workload")
         arrival = w.choice("arrival", "poisson", ARRIVALS)
@@ -198,6 +202,8 @@ class Scenario:
             health_check_interval_s=b.number("health_check_interval_s", 1.0, gt=0),
             unhealthy_after=b.integer("unhealthy_after", 1, ge=1),
             retry_connect_failures=b.boolean("retry_connect_failures", True),
+            eject_after_failures=b.integer("eject_after_failures", 5, ge=0),
+            ejection_time_s=b.number("ejection_time_s", 5.0, gt=0),
         )
         b.finish()
 
@@ -236,7 +242,7 @@ def _node(r: _Reader, duration: float) -> NodeSpec:
         start = f.number("start_s", None, ge=0)
         end = f.number("end_s", None, gt=0)
         if end <= start:
-            f.fail("end_s", end, f"must be greater than start_s ({start:g})")
+            f.fail("end_s", f.data["end_s"], f"must be greater than start_s ({start:g})")
         faults.append(Fault(start, end, f.number("error_rate", 0.0, ge=0, le=1),
                             f.number("extra_latency_ms", 0.0, ge=0), f.boolean("down", False)))
         f.finish()

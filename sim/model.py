@@ -10,6 +10,9 @@ A request goes through exactly what a live request goes through:
    that is down refuses the connection: the balancer marks it unhealthy (the
    passive half of :class:`core.health.HealthTracker`) and retries once on
    another node. Active health checks run every ``health_check_interval_s``.
+   A per-backend circuit breaker (the *ejector*) counts 5xx and refused
+   connections and takes a failing node out of rotation for a while, so a
+   node that fails fast does not attract traffic for being "least loaded".
 2. **Node middleware**, in the live node's order: the per-client token bucket
    (429), the backpressure gate (429), the circuit breaker guarding the node's
    own work (503).
@@ -66,14 +69,15 @@ def _chunks(draw: Callable[[int], np.ndarray], size: int = 4096) -> Iterator[flo
 
 
 class Request:
-    __slots__ = ("arrival", "client", "node", "start", "permit", "life", "done")
+    __slots__ = ("arrival", "client", "node", "start", "permit", "lb_permit", "life", "done")
 
     def __init__(self, arrival: float, client: str, done: simpy.Event | None = None) -> None:
         self.arrival = arrival
         self.client = client
         self.node = -1
         self.start = NAN
-        self.permit: Permit | None = None
+        self.permit: Permit | None = None     # from the node's circuit breaker
+        self.lb_permit: Permit | None = None  # from the balancer's ejector for that node
         self.life = 0
         self.done = done
 
@@ -176,6 +180,7 @@ class _Backend:
     active: int
     health: HealthTracker
     latency: PeakEwma
+    ejector: CircuitBreaker | None  # passive ejection on consecutive failures
 
 
 class Simulation:
@@ -197,7 +202,9 @@ class Simulation:
         b = scenario.balancer
         self.backends = [
             _Backend(SimNode(self, i, spec, np.random.default_rng(seeds[3 + i]), limiter_cls), 0,
-                     HealthTracker(b.unhealthy_after), PeakEwma())
+                     HealthTracker(b.unhealthy_after), PeakEwma(),
+                     CircuitBreaker(b.eject_after_failures, b.ejection_time_s, name=f"lb:{spec.id}")
+                     if b.eject_after_failures else None)
             for i, spec in enumerate(scenario.nodes)]
         self._index = {spec.id: i for i, spec in enumerate(scenario.nodes)}
         self.in_flight = 0
@@ -206,7 +213,9 @@ class Simulation:
     # -- balancer ------------------------------------------------------------
     def dispatch(self, req: Request, exclude: int = -1) -> None:
         now = self.env.now
-        snapshots = [Backend(b.node.spec.id, "", b.active, b.node.workers, b.health.healthy and i != exclude,
+        snapshots = [Backend(b.node.spec.id, "", b.active, b.node.workers,
+                             b.health.healthy and i != exclude
+                             and (b.ejector is None or b.ejector.available(now=now)),
                              b.latency.value)
                      for i, b in enumerate(self.backends)]
         try:
@@ -216,14 +225,18 @@ class Simulation:
             return self.finish(req, _NONE, now)
         i = self._index[chosen.id]
         backend = self.backends[i]
+        req.node = i
+        if backend.ejector is not None:
+            req.lb_permit = backend.ejector.try_acquire(now=now)
         if not backend.node.up:
-            backend.health.observe(False)  # passive: a refused connection counts as a failed check
+            # A refused connection: a failed check for the health tracker, a failure for the ejector.
+            backend.health.observe(False)
+            if backend.ejector is not None:
+                backend.ejector.record_failure(req.lb_permit, now=now)
             if self.scenario.balancer.retry_connect_failures and exclude < 0:
                 return self.dispatch(req, exclude=i)
-            req.node = i
             self.in_flight += 1
             return self.finish(req, _CONN, now)
-        req.node = i
         backend.active += 1
         self.in_flight += 1
         backend.node.accept(req)
@@ -236,6 +249,12 @@ class Simulation:
             backend.active -= 1
             if outcome == _OK:
                 backend.latency.observe(now - req.arrival, now=now)
+            if backend.ejector is not None:
+                # 5xx count against the backend; a 429 is a healthy node saying no.
+                if outcome == _ERR or outcome == _OPEN:
+                    backend.ejector.record_failure(req.lb_permit, now=now)
+                else:
+                    backend.ejector.record_success(req.lb_permit, now=now)
         self.log.record(req.arrival, req.node, req.start, now, outcome)
         if req.done is not None:
             req.done.succeed()
