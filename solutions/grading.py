@@ -1,9 +1,15 @@
-"""``testbed check``: grade an exercise implementation against its property suite.
+"""``testbed check``: grade an exercise implementation, step by step.
 
-For each property the grader reports PASS, or FAIL with the counterexample in
-plain words. A stub is its own outcome ("not implemented yet"), reported
-before any property runs. Hypothesis runs derandomized here, so a student sees
-the same verdict and the same counterexample every time for the same code.
+1. **Properties.** For each property the grader reports PASS, or FAIL with the
+   counterexample in plain words. Hypothesis runs derandomized here, so the
+   same code gets the same verdict and the same counterexample every time.
+2. **Simulation** (only once every property holds). The implementation runs
+   in the SimPy model beside the reference solution, on the same seeds:
+   least connections on the seed scenario at 70% load must beat round robin
+   the way the reference does; the rate limiter must refuse exactly the
+   requests the reference refuses on the shipped rate-limited scenario.
+
+A stub is its own outcome ("not implemented yet"), reported before any step runs.
 """
 
 from __future__ import annotations
@@ -47,10 +53,12 @@ class ExerciseReport:
     notice: str = ""
     not_implemented: str | None = None
     results: list[PropertyResult] = field(default_factory=list)
+    simulation: PropertyResult | None = None
 
     @property
     def passed(self) -> bool:
-        return self.not_implemented is None and all(r.passed for r in self.results)
+        return (self.not_implemented is None and all(r.passed for r in self.results)
+                and (self.simulation is None or self.simulation.passed))
 
 
 def _describe_failure(exc: BaseException) -> str:
@@ -71,8 +79,9 @@ def _describe_failure(exc: BaseException) -> str:
     return text
 
 
-def grade(exercise: str, impl: Impl | str = Impl.AUTO, settings: Settings = CHECK_SETTINGS) -> ExerciseReport:
-    """Run ``exercise``'s property suite against the implementation ``impl`` picks."""
+def grade(exercise: str, impl: Impl | str = Impl.AUTO, settings: Settings = CHECK_SETTINGS, *,
+          simulate: bool = True) -> ExerciseReport:
+    """Run ``exercise``'s property suite, then its simulation check, on the implementation ``impl`` picks."""
     report = ExerciseReport(exercise)
     try:
         resolution = resolve(exercise, impl)
@@ -87,7 +96,67 @@ def grade(exercise: str, impl: Impl | str = Impl.AUTO, settings: Settings = CHEC
             report.results.append(PropertyResult(prop.name, prop.title, False, _describe_failure(exc)))
         else:
             report.results.append(PropertyResult(prop.name, prop.title, True))
+    if simulate and all(r.passed for r in report.results):
+        report.simulation = SIMULATION_CHECKS[exercise](resolution.cls)
     return report
+
+
+SIM_SEEDS = (42, 43)
+
+
+def _simulate_least_connections(cls: type) -> PropertyResult:
+    """On the seed scenario at 70% load: p95 well below round robin's and close to the reference's."""
+    from experiments.scenarios import load
+    from sim.model import Simulation
+    from solutions.impl import EXERCISES
+
+    title = "in simulation (seed scenario, 70% load) it beats round robin like the reference solution"
+    base = load("seed").with_load(0.7).replace(duration_s=60)
+    p95: dict[str, float] = {"graded": 0.0, "reference": 0.0, "round robin": 0.0}
+    for seed in SIM_SEEDS:
+        s = base.replace(seed=seed)
+        for who, strategy, strategy_cls in [
+                ("graded", "least_connections", cls),
+                ("reference", "least_connections", EXERCISES["least-connections"].solution_cls),
+                ("round robin", "round_robin", None)]:
+            try:
+                sim = Simulation(s.replace(strategy=strategy), strategy_cls=strategy_cls).run()
+            except Exception as exc:  # noqa: BLE001 - the student's code may fail under load
+                return PropertyResult("simulation", title, False, _describe_failure(exc))
+            p95[who] += sim.results()["latency_ms"]["p95"] / len(SIM_SEEDS)
+    figures = ", ".join(f"{who} {v:,.0f} ms" for who, v in p95.items())
+    passed = p95["graded"] <= 1.25 * p95["reference"] and p95["graded"] * 2 < p95["round robin"]
+    message = "" if passed else (
+        f"p95 response time: {figures}; the graded one must be within 25% of the reference "
+        "and under half of round robin's")
+    return PropertyResult("simulation", f"{title} (p95: {figures})", passed, message)
+
+
+def _simulate_rate_limiter(cls: type) -> PropertyResult:
+    """On the shipped rate-limited scenario: the same 429s as the reference solution."""
+    from experiments.scenarios import load
+    from sim.model import Simulation
+    from solutions.impl import EXERCISES
+
+    title = "in simulation (rate-limited scenario, 50 clients) it refuses what the reference refuses"
+    s = load("rate-limited").replace(duration_s=30)
+    counts = {}
+    for who, limiter_cls in [("graded", cls), ("reference", EXERCISES["rate-limiter"].solution_cls)]:
+        try:
+            counts[who] = Simulation(s, limiter_cls=limiter_cls).run().results()["requests"]
+        except Exception as exc:  # noqa: BLE001
+            return PropertyResult("simulation", title, False, _describe_failure(exc))
+    mine, ref = counts["graded"]["rate_limited"], counts["reference"]["rate_limited"]
+    figures = f"429s: graded {mine}, reference {ref}, of {counts['reference']['sent']} requests"
+    passed = abs(mine - ref) <= 0.001 * counts["reference"]["sent"]
+    return PropertyResult("simulation", f"{title} ({figures})", passed,
+                          "" if passed else f"{figures}; they must match")
+
+
+SIMULATION_CHECKS = {
+    "least-connections": _simulate_least_connections,
+    "rate-limiter": _simulate_rate_limiter,
+}
 
 
 def render(report: ExerciseReport) -> str:
@@ -105,4 +174,11 @@ def render(report: ExerciseReport) -> str:
             lines.extend(f"        {line}" for line in r.message.splitlines())
     passed = sum(r.passed for r in report.results)
     lines.append(f"  {passed}/{len(report.results)} properties hold")
+    if report.simulation is not None:
+        sim = report.simulation
+        lines.append(f"  {'PASS' if sim.passed else 'FAIL'}  {sim.title}")
+        if not sim.passed:
+            lines.extend(f"        {line}" for line in sim.message.splitlines())
+    elif report.results and not all(r.passed for r in report.results):
+        lines.append("  (the simulation step runs once every property holds)")
     return "\n".join(lines)

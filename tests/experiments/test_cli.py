@@ -29,7 +29,8 @@ def test_check_auto_on_stubs_grades_the_solution_and_says_so() -> None:
     assert result.exit_code == 0, result.output
     assert result.output.count("not implemented yet; using the reference solution") == 2
     assert "PASS  window-bound" in result.output and "PASS  ties-shared" in result.output
-    assert "Result: all properties hold" in result.output
+    assert result.output.count("PASS  in simulation") == 2
+    assert "Result: every check passes" in result.output
 
 
 @pytest.mark.usefixtures("stubbed")
@@ -47,9 +48,10 @@ def test_check_exercise_on_a_stub_is_not_implemented_yet(how: str) -> None:
 
 @pytest.mark.usefixtures("implemented")
 def test_check_grades_the_students_code_once_written() -> None:
-    result = invoke("check", "least-connections", "--max-examples", "20")
+    result = invoke("check", "least-connections", "--max-examples", "20", "--no-sim")
     assert result.exit_code == 0, result.output
     assert "using your LeastConnectionsStrategy.select_node()" in result.output
+    assert "in simulation" not in result.output
 
 
 def test_check_reports_a_counterexample_in_plain_words(monkeypatch) -> None:
@@ -59,6 +61,7 @@ def test_check_reports_a_counterexample_in_plain_words(monkeypatch) -> None:
     assert "FAIL  window-bound" in result.output
     assert "requests were allowed" in result.output or "was allowed too" in result.output
     assert "Result: FAILED (rate-limiter)" in result.output
+    assert "the simulation step runs once every property holds" in result.output
 
 
 def test_check_reports_an_exception_in_student_code(monkeypatch) -> None:
@@ -111,10 +114,11 @@ def console_script() -> str:
 
 
 def test_console_script_end_to_end() -> None:
-    proc = subprocess.run([console_script(), "check", "--impl", "solution", "--max-examples", "10"],
+    proc = subprocess.run([console_script(), "check", "--impl", "solution", "--max-examples", "10", "--no-sim"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("properties hold") == 3  # two exercises and the final line
+    assert proc.stdout.count("properties hold") == 2, proc.stdout
+    assert "Result: every check passes" in proc.stdout
 
 
 def test_console_script_exercise_flag_exit_status() -> None:
