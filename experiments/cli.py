@@ -9,16 +9,11 @@ from __future__ import annotations
 
 import click
 
-from solutions.impl import EXERCISES, Impl
+from experiments.options import impl_option
+from solutions.impl import EXERCISES
 
 EXIT_FAILED = 1
 EXIT_NOT_IMPLEMENTED = 3
-
-impl_option = click.option(
-    "--impl", type=click.Choice([i.value for i in Impl]), default=Impl.AUTO.value, show_default=True,
-    envvar="TESTBED_IMPL", show_envvar=True,
-    help="Whose exercise code runs: auto (yours if implemented, else the reference solution), "
-         "exercise (yours), solution (the reference).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -96,9 +91,14 @@ def bench_sim(requests: int, rounds: int, json_path: str | None) -> None:
 
 
 def _register() -> None:
+    from experiments.cli_live import balancer_command, node_command, registry_command
     from experiments.cli_sim import compare_command, sim_group
     main.add_command(sim_group)
     main.add_command(compare_command)
+    main.add_command(node_command)
+    main.add_command(registry_command)
+    main.add_command(balancer_command)
+    main.add_command(balancer_command, name="load-balancer")
 
 
 _register()

@@ -71,7 +71,7 @@ def _write_json(path: str | None, data: Any) -> None:
 
 
 def _impl_option(f):
-    from experiments.cli import impl_option
+    from experiments.options import impl_option
     return impl_option(f)
 
 

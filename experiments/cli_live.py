@@ -1,0 +1,153 @@
+"""``testbed node``, ``testbed registry``, ``testbed balancer`` (alias ``load-balancer``): the live processes."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import click
+
+from core.strategies import STRATEGIES
+from experiments.options import impl_option
+
+__all__ = ["balancer_command", "node_command", "registry_command"]
+
+
+class URL(click.ParamType):
+    name = "URL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value).strip()
+        if not text.startswith(("http://", "https://")) or len(text.split("://", 1)[1].strip("/")) == 0:
+            self.fail(f"{value!r} is not an http:// or https:// URL (e.g. http://127.0.0.1:5000)", param, ctx)
+        return text.rstrip("/")
+
+
+class NodeList(click.ParamType):
+    name = "NODES"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        from live.balancer import parse_node
+        items = [v for v in str(value).split(",") if v.strip()]
+        if not items:
+            self.fail("needs at least one node (e.g. 5001,5002,5003)", param, ctx)
+        try:
+            urls = tuple(parse_node(v) for v in items)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        return tuple(dict.fromkeys(urls))
+
+
+def _common(f):
+    for option in reversed([
+        click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on."),
+        click.option("--shutdown-timeout", type=click.FloatRange(0, 600), default=10.0, show_default=True,
+                     help="Seconds in-flight requests get to finish on SIGINT/SIGTERM."),
+    ]):
+        f = option(f)
+    return f
+
+
+@click.command("node")
+@click.option("--port", type=click.IntRange(0, 65535), default=5001, show_default=True, help="0 picks a free port.")
+@click.option("--id", "node_id", default=None, help="Node id [default: node-PORT].")
+@_common
+@click.option("--workers", type=click.IntRange(1, 10_000), default=1, show_default=True,
+              help="Requests served at once; the rest wait FIFO.")
+@click.option("--load-factor", type=click.FloatRange(0, 600_000), default=0.0, show_default=True,
+              help="Mean service time of GET /work, in milliseconds.")
+@click.option("--service", type=click.Choice(["exponential", "deterministic"]), default="exponential",
+              show_default=True, help="Service-time distribution.")
+@click.option("--work-mode", type=click.Choice(["sleep", "cpu"]), default="sleep", show_default=True,
+              help="sleep: hold a worker while waiting; cpu: burn CPU for the service time.")
+@click.option("--rate-limit", type=click.FloatRange(0, min_open=True), default=None,
+              help="Per-client token bucket: requests per second.")
+@click.option("--burst", type=click.FloatRange(1), default=None, help="Bucket capacity [default: the rate].")
+@click.option("--trust-proxy", default="", metavar="IPS",
+              help="Comma-separated peer addresses whose X-Client-ID / X-Forwarded-For name the client.")
+@click.option("--backpressure", type=click.IntRange(1), default=None,
+              help="At most N requests inside the node (in service plus waiting).")
+@click.option("--circuit-breaker", is_flag=True, help="Guard the work with a circuit breaker.")
+@click.option("--failure-threshold", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--recovery-timeout", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True,
+              help="Seconds the breaker stays open before probing.")
+@click.option("--downstream", type=URL(), default=None, help="Call this URL as part of the work (breaker-guarded).")
+@click.option("--registry", type=URL(), default=None, help="Register and heartbeat with this registry.")
+@click.option("--registry-token", envvar="TESTBED_REGISTRY_TOKEN", default=None, show_envvar=True)
+@click.option("--heartbeat-interval", type=click.FloatRange(0.05, 60), default=2.0, show_default=True)
+@click.option("--advertise", type=URL(), default=None, help="Address to register [default: http://HOST:PORT].")
+@click.option("--faults", "faults_admin", is_flag=True, help="Enable GET/POST/DELETE /admin/faults.")
+@click.option("--error-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Fraction of work requests that fail with 500.")
+@click.option("--extra-latency-ms", type=click.FloatRange(0, 600_000), default=0.0, show_default=True)
+@click.option("--seed", type=click.IntRange(0), default=None, help="Seed of the service-time generator.")
+@impl_option
+def node_command(port: int, node_id: str | None, host: str, shutdown_timeout: float, trust_proxy: str,
+                 **options: Any) -> None:
+    """A node: GET /health, /work, /stats, /queue-stats, /circuit-status, /discovery-status, /peers, /metrics."""
+    from live.node import NodeConfig, make_node_app
+    from live.serve import serve
+    from solutions.impl import resolve
+
+    impl = options.pop("impl")
+    if options["rate_limit"] is not None:
+        click.echo(resolve("rate-limiter", impl).notice)
+    load_factor = options.pop("load_factor")
+    config = NodeConfig(
+        node_id=node_id or f"node-{port}", host=host, port=port, load_factor_ms=load_factor,
+        rate_limit_per_s=options.pop("rate_limit"), rate_limit_burst=options.pop("burst"),
+        recovery_timeout_s=options.pop("recovery_timeout"), heartbeat_interval_s=options.pop("heartbeat_interval"),
+        trust_proxy=tuple(ip.strip() for ip in trust_proxy.split(",") if ip.strip()), impl=impl, **options)
+    if port == 0 and config.registry and not config.advertise:
+        raise click.UsageError("--port 0 with --registry needs --advertise (the registry must know the real port)")
+    raise SystemExit(serve(make_node_app(config), host, port, name=config.node_id, shutdown_timeout=shutdown_timeout))
+
+
+@click.command("registry")
+@click.option("--port", type=click.IntRange(0, 65535), default=5000, show_default=True, help="0 picks a free port.")
+@_common
+@click.option("--ttl", type=click.FloatRange(0.1, 3600), default=5.0, show_default=True,
+              help="Seconds without a heartbeat before a node is dead (removed after as long again).")
+@click.option("--token", envvar="TESTBED_REGISTRY_TOKEN", default=None, show_envvar=True,
+              help="Require 'Authorization: Bearer TOKEN' on writes.")
+def registry_command(port: int, host: str, shutdown_timeout: float, ttl: float, token: str | None) -> None:
+    """The service registry: POST /register, /heartbeat/{id}, /deregister; GET /nodes, /health, /metrics."""
+    from live.registry import make_registry_app
+    from live.serve import serve
+    raise SystemExit(serve(make_registry_app(ttl_s=ttl, token=token), host, port, name="registry",
+                           shutdown_timeout=shutdown_timeout))
+
+
+@click.command("balancer")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0 picks a free port.")
+@_common
+@click.option("--nodes", type=NodeList(), default=None, help="Backends: ports, host:port or URLs, comma-separated.")
+@click.option("--registry", type=URL(), default=None, help="Take the backends from this registry.")
+@click.option("--strategy", type=click.Choice(list(STRATEGIES)), default="round_robin", show_default=True)
+@click.option("--health-interval", type=click.FloatRange(0.05, 60), default=2.0, show_default=True)
+@click.option("--timeout", type=click.FloatRange(0.01, 3600), default=30.0, show_default=True,
+              help="Per-request timeout in seconds (504 past it).")
+@click.option("--eject-after", type=click.IntRange(0), default=5, show_default=True,
+              help="Consecutive 5xx/connection failures that take a backend out (0: never).")
+@click.option("--ejection-time", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True)
+@click.option("--no-retry", is_flag=True, help="Do not retry refused connections on another backend.")
+@click.option("--seed", type=click.IntRange(0), default=None, help="Seed of the strategy's generator.")
+@impl_option
+def balancer_command(port: int, host: str, shutdown_timeout: float, nodes: tuple[str, ...] | None,
+                     registry: str | None, strategy: str, health_interval: float, timeout: float, eject_after: int,
+                     ejection_time: float, no_retry: bool, seed: int | None, impl: str) -> None:
+    """The load balancer: proxies everything; GET /lb-stats and /metrics are its own."""
+    from live.balancer import BalancerConfig, make_balancer_app
+    from live.serve import serve
+    from solutions.impl import resolve
+
+    if not nodes and not registry:
+        raise click.UsageError("give --nodes (e.g. 5001,5002,5003) or --registry URL")
+    if strategy == "least_connections":
+        click.echo(resolve("least-connections", impl).notice)
+    config = BalancerConfig(host=host, port=port, nodes=nodes or (), registry=registry, strategy=strategy, impl=impl,
+                            health_interval_s=health_interval, timeout_s=timeout, eject_after_failures=eject_after,
+                            ejection_time_s=ejection_time, retry_connect_failures=not no_retry, seed=seed)
+    raise SystemExit(serve(make_balancer_app(config), host, port, name="balancer", shutdown_timeout=shutdown_timeout))

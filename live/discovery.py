@@ -1,0 +1,115 @@
+"""The node's side of service discovery: register, heartbeat, re-register, deregister.
+
+Theory of operation
+-------------------
+At start the node registers (``POST /register``) and then heartbeats every
+``interval_s`` (``POST /heartbeat/{id}``). A 404 means the registry does not
+know the node (it restarted, or expired the node while it was paused), so the
+node registers again at once. A registry that is down or answers garbage is
+retried on the next beat; the node keeps serving meanwhile. On shutdown it
+deregisters (``POST /deregister``), best effort. Each beat also refreshes the
+peer list from ``GET /nodes`` for ``GET /peers``. All policy (TTL, expiry,
+what "unknown" means) lives in ``core.registry`` on the registry's side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable
+
+import aiohttp
+
+__all__ = ["DiscoveryClient"]
+
+log = logging.getLogger("testbed.discovery")
+
+
+class DiscoveryClient:
+    def __init__(self, registry_url: str, node_id: str, address: str, *, metadata: dict[str, Any] | None = None,
+                 interval_s: float = 2.0, token: str | None = None, clock: Callable[[], float]) -> None:
+        self.registry_url = registry_url.rstrip("/")
+        self.node_id = node_id
+        self.address = address
+        self.metadata = metadata or {}
+        self.interval_s = interval_s
+        self.clock = clock
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.registered = False
+        self.registrations = 0
+        self.heartbeats_ok = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self.last_heartbeat_at: float | None = None
+        self.peers: list[dict[str, Any]] = []
+        self._session: aiohttp.ClientSession | None = None
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        return {
+            "registry": self.registry_url,
+            "node_id": self.node_id,
+            "address": self.address,
+            "registered": self.registered,
+            "registrations": self.registrations,
+            "heartbeats_ok": self.heartbeats_ok,
+            "failures": self.failures,
+            "last_error": self.last_error,
+            "seconds_since_heartbeat": None if self.last_heartbeat_at is None else now - self.last_heartbeat_at,
+            "heartbeat_interval_s": self.interval_s,
+        }
+
+    async def run(self) -> None:
+        """Register and heartbeat until cancelled."""
+        timeout = aiohttp.ClientTimeout(total=max(1.0, self.interval_s))
+        async with aiohttp.ClientSession(timeout=timeout, headers=self.headers) as session:
+            self._session = session
+            while True:
+                await self._beat(session)
+                await asyncio.sleep(self.interval_s)
+
+    async def _beat(self, session: aiohttp.ClientSession) -> None:
+        try:
+            if not self.registered:
+                await self._register(session)
+            else:
+                async with session.post(f"{self.registry_url}/heartbeat/{self.node_id}",
+                                        json={"metadata": self.metadata}) as resp:
+                    if resp.status == 404:
+                        log.warning("registry does not know %s (restarted?); registering again", self.node_id)
+                        self.registered = False
+                        await self._register(session)
+                    elif resp.status != 200:
+                        raise RuntimeError(f"heartbeat answered {resp.status}: {(await resp.text())[:200]}")
+                    else:
+                        self.heartbeats_ok += 1
+                        self.last_heartbeat_at = self.clock()
+            async with session.get(f"{self.registry_url}/nodes") as resp:
+                if resp.status == 200:
+                    self.peers = [n for n in (await resp.json()).get("nodes", []) if n.get("id") != self.node_id]
+            self.last_error = None
+        except (aiohttp.ClientError, asyncio.TimeoutError, RuntimeError, ValueError) as exc:
+            self.failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("registry %s: %s (will retry)", self.registry_url, self.last_error)
+
+    async def _register(self, session: aiohttp.ClientSession) -> None:
+        body = {"id": self.node_id, "address": self.address, "metadata": self.metadata}
+        async with session.post(f"{self.registry_url}/register", json=body) as resp:
+            if resp.status not in (200, 201):
+                raise RuntimeError(f"register answered {resp.status}: {(await resp.text())[:200]}")
+        self.registered = True
+        self.registrations += 1
+        self.last_heartbeat_at = self.clock()
+
+    async def deregister(self) -> None:
+        """Best effort: tell the registry we are leaving."""
+        if not self.registered:
+            return
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0), headers=self.headers) as s:
+                async with s.post(f"{self.registry_url}/deregister", json={"id": self.node_id}) as resp:
+                    log.info("deregistered from %s: %s", self.registry_url, resp.status)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            log.warning("could not deregister from %s: %s", self.registry_url, exc)
+        self.registered = False

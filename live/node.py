@@ -1,0 +1,414 @@
+"""``testbed node``: an aiohttp server around the core middleware objects.
+
+Theory of operation
+-------------------
+The capacity model is the simulator's: ``workers`` requests are served at once
+and the rest wait FIFO for a worker; a request on ``GET /work`` takes a service
+time drawn with mean ``load_factor_ms`` (exponential or deterministic), spent
+sleeping while holding the worker (``--work-mode sleep``) or burning CPU
+(``cpu``). ``GET /health`` never does the work.
+
+The request path, in the simulator's order:
+
+1. rate limiting (``--rate-limit``): :class:`core.rate_limiter.TokenBucket` per
+   client, on ``/health`` and ``/work``. The client is the peer address, or the
+   ``X-Client-ID`` / first ``X-Forwarded-For`` entry when the peer is a trusted
+   proxy (``--trust-proxy``). 429 with ``Retry-After`` and ``RateLimit-*``.
+2. backpressure (``--backpressure``): :class:`core.backpressure.BackpressureGate`
+   over the requests inside the node (in service plus waiting), on ``/work``. 429.
+3. circuit breaker (``--circuit-breaker``): :class:`core.circuit_breaker.CircuitBreaker`
+   guarding the work (and the ``--downstream`` call); 5xx and exceptions are
+   failures, 4xx are not. 503 with ``Retry-After`` while it refuses.
+
+Time comes from one clock (``loop.time()`` unless a test injects its own) and
+is handed to the core objects as ``now``. Nothing here decides policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from core.backpressure import BackpressureGate
+from core.circuit_breaker import CircuitBreaker
+from core.rate_limiter import TokenBucket
+from live.discovery import DiscoveryClient
+from live.http import error_middleware, json_error, read_json, require, retry_after_header
+from live.metrics import NodeMetrics
+
+__all__ = ["NodeConfig", "make_node_app"]
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    node_id: str
+    host: str = "127.0.0.1"
+    port: int = 5001
+    workers: int = 1
+    load_factor_ms: float = 0.0
+    service: str = "exponential"
+    work_mode: str = "sleep"
+    rate_limit_per_s: float | None = None
+    rate_limit_burst: float | None = None
+    backpressure: int | None = None
+    circuit_breaker: bool = False
+    failure_threshold: int = 3
+    recovery_timeout_s: float = 5.0
+    downstream: str | None = None
+    registry: str | None = None
+    registry_token: str | None = None
+    heartbeat_interval_s: float = 2.0
+    advertise: str | None = None
+    trust_proxy: tuple[str, ...] = ()
+    faults_admin: bool = False
+    error_rate: float = 0.0
+    extra_latency_ms: float = 0.0
+    seed: int | None = None
+    impl: str = "auto"
+    limiter_cls: type[TokenBucket] | None = field(default=None, compare=False)
+
+    @property
+    def address(self) -> str:
+        return self.advertise or f"http://{self.host}:{self.port}"
+
+
+class Workers:
+    """``n`` worker slots handed out first come, first served."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.busy = 0
+        self.waiting: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self) -> None:
+        if self.busy < self.n and not self.waiting:
+            self.busy += 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiting.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # the slot was handed to us as we were cancelled: pass it on
+            else:
+                self.waiting.remove(fut)
+            raise
+
+    def release(self) -> None:
+        while self.waiting:
+            fut = self.waiting.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the slot passes straight to the next waiter
+                return
+        self.busy -= 1
+
+
+@dataclass
+class Faults:
+    error_rate: float = 0.0
+    extra_latency_ms: float = 0.0
+
+
+CONFIG = web.AppKey("config", NodeConfig)
+STATE = web.AppKey("state", object)
+
+
+class NodeState:
+    """The core objects and counters of one node process."""
+
+    def __init__(self, config: NodeConfig, clock: Callable[[], float]) -> None:
+        from solutions.impl import rate_limiter_class
+        self.config = config
+        self.clock = clock
+        self.rng = random.Random(config.seed)
+        limiter_cls = config.limiter_cls or rate_limiter_class(config.impl)
+        self.limiter = (limiter_cls(config.rate_limit_per_s, config.rate_limit_burst)
+                        if config.rate_limit_per_s else None)
+        self.gate = BackpressureGate(config.backpressure) if config.backpressure else None
+        self.breaker = (CircuitBreaker(config.failure_threshold, config.recovery_timeout_s, name=config.node_id)
+                        if config.circuit_breaker else None)
+        self.workers = Workers(config.workers)
+        self.faults = Faults(config.error_rate, config.extra_latency_ms)
+        self.discovery: DiscoveryClient | None = None
+        self.metrics = NodeMetrics(config.node_id)
+        self.active = 0
+        self.started_at = clock()
+        self.downstream: aiohttp.ClientSession | None = None
+
+    def service_time_s(self) -> float:
+        mean = self.config.load_factor_ms / 1000.0
+        if mean <= 0:
+            base = 0.0
+        elif self.config.service == "exponential":
+            base = self.rng.expovariate(1.0 / mean)
+        else:
+            base = mean
+        return base + self.faults.extra_latency_ms / 1000.0
+
+    def client_key(self, request: web.Request) -> str:
+        peer = request.remote or "unknown"
+        if peer in self.config.trust_proxy:
+            explicit = request.headers.get("X-Client-ID")
+            if explicit:
+                return explicit
+            forwarded = request.headers.get("X-Forwarded-For")
+            if forwarded:
+                return forwarded.split(",")[0].strip()
+        return peer
+
+
+def _burn(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+@web.middleware
+async def node_middleware(request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """X-Node-ID on every response, the request counters, and per-client rate limiting."""
+    state: NodeState = request.app[STATE]
+    started = state.clock()
+    state.active += 1
+    try:
+        response = await _rate_limited(request, handler, state)
+    finally:
+        state.active -= 1
+    response.headers["X-Node-ID"] = state.config.node_id
+    state.metrics.observe(request.path, response.status, state.clock() - started)
+    return response
+
+
+async def _rate_limited(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                        state: NodeState) -> web.StreamResponse:
+    if state.limiter is None or request.path not in ("/health", "/work"):
+        return await handler(request)
+    decision = state.limiter.acquire(state.client_key(request), now=state.clock())
+    headers = decision.headers()
+    if not decision.allowed:
+        state.metrics.rejected("rate_limited")
+        return json_error(429, "rate_limited", f"rate limit of {state.limiter.rate_per_s:g} requests/s per client "
+                          f"exceeded; retry in {decision.retry_after_s:.3f} s", headers=headers,
+                          retry_after_s=decision.retry_after_s)
+    response = await handler(request)
+    response.headers.update(headers)
+    return response
+
+
+# -- handlers ------------------------------------------------------------------
+async def health(request: web.Request) -> web.Response:
+    state: NodeState = request.app[STATE]
+    return web.json_response({"status": "ok", "node_id": state.config.node_id, "active_requests": state.active,
+                              "workers": state.config.workers, "busy_workers": state.workers.busy,
+                              "queued": len(state.workers.waiting)})
+
+
+async def work(request: web.Request) -> web.Response:
+    state: NodeState = request.app[STATE]
+    clock = state.clock
+    if state.gate is not None and not state.gate.try_acquire():
+        state.metrics.rejected("backpressure")
+        return json_error(429, "backpressure", f"the node holds its limit of {state.gate.max_in_flight} requests; "
+                          "try again shortly", headers=retry_after_header(1))
+    try:
+        return await _guarded_work(state, clock)
+    finally:
+        if state.gate is not None:
+            state.gate.release()
+
+
+async def _guarded_work(state: NodeState, clock: Callable[[], float]) -> web.Response:
+    breaker = state.breaker
+    permit = None
+    if breaker is not None:
+        permit = breaker.try_acquire(now=clock())
+        if permit is None:
+            retry = breaker.retry_after(now=clock())
+            state.metrics.rejected("circuit_open")
+            return json_error(503, "circuit_open", f"the circuit breaker is {breaker.state.name}; failing fast",
+                              headers=retry_after_header(retry), retry_after_s=retry)
+    arrived = clock()
+    failed, detail = True, "cancelled"
+    try:
+        await state.workers.acquire()
+        try:
+            started = clock()
+            service = state.service_time_s()
+            if state.config.work_mode == "cpu":
+                await asyncio.get_running_loop().run_in_executor(None, _burn, service)
+            else:
+                await asyncio.sleep(service)
+            failed, detail = False, ""
+            if state.faults.error_rate and state.rng.random() < state.faults.error_rate:
+                failed, detail = True, f"injected fault (error rate {state.faults.error_rate:g})"
+            downstream_status = None
+            if not failed and state.downstream is not None:
+                failed, detail, downstream_status = await _call_downstream(state)
+        finally:
+            state.workers.release()
+        finished = clock()
+    except asyncio.CancelledError:
+        if breaker is not None and permit is not None:
+            breaker.release(permit, now=clock())  # a client that went away says nothing about health
+        raise
+    except Exception:
+        if breaker is not None and permit is not None:
+            breaker.record_failure(permit, now=clock())
+        raise
+    if breaker is not None and permit is not None:
+        (breaker.record_failure if failed else breaker.record_success)(permit, now=clock())
+    if failed:
+        state.metrics.rejected("server_error")
+        return json_error(500 if downstream_status is None else 502, "work_failed", detail,
+                          node_id=state.config.node_id)
+    return web.json_response({"node_id": state.config.node_id, "queue_wait_ms": (started - arrived) * 1000,
+                              "service_ms": (finished - started) * 1000, "downstream_status": downstream_status})
+
+
+async def _call_downstream(state: NodeState) -> tuple[bool, str, int | None]:
+    assert state.downstream is not None and state.config.downstream
+    try:
+        async with state.downstream.get(state.config.downstream) as resp:
+            await resp.read()
+            if resp.status >= 500:
+                return True, f"downstream {state.config.downstream} answered {resp.status}", resp.status
+            return False, "", resp.status
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        return True, f"downstream {state.config.downstream} failed: {type(exc).__name__}: {exc}", 0
+
+
+async def stats(request: web.Request) -> web.Response:
+    state: NodeState = request.app[STATE]
+    config = {k: v for k, v in asdict(state.config).items() if k not in ("limiter_cls", "registry_token")}
+    return web.json_response({
+        "node_id": state.config.node_id, "uptime_s": state.clock() - state.started_at,
+        "active_requests": state.active, "busy_workers": state.workers.busy,
+        "queued": len(state.workers.waiting), "requests": state.metrics.counts(),
+        "faults": asdict(state.faults), "config": config})
+
+
+def _disabled(what: str, flag: str) -> web.Response:
+    return json_error(404, "not_enabled", f"{what} is not enabled on this node; start it with {flag}")
+
+
+async def queue_stats(request: web.Request) -> web.Response:
+    state: NodeState = request.app[STATE]
+    if state.gate is None:
+        return _disabled("backpressure", "--backpressure N")
+    data = state.gate.stats().as_dict()
+    data.update({"in_service": state.workers.busy, "waiting_for_worker": len(state.workers.waiting),
+                 "workers": state.config.workers})
+    return web.json_response(data)
+
+
+async def circuit_status(request: web.Request) -> web.Response:
+    state: NodeState = request.app[STATE]
+    if state.breaker is None:
+        return _disabled("the circuit breaker", "--circuit-breaker")
+    return web.json_response(state.breaker.status(now=state.clock()))
+
+
+async def discovery_status(request: web.Request) -> web.Response:
+    state: NodeState = request.app[STATE]
+    if state.discovery is None:
+        return _disabled("service discovery", "--registry URL")
+    return web.json_response(state.discovery.status())
+
+
+async def peers(request: web.Request) -> web.Response:
+    state: NodeState = request.app[STATE]
+    if state.discovery is None:
+        return _disabled("service discovery", "--registry URL")
+    return web.json_response({"node_id": state.config.node_id, "peers": state.discovery.peers})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state: NodeState = request.app[STATE]
+    body = state.metrics.render(state)
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def get_faults(request: web.Request) -> web.Response:
+    return web.json_response(asdict(request.app[STATE].faults))
+
+
+async def set_faults(request: web.Request) -> web.Response:
+    state: NodeState = request.app[STATE]
+    data = await read_json(request)
+    unknown = sorted(set(data) - {"error_rate", "extra_latency_ms"})
+    if unknown:
+        return json_error(400, "unknown_field", f"unknown field {unknown[0]!r}; known: error_rate, extra_latency_ms",
+                          field=unknown[0])
+    rate = require(data, "error_rate", (int, float), optional=True, check=lambda v: 0 <= v <= 1,
+                   allowed="a number from 0 to 1")
+    extra = require(data, "extra_latency_ms", (int, float), optional=True, check=lambda v: 0 <= v <= 600_000,
+                    allowed="a number of milliseconds from 0 to 600000")
+    if rate is not None:
+        state.faults.error_rate = float(rate)
+    if extra is not None:
+        state.faults.extra_latency_ms = float(extra)
+    return web.json_response(asdict(state.faults))
+
+
+async def clear_faults(request: web.Request) -> web.Response:
+    state: NodeState = request.app[STATE]
+    state.faults.error_rate = state.faults.extra_latency_ms = 0.0
+    return web.json_response(asdict(state.faults))
+
+
+# -- the app -------------------------------------------------------------------
+async def _background(app: web.Application) -> Any:
+    """Downstream session and discovery for the app's lifetime; deregister at the end."""
+    state: NodeState = app[STATE]
+    if state.config.downstream:
+        state.downstream = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+    task = None
+    if state.discovery is not None:
+        task = asyncio.create_task(state.discovery.run())
+    yield
+    if task is not None:
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        await state.discovery.deregister()
+    if state.downstream is not None:
+        await state.downstream.close()
+
+
+def make_node_app(config: NodeConfig, *, clock: Callable[[], float] | None = None) -> web.Application:
+    """The node's aiohttp application. ``clock`` defaults to ``time.monotonic`` (the event loop's clock)."""
+    app = web.Application(middlewares=[error_middleware, node_middleware], client_max_size=64 * 1024)
+    if clock is None:
+        clock = time.monotonic  # what the default event loop's loop.time() reads
+    state = NodeState(config, clock)
+    if config.registry:
+        state.discovery = DiscoveryClient(
+            config.registry, config.node_id, config.address, interval_s=config.heartbeat_interval_s,
+            token=config.registry_token, clock=clock,
+            metadata={"workers": config.workers, "load_factor_ms": config.load_factor_ms})
+    app[CONFIG] = config
+    app[STATE] = state
+    app.router.add_get("/health", health)
+    app.router.add_get("/work", work)
+    app.router.add_get("/stats", stats)
+    app.router.add_get("/queue-stats", queue_stats)
+    app.router.add_get("/circuit-status", circuit_status)
+    app.router.add_get("/discovery-status", discovery_status)
+    app.router.add_get("/peers", peers)
+    app.router.add_get("/metrics", metrics)
+    if config.faults_admin:
+        app.router.add_get("/admin/faults", get_faults)
+        app.router.add_post("/admin/faults", set_faults)
+        app.router.add_delete("/admin/faults", clear_faults)
+    app.cleanup_ctx.append(_background)
+    return app

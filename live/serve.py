@@ -1,0 +1,45 @@
+"""Run one aiohttp app until SIGINT/SIGTERM, then shut down gracefully.
+
+The actual address is printed as soon as the socket is bound (``--port 0``
+picks a free port, which is how the tests start servers): ``<name> listening
+on http://127.0.0.1:PORT``. On a signal the server stops accepting, lets
+in-flight requests finish for up to ``shutdown_timeout`` seconds, runs the
+app's cleanup (a node deregisters there) and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+__all__ = ["serve"]
+
+
+def serve(app: web.Application, host: str, port: int, *, name: str, shutdown_timeout: float = 10.0) -> int:
+    async def main() -> int:
+        runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            print(f"{name}: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr, flush=True)
+            await runner.cleanup()
+            return 1
+        bound = runner.addresses[0][1]
+        print(f"{name} listening on http://{host}:{bound}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        print(f"{name}: shutting down (in-flight requests get up to {shutdown_timeout:g} s)", flush=True)
+        await runner.cleanup()
+        print(f"{name}: stopped", flush=True)
+        return 0
+
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    return asyncio.run(main())
