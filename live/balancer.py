@@ -149,6 +149,10 @@ class Balancer:
             try:
                 chosen = self.strategy.select_node([b.snapshot(now, excluded) for b in self.backends.values()])
             except NoHealthyBackend:
+                if excluded:  # the retry found nowhere else to go: report the refusal itself
+                    return json_error(502, "backend_unreachable",
+                                      f"backend {next(iter(excluded))} refused the connection and no other "
+                                      "backend is healthy", backend=next(iter(excluded)))
                 self.no_backend += 1
                 return json_error(503, "no_healthy_backend",
                                   f"none of the {len(self.backends)} backends is healthy", backends=len(self.backends))

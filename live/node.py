@@ -387,7 +387,8 @@ async def _background(app: web.Application) -> Any:
 
 def make_node_app(config: NodeConfig, *, clock: Callable[[], float] | None = None) -> web.Application:
     """The node's aiohttp application. ``clock`` defaults to ``time.monotonic`` (the event loop's clock)."""
-    app = web.Application(middlewares=[error_middleware, node_middleware], client_max_size=64 * 1024)
+    # error_middleware inside, so 404s and 413s come back as responses that still get X-Node-ID and counting.
+    app = web.Application(middlewares=[node_middleware, error_middleware], client_max_size=64 * 1024)
     if clock is None:
         clock = time.monotonic  # what the default event loop's loop.time() reads
     state = NodeState(config, clock)

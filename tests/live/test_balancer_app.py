@@ -1,0 +1,133 @@
+"""The balancer app in front of real node apps: pass-through, headers, strategies, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+from aiohttp import web
+
+from live.balancer import BalancerConfig, make_balancer_app, parse_node
+from live.node import NodeConfig, make_node_app
+
+
+async def nodes(aiohttp_server, specs):
+    servers = [await aiohttp_server(make_node_app(NodeConfig(node_id=f"node-{i + 1}", impl="solution", **spec)))
+               for i, spec in enumerate(specs)]
+    return [str(s.make_url("")).rstrip("/") for s in servers]
+
+
+async def balancer(aiohttp_client, urls, **config):
+    return await aiohttp_client(make_balancer_app(BalancerConfig(nodes=tuple(urls), impl="solution", seed=1,
+                                                                 **config)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_round_robin_and_headers(aiohttp_client, aiohttp_server) -> None:
+    urls = await nodes(aiohttp_server, [{}, {}, {}])
+    lb = await balancer(aiohttp_client, urls)
+    seen = []
+    for _ in range(6):
+        resp = await lb.get("/health")
+        assert resp.status == 200
+        seen.append(resp.headers["X-Node-ID"])
+        assert resp.headers["X-Backend"] == f"node-{int(seen[-1][-1])}" or resp.headers["X-Backend"] in urls
+    assert seen == ["node-1", "node-2", "node-3"] * 2
+    stats = await (await lb.get("/lb-stats")).json()
+    assert stats["requests"] == 6 and all(b["requests"] == 2 for b in stats["backends"].values())
+
+
+async def test_status_headers_body_and_query_pass_through(aiohttp_client, aiohttp_server) -> None:
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.read()
+        return web.Response(status=418, body=body[::-1], headers={"X-Echo-Query": request.query_string,
+                                                                  "X-Seen-XFF": request.headers.get("X-Forwarded-For", "")})
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    server = await aiohttp_server(app)
+    lb = await balancer(aiohttp_client, [str(server.make_url("")).rstrip("/")])
+    resp = await lb.put("/anything/here?a=1&b=two", data=b"hello")
+    assert resp.status == 418
+    assert await resp.read() == b"olleh"
+    assert resp.headers["X-Echo-Query"] == "a=1&b=two"
+    assert resp.headers["X-Seen-XFF"] == "127.0.0.1"
+
+
+async def test_backend_429_and_500_are_not_hidden(aiohttp_client, aiohttp_server) -> None:
+    # Trusting the balancer keeps its health checks out of the client's bucket.
+    urls = await nodes(aiohttp_server, [{"rate_limit_per_s": 1, "error_rate": 1.0, "trust_proxy": ("127.0.0.1",)}])
+    lb = await balancer(aiohttp_client, urls, eject_after_failures=0)
+    assert (await lb.get("/work")).status == 500
+    resp = await lb.get("/work")
+    assert resp.status == 429 and resp.headers["Retry-After"] == "1"
+    assert (await resp.json())["error"]["code"] == "rate_limited"
+
+
+async def test_refused_connection_is_retried_elsewhere(aiohttp_client, aiohttp_server) -> None:
+    urls = await nodes(aiohttp_server, [{}])
+    dead = f"http://127.0.0.1:{free_port()}"
+    lb = await balancer(aiohttp_client, [dead, urls[0]], health_interval_s=60)
+    statuses = [(await lb.get("/health")).status for _ in range(4)]
+    assert statuses == [200] * 4
+    stats = await (await lb.get("/lb-stats")).json()
+    assert stats["backends"][dead]["healthy"] is False and stats["backends"][dead]["errors"] >= 1
+
+
+async def test_no_healthy_backend_is_503_json(aiohttp_client) -> None:
+    lb = await balancer(aiohttp_client, [f"http://127.0.0.1:{free_port()}"], health_interval_s=60)
+    assert (await lb.get("/work")).status == 502  # the only backend refused: nothing to retry on
+    resp = await lb.get("/work")
+    assert resp.status == 503
+    assert (await resp.json())["error"]["code"] == "no_healthy_backend"
+
+
+async def test_timeout_is_504(aiohttp_client, aiohttp_server) -> None:
+    urls = await nodes(aiohttp_server, [{"load_factor_ms": 2000, "service": "deterministic"}])
+    lb = await balancer(aiohttp_client, urls, timeout_s=0.2)
+    resp = await lb.get("/work")
+    assert resp.status == 504 and (await resp.json())["error"]["code"] == "backend_timeout"
+
+
+async def test_failing_backend_is_ejected(aiohttp_client, aiohttp_server) -> None:
+    urls = await nodes(aiohttp_server, [{"error_rate": 1.0}, {}])
+    lb = await balancer(aiohttp_client, urls, eject_after_failures=2, ejection_time_s=60)
+    statuses = [(await lb.get("/work")).status for _ in range(10)]
+    assert statuses.count(500) == 2  # then node-1 is out
+    stats = await (await lb.get("/lb-stats")).json()
+    assert stats["backends"][urls[0]]["ejector"] == "OPEN"
+
+
+async def test_least_connections_avoids_the_busy_backend(aiohttp_client, aiohttp_server) -> None:
+    urls = await nodes(aiohttp_server, [{"load_factor_ms": 400, "service": "deterministic"}, {}])
+    lb = await balancer(aiohttp_client, urls, strategy="least_connections")
+    slow = asyncio.create_task(lb.get("/work"))
+    await asyncio.sleep(0.05)
+    picked = [(await lb.get("/work")).headers["X-Node-ID"] for _ in range(5)]
+    assert set(picked) == {"node-2"} or picked.count("node-2") >= 4
+    assert (await slow).status == 200
+
+
+async def test_balancer_metrics(aiohttp_client, aiohttp_server) -> None:
+    urls = await nodes(aiohttp_server, [{}])
+    lb = await balancer(aiohttp_client, urls)
+    await lb.get("/health")
+    text = await (await lb.get("/metrics")).text()
+    assert f'testbed_lb_requests_total{{backend="{urls[0]}",status="200"}} 1.0' in text
+
+
+@pytest.mark.parametrize("spec, url", [("5001", "http://127.0.0.1:5001"), ("example:80", "http://example:80"),
+                                       ("http://127.0.0.1:9/", "http://127.0.0.1:9")])
+def test_parse_node(spec, url) -> None:
+    assert parse_node(spec) == url
+
+
+@pytest.mark.parametrize("spec", ["abc", "70000", "host:", ":80", "ftp://x"])
+def test_parse_node_rejects(spec) -> None:
+    with pytest.raises(ValueError, match="not a port"):
+        parse_node(spec)
