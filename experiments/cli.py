@@ -90,6 +90,23 @@ def bench_sim(requests: int, rounds: int, json_path: str | None) -> None:
     raise SystemExit(run(requests=requests, rounds=rounds, json_path=json_path, echo=click.echo))
 
 
+@bench.command("live")
+@click.option("--seconds", type=click.FloatRange(1, 120), default=5.0, show_default=True,
+              help="Length of each wrk run.")
+@click.option("--connections", type=click.IntRange(1, 1000), default=32, show_default=True,
+              help="wrk connections for the throughput runs.")
+@click.option("--rounds", type=click.IntRange(1, 20), default=3, show_default=True,
+              help="Interleaved rounds per case; the best counts.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Also write the figures to this JSON file.")
+def bench_live(seconds: float, connections: int, rounds: int, json_path: str | None) -> None:
+    """Node middleware vs a bare app, and the balancer vs direct vs nginx, under wrk on loopback."""
+    from experiments.bench_live import run
+
+    raise SystemExit(run(seconds=seconds, connections=connections, json_path=json_path, echo=click.echo,
+                         rounds=rounds))
+
+
 def _register() -> None:
     from experiments.cli_live import balancer_command, node_command, registry_command
     from experiments.cli_sim import compare_command, sim_group

@@ -36,6 +36,7 @@ from typing import Any, Callable
 import aiohttp
 import numpy as np
 from aiohttp import web
+from multidict import CIMultiDict
 
 from core.circuit_breaker import CircuitBreaker
 from core.health import HealthTracker
@@ -197,13 +198,9 @@ class Balancer:
                     backend.ejector.record_success(permit, now=now)
                 backend.latency.observe(elapsed, now=now)
                 backend.recent.append(elapsed)
-            self.metrics.requests.labels(backend.id, str(status)).inc()
-            self.metrics.latency.labels(backend.id).observe(elapsed)
-            response = web.Response(status=status, body=payload)
-            for k, v in out_headers:
-                response.headers.add(k, v)
-            response.headers["X-Backend"] = backend.id
-            return response
+            self.metrics.observe(backend.id, status, elapsed)
+            out_headers.append(("X-Backend", backend.id))
+            return web.Response(status=status, body=payload, headers=CIMultiDict(out_headers))
 
     def _failed(self, backend: BackendState, permit: Any, *, refused: bool = False) -> None:
         backend.errors += 1

@@ -19,7 +19,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-__all__ = ["error_middleware", "json_error", "read_json", "require", "retry_after_header"]
+__all__ = ["error_middleware", "error_response", "handle_errors", "json_error", "read_json", "require", "retry_after_header"]
 
 log = logging.getLogger("testbed.http")
 
@@ -43,13 +43,25 @@ def retry_after_header(seconds: float) -> dict[str, str]:
 @web.middleware
 async def error_middleware(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    return await handle_errors(request, handler)
+
+
+async def handle_errors(request: web.Request,
+                        handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Call ``handler``; turn any HTTP error or exception into the project's JSON error response."""
     try:
         return await handler(request)
-    except _JSONHTTPError as exc:
+    except Exception as exc:  # noqa: BLE001 - every error becomes a JSON response
+        return error_response(request, exc)
+
+
+def error_response(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """The JSON error response for an exception raised while handling ``request``."""
+    if isinstance(exc, _JSONHTTPError):
         return web.Response(status=exc.status, text=exc.text, content_type="application/json")
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            raise exc
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
         if exc.status == 404:
             message = f"no endpoint {request.method} {request.path}"
@@ -58,9 +70,8 @@ async def error_middleware(request: web.Request,
         elif exc.status == 413:
             message = f"request body too large (the limit is {request.app._client_max_size} bytes)"
         return json_error(exc.status, message=message)
-    except Exception:  # noqa: BLE001 - a bug must not turn into a traceback page
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return json_error(500, message="internal error; the server log has the details")
+    log.error("unhandled error in %s %s", request.method, request.path, exc_info=exc)
+    return json_error(500, message="internal error; the server log has the details")
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:

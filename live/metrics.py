@@ -8,10 +8,13 @@ number of series.
 
 from __future__ import annotations
 
-from collections import Counter as Tally
 from typing import Any, Iterable
 
+from bisect import bisect_left
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 __all__ = ["BalancerMetrics", "NodeMetrics", "RegistryMetrics"]
 
@@ -21,44 +24,85 @@ _NODE_PATHS = {"/health", "/work", "/stats", "/queue-stats", "/circuit-status", 
 
 
 class NodeMetrics:
+    """Request counts and latency kept in plain dicts and lists on the hot path (no locks: one
+    event loop thread), turned into Prometheus metric families only when ``/metrics`` is read."""
+
     def __init__(self, node_id: str) -> None:
-        self.registry = CollectorRegistry()
-        labels = {"registry": self.registry}
-        self.requests = Counter("testbed_node_requests", "Requests answered, by path and status",
-                                ["node", "path", "status"], **labels)
-        self.rejections = Counter("testbed_node_rejections", "Requests refused or failed, by reason",
-                                  ["node", "reason"], **labels)
-        self.latency = Histogram("testbed_node_latency_seconds", "Time to answer, by path", ["node", "path"],
-                                 buckets=_BUCKETS, **labels)
-        self.in_flight = Gauge("testbed_node_in_flight", "Requests inside the node", ["node"], **labels)
-        self.queue = Gauge("testbed_node_queue_depth", "Requests waiting for a worker", ["node"], **labels)
-        self.busy = Gauge("testbed_node_busy_workers", "Workers serving a request", ["node"], **labels)
-        self.breaker = Gauge("testbed_node_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open",
-                             ["node"], **labels)
         self.node = node_id
-        self._tally: Tally[str] = Tally()
+        self.counts_by: dict[tuple[str, int], int] = {}
+        self.rejections: dict[str, int] = {}
+        self.hist: dict[str, list[float]] = {}  # path -> bucket counts (+inf last), then sum
+        self._state: Any = None
+        self.registry = CollectorRegistry()
+        self.registry.register(_NodeCollector(self))
 
     def observe(self, path: str, status: int, seconds: float) -> None:
-        path = path if path in _NODE_PATHS else "other"
-        self.requests.labels(self.node, path, str(status)).inc()
-        self.latency.labels(self.node, path).observe(seconds)
-        self._tally[str(status)] += 1
+        if path not in _NODE_PATHS:
+            path = "other"
+        key = (path, status)
+        self.counts_by[key] = self.counts_by.get(key, 0) + 1
+        hist = self.hist.get(path)
+        if hist is None:
+            hist = self.hist[path] = [0.0] * (len(_BUCKETS) + 2)
+        hist[bisect_left(_BUCKETS, seconds)] += 1
+        hist[-1] += seconds
 
     def rejected(self, reason: str) -> None:
-        self.rejections.labels(self.node, reason).inc()
+        self.rejections[reason] = self.rejections.get(reason, 0) + 1
 
     def counts(self) -> dict[str, int]:
         """Responses by status code, for ``/stats``."""
-        return dict(self._tally)
+        out: dict[str, int] = {}
+        for (_, status), n in self.counts_by.items():
+            out[str(status)] = out.get(str(status), 0) + n
+        return out
 
     def render(self, state: Any) -> bytes:
-        self.in_flight.labels(self.node).set(state.active)
-        self.queue.labels(self.node).set(len(state.workers.waiting))
-        self.busy.labels(self.node).set(state.workers.busy)
-        if state.breaker is not None:
-            self.breaker.labels(self.node).set(
-                {"CLOSED": 0, "HALF_OPEN": 1, "OPEN": 2}[state.breaker.status(now=state.clock())["state"]])
+        self._state = state
         return generate_latest(self.registry)
+
+
+class _NodeCollector(Collector):
+    def __init__(self, metrics: NodeMetrics) -> None:
+        self.m = metrics
+
+    def collect(self) -> Iterable[Any]:
+        m, node = self.m, self.m.node
+        requests = CounterMetricFamily("testbed_node_requests", "Requests answered, by path and status",
+                                       labels=["node", "path", "status"])
+        for (path, status), n in sorted(m.counts_by.items()):
+            requests.add_metric([node, path, str(status)], n)
+        yield requests
+        rejections = CounterMetricFamily("testbed_node_rejections", "Requests refused or failed, by reason",
+                                         labels=["node", "reason"])
+        for reason, n in sorted(m.rejections.items()):
+            rejections.add_metric([node, reason], n)
+        yield rejections
+        latency = HistogramMetricFamily("testbed_node_latency_seconds", "Time to answer, by path",
+                                        labels=["node", "path"])
+        for path, hist in sorted(m.hist.items()):
+            cumulative, buckets = 0.0, []
+            for bound, n in zip([*map(str, _BUCKETS), "+Inf"], hist[:-1]):
+                cumulative += n
+                buckets.append((bound, cumulative))
+            latency.add_metric([node, path], buckets, hist[-1])
+        yield latency
+        state = m._state
+        if state is None:
+            return
+        for name, doc, value in [
+                ("testbed_node_in_flight", "Requests inside the node", state.active),
+                ("testbed_node_queue_depth", "Requests waiting for a worker", len(state.workers.waiting)),
+                ("testbed_node_busy_workers", "Workers serving a request", state.workers.busy)]:
+            g = GaugeMetricFamily(name, doc, labels=["node"])
+            g.add_metric([node], value)
+            yield g
+        if state.breaker is not None:
+            g = GaugeMetricFamily("testbed_node_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open",
+                                  labels=["node"])
+            g.add_metric([node], {"CLOSED": 0, "HALF_OPEN": 1, "OPEN": 2}[
+                state.breaker.status(now=state.clock())["state"]])
+            yield g
 
 
 class RegistryMetrics:
@@ -86,6 +130,15 @@ class BalancerMetrics:
         self.active = Gauge("testbed_lb_active", "Requests in flight, by backend", ["backend"], registry=self.registry)
         self.healthy = Gauge("testbed_lb_backend_healthy", "1 if the backend gets traffic", ["backend"],
                              registry=self.registry)
+        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+    def observe(self, backend: str, status: int, seconds: float) -> None:
+        children = self._children.get((backend, status))
+        if children is None:
+            children = self._children[backend, status] = (self.requests.labels(backend, str(status)),
+                                                          self.latency.labels(backend))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self, backends: Iterable[tuple[str, int, bool]]) -> bytes:
         for name, active, healthy in backends:

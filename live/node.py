@@ -40,7 +40,7 @@ from core.backpressure import BackpressureGate
 from core.circuit_breaker import CircuitBreaker
 from core.rate_limiter import TokenBucket
 from live.discovery import DiscoveryClient
-from live.http import error_middleware, json_error, read_json, require, retry_after_header
+from live.http import error_response, json_error, read_json, require, retry_after_header
 from live.metrics import NodeMetrics
 
 __all__ = ["NodeConfig", "make_node_app"]
@@ -171,35 +171,42 @@ def _burn(seconds: float) -> None:
         pass
 
 
+_RATE_LIMITED_PATHS = frozenset({"/health", "/work"})
+
+
 @web.middleware
 async def node_middleware(request: web.Request,
                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """X-Node-ID on every response, the request counters, and per-client rate limiting."""
+    """X-Node-ID on every response, JSON errors, the request counters, and per-client rate limiting.
+
+    One flat function on purpose: every middleware layer and coroutine costs
+    microseconds on every request, and ``GET /health`` should cost about what a
+    bare app's does.
+    """
     state: NodeState = request.app[STATE]
-    started = state.clock()
+    clock = state.clock
+    started = clock()
     state.active += 1
     try:
-        response = await _rate_limited(request, handler, state)
+        limiter = state.limiter
+        if limiter is not None and request.path in _RATE_LIMITED_PATHS:
+            decision = limiter.acquire(state.client_key(request), now=started)
+            if decision.allowed:
+                response = await handler(request)
+                response.headers.extend(decision.headers())
+            else:
+                state.metrics.rejected("rate_limited")
+                response = json_error(429, "rate_limited", f"rate limit of {limiter.rate_per_s:g} requests/s per "
+                                      f"client exceeded; retry in {decision.retry_after_s:.3f} s",
+                                      headers=decision.headers(), retry_after_s=decision.retry_after_s)
+        else:
+            response = await handler(request)
+    except Exception as exc:  # noqa: BLE001 - errors become JSON responses that still get counted and tagged
+        response = error_response(request, exc)
     finally:
         state.active -= 1
     response.headers["X-Node-ID"] = state.config.node_id
-    state.metrics.observe(request.path, response.status, state.clock() - started)
-    return response
-
-
-async def _rate_limited(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-                        state: NodeState) -> web.StreamResponse:
-    if state.limiter is None or request.path not in ("/health", "/work"):
-        return await handler(request)
-    decision = state.limiter.acquire(state.client_key(request), now=state.clock())
-    headers = decision.headers()
-    if not decision.allowed:
-        state.metrics.rejected("rate_limited")
-        return json_error(429, "rate_limited", f"rate limit of {state.limiter.rate_per_s:g} requests/s per client "
-                          f"exceeded; retry in {decision.retry_after_s:.3f} s", headers=headers,
-                          retry_after_s=decision.retry_after_s)
-    response = await handler(request)
-    response.headers.update(headers)
+    state.metrics.observe(request.path, response.status, clock() - started)
     return response
 
 
@@ -387,8 +394,9 @@ async def _background(app: web.Application) -> Any:
 
 def make_node_app(config: NodeConfig, *, clock: Callable[[], float] | None = None) -> web.Application:
     """The node's aiohttp application. ``clock`` defaults to ``time.monotonic`` (the event loop's clock)."""
-    # error_middleware inside, so 404s and 413s come back as responses that still get X-Node-ID and counting.
-    app = web.Application(middlewares=[node_middleware, error_middleware], client_max_size=64 * 1024)
+    # One middleware (each costs a coroutine layer per request); errors become JSON responses
+    # inside it, so 404s and 413s still get X-Node-ID and are counted.
+    app = web.Application(middlewares=[node_middleware], client_max_size=64 * 1024)
     if clock is None:
         clock = time.monotonic  # what the default event loop's loop.time() reads
     state = NodeState(config, clock)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -42,4 +43,14 @@ def serve(app: web.Application, host: str, port: int, *, name: str, shutdown_tim
         return 0
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    loop_name = os.environ.get("TESTBED_LOOP", "auto")
+    if loop_name in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if loop_name == "uvloop":
+                print(f"{name}: TESTBED_LOOP=uvloop but uvloop is not installed", file=sys.stderr, flush=True)
+                return 2
+        else:
+            return uvloop.run(main())
     return asyncio.run(main())

@@ -1,0 +1,218 @@
+"""Benchmark: the live processes under wrk, against baselines measured in the same run.
+
+    testbed bench live [--seconds S] [--connections N] [--json PATH]
+
+Needs ``wrk`` (Debian: ``apt-get install wrk``) and, for the proxy baseline,
+``nginx`` (``apt-get install nginx-light``); a missing tool is reported and its
+cases skipped. Everything listens on 127.0.0.1 on free ports, every process is
+stopped by PID, and each wrk run is bounded by ``--seconds``.
+
+Cases, each ``GET /health``:
+
+1. a node with every middleware on (rate limiter with a limit no one reaches,
+   backpressure, circuit breaker, trusted proxy) against a bare aiohttp app
+   that returns the same JSON: the price of the middleware;
+2. the node directly, through ``testbed balancer``, and through nginx as the
+   proxy: throughput under load (``--connections``) and, at a moderate load
+   (4 connections), the p50 latency the proxy adds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+__all__ = ["run"]
+
+BARE_APP = """
+import sys
+from aiohttp import web
+async def health(request):
+    return web.json_response({"status": "ok", "node_id": "bare", "active_requests": 1, "workers": 1,
+                              "busy_workers": 0, "queued": 0}, headers={"X-Node-ID": "bare"})
+app = web.Application()
+app.router.add_get("/health", health)
+try:  # the same event loop as the testbed processes, so the comparison is like for like
+    import os, uvloop
+    loop = uvloop.new_event_loop() if os.environ.get("TESTBED_LOOP", "auto") != "asyncio" else None
+except ImportError:
+    loop = None
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None, loop=loop)
+"""
+
+NGINX_CONF = """
+worker_processes 1;
+error_log {prefix}/error.log;
+pid {prefix}/nginx.pid;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    upstream node {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://node;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-For $remote_addr;
+        }}
+    }}
+}}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listened on port {port} within {timeout} s")
+
+
+class _Proc:
+    def __init__(self, args: list[str], port: int) -> None:
+        self.popen = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.port = port
+        try:
+            _wait_port(port)
+        except RuntimeError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+
+def _testbed(*args: str) -> _Proc:
+    port = _free_port()
+    exe = str(pathlib.Path(sys.executable).with_name("testbed"))
+    return _Proc([exe, *args, "--port", str(port)], port)
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def wrk(port: int, seconds: float, connections: int) -> dict[str, float]:
+    """Requests/s and p50/p99 latency (ms) of GET /health for ``seconds``."""
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency",
+                          f"http://127.0.0.1:{port}/health"], capture_output=True, text=True,
+                         timeout=seconds + 30).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    lat = {p: float(v) * _UNITS[u] for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)}
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    if non2xx:
+        raise RuntimeError(f"{non2xx.group(1)} responses were not 2xx; the comparison would be meaningless")
+    return {"rps": rps, "p50_ms": lat["50"], "p99_ms": lat["99"]}
+
+
+def _best(runs: list[dict[str, float]]) -> dict[str, float]:
+    """The least disturbed of several runs: the highest throughput, the lowest latencies."""
+    return {"rps": max(r["rps"] for r in runs), "p50_ms": min(r["p50_ms"] for r in runs),
+            "p99_ms": min(r["p99_ms"] for r in runs)}
+
+
+def _interleaved(cases: dict[str, int], rounds: int, seconds: float, connections: int) -> dict[str, dict[str, float]]:
+    """Each case once per round, round after round (A B C A B C ...), best of the rounds: a noisy
+    spell of the machine then hits every case alike instead of skewing one ratio."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, port in cases.items():
+            runs[name].append(wrk(port, seconds, connections))
+    return {name: _best(r) for name, r in runs.items()}
+
+
+def run(seconds: float = 5.0, connections: int = 32, json_path: str | None = None,
+        echo: Callable[[str], None] = print, rounds: int = 3) -> int:
+    if not shutil.which("wrk"):
+        echo("wrk is not installed (Debian: apt-get install wrk); nothing measured")
+        return 1
+    import importlib.util
+    loop = os.environ.get("TESTBED_LOOP", "auto")
+    loop = "uvloop" if loop != "asyncio" and importlib.util.find_spec("uvloop") else "asyncio"
+    results: dict[str, Any] = {"seconds": seconds, "connections": connections, "rounds": rounds,
+                               "cpus": os.cpu_count(), "loop": loop}
+    procs: list[_Proc] = []
+    tmp = tempfile.mkdtemp(prefix="testbed-bench-")
+    try:
+        bare_port = _free_port()
+        bare = _Proc([sys.executable, "-c", BARE_APP, str(bare_port)], bare_port)
+        procs.append(bare)
+        full = _testbed("node", "--id", "full", "--rate-limit", "1000000000", "--backpressure", "100000",
+                        "--circuit-breaker", "--trust-proxy", "127.0.0.1", "--impl", "solution")
+        procs.append(full)
+        plain = _testbed("node", "--id", "plain")
+        procs.append(plain)
+        lb = _testbed("balancer", "--nodes", str(plain.port), "--impl", "solution")
+        procs.append(lb)
+        nginx_port = None
+        if shutil.which("nginx"):
+            nginx_port = _free_port()
+            conf = pathlib.Path(tmp, "nginx.conf")
+            conf.write_text(NGINX_CONF.format(prefix=tmp, upstream=plain.port, port=nginx_port))
+            procs.append(_Proc(["nginx", "-p", tmp, "-c", str(conf), "-g", "daemon off;"], nginx_port))
+        else:
+            echo("nginx is not installed (Debian: apt-get install nginx-light); the nginx case is skipped")
+
+        for p in procs:  # warm up every server (imports, first connections)
+            wrk(p.port, 1, 4)
+
+        echo(f"GET /health, wrk 1 thread, {connections} connections, {seconds:g} s per run, best of {rounds} "
+             f"interleaved rounds, {loop} event loop")
+        echo(f"  {'target':<40}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}")
+        cases = {"bare aiohttp app": bare.port, "node, all middleware": full.port, "node, direct": plain.port,
+                 "balancer -> node": lb.port}
+        if nginx_port:
+            cases["nginx -> node"] = nginx_port
+        loaded = _interleaved(cases, rounds, seconds, connections)
+        for name, r in loaded.items():
+            echo(f"  {name:<40}{r['rps']:>10,.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}")
+        results["loaded"] = loaded
+        ratio = loaded["node, all middleware"]["rps"] / loaded["bare aiohttp app"]["rps"]
+        echo(f"  => the node with all middleware serves {ratio:.2f}x a bare app (target >= 0.8)")
+        results["middleware_over_bare"] = ratio
+        if nginx_port:
+            ratio = loaded["balancer -> node"]["rps"] / loaded["nginx -> node"]["rps"]
+            echo(f"  => the balancer proxies {ratio:.2f}x nginx's throughput (target >= 0.5)")
+            results["balancer_over_nginx"] = ratio
+
+        echo(f"Moderate load: 4 connections, {seconds:g} s per run, best of {rounds}")
+        moderate = _interleaved({name: cases[name] for name in ("node, direct", "balancer -> node")}, rounds,
+                                seconds, 4)
+        for name, r in moderate.items():
+            echo(f"  {name:<40}{r['rps']:>10,.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}")
+        added = moderate["balancer -> node"]["p50_ms"] - moderate["node, direct"]["p50_ms"]
+        echo(f"  => the balancer adds {added:.2f} ms at p50 (target < 1 ms)")
+        results["moderate"] = moderate
+        results["balancer_added_p50_ms"] = added
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if json_path:
+        pathlib.Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
+        echo(f"wrote {json_path}")
+    return 0
