@@ -4,8 +4,9 @@ Theory of operation
 -------------------
 Every request, whatever its method, path, query, headers and body, is sent to
 one backend, and the backend's status, headers and body come back unchanged
-(plus ``X-Backend``); the balancer adds ``X-Forwarded-For``. One keep-alive
-``ClientSession`` serves all requests.
+(plus ``X-Backend``); the balancer adds ``X-Forwarded-For``. Requests travel
+on pooled keep-alive connections (:mod:`live.upstream`); health checks and
+registry polls use an aiohttp ``ClientSession``.
 
 The pick: the core strategy gets one immutable ``Backend`` snapshot per
 backend (requests in flight through this balancer, workers as weight, health,
@@ -44,6 +45,7 @@ from core.latency import PeakEwma
 from core.strategies import Backend, BaseStrategy, NoHealthyBackend
 from live.http import error_middleware, json_error
 from live.metrics import BalancerMetrics
+from live.upstream import ConnectFailed, UpstreamError, UpstreamPool
 
 __all__ = ["BalancerConfig", "make_balancer_app", "parse_node"]
 
@@ -133,16 +135,18 @@ class Balancer:
         for url in config.nodes:
             self.backends[url] = BackendState(url, url, 1, config)
         self.metrics = BalancerMetrics()
-        self.session: aiohttp.ClientSession | None = None
+        self.session: aiohttp.ClientSession | None = None  # health checks and the registry
+        self.upstream: UpstreamPool | None = None         # proxied requests
         self.no_backend = 0
 
     # -- the proxy -----------------------------------------------------------
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers = [(k, v) for k, v in request.headers.items()
+                   if k.lower() not in HOP_BY_HOP and k.lower() != "x-forwarded-for"]
         peer = request.remote or "unknown"
         prior = request.headers.get("X-Forwarded-For")
-        headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+        headers.append(("X-Forwarded-For", f"{prior}, {peer}" if prior else peer))
         excluded: set[str] = set()
         retry = self.config.retry_connect_failures and request.method in IDEMPOTENT
         while True:
@@ -163,13 +167,11 @@ class Balancer:
             backend.requests += 1
             started = self.clock()
             try:
-                assert self.session is not None
-                async with self.session.request(request.method, backend.url + request.rel_url.raw_path_qs,
-                                                headers=headers, data=body or None, allow_redirects=False) as resp:
-                    payload = await resp.read()
-                    status = resp.status
-                    out_headers = [(k, v) for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP]
-            except aiohttp.ClientConnectorError as exc:
+                assert self.upstream is not None
+                status, raw_headers, payload = await self.upstream.request(
+                    backend.url, request.method, request.rel_url.raw_path_qs, headers, body)
+                out_headers = [(k, v) for k, v in raw_headers if k.lower() not in HOP_BY_HOP]
+            except ConnectFailed as exc:
                 self._failed(backend, permit, refused=True)
                 if retry and not excluded:
                     excluded.add(backend.id)
@@ -181,10 +183,9 @@ class Balancer:
                 return json_error(504, "backend_timeout",
                                   f"backend {backend.id} did not answer within {self.config.timeout_s:g} s",
                                   backend=backend.id)
-            except aiohttp.ClientError as exc:
+            except UpstreamError as exc:
                 self._failed(backend, permit)
-                return json_error(502, "backend_error", f"backend {backend.id} failed: {type(exc).__name__}: {exc}",
-                                  backend=backend.id)
+                return json_error(502, "backend_error", f"backend {backend.id} failed: {exc}", backend=backend.id)
             finally:
                 backend.active -= 1
             elapsed = self.clock() - started
@@ -288,9 +289,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
 
 async def _background(app: web.Application) -> Any:
     lb: Balancer = app[STATE]
-    lb.session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300), auto_decompress=False,
-        timeout=aiohttp.ClientTimeout(total=lb.config.timeout_s))
+    lb.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=lb.config.timeout_s))
+    lb.upstream = UpstreamPool(timeout_s=lb.config.timeout_s)
     tasks = [asyncio.create_task(lb.health_checks())]
     if lb.config.registry:
         tasks.append(asyncio.create_task(lb.follow_registry()))
@@ -299,6 +299,7 @@ async def _background(app: web.Application) -> Any:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await lb.session.close()
+    lb.upstream.close()
 
 
 def make_balancer_app(config: BalancerConfig, *, clock: Callable[[], float] | None = None) -> web.Application:
