@@ -145,6 +145,24 @@ def test_least_connections_beats_round_robin_on_the_seed_nodes(procs) -> None:
     assert all(abs(s - 1 / 3) < 0.02 for s in rr[2].values()), results
 
 
+def test_balancer_follows_the_registry(procs) -> None:
+    registry = procs("registry", "--port", "0", "--ttl", "1.5")
+    nodes = []
+    for i in range(2):
+        port = free_port()
+        nodes.append(procs("node", "--port", str(port), "--id", f"node-{i + 1}", "--registry", registry.url,
+                           "--heartbeat-interval", "0.3", "--workers", str(2 * i + 1)))
+    lb = procs("load-balancer", "--port", "0", "--registry", registry.url, "--strategy", "weighted_round_robin",
+               "--health-interval", "0.3")
+    backends = lambda: request(lb.url + "/lb-stats")[2]["backends"]  # noqa: E731
+    wait_until(lambda: sorted(backends()) == ["node-1", "node-2"], 10, "the balancer to learn both nodes")
+    seen = [request(lb.url + "/health")[1]["X-Backend"] for _ in range(8)]
+    assert seen.count("node-2") == 6 and seen.count("node-1") == 2  # weights 3 and 1 from the registry
+    nodes[0].stop(signal.SIGKILL)
+    wait_until(lambda: sorted(backends()) == ["node-2"], 10, "the balancer to drop the dead node")
+    assert all(request(lb.url + "/health")[0] == 200 for _ in range(5))
+
+
 @pytest.mark.parametrize("args, words", [
     (["node", "--workers", "0"], "Invalid value for '--workers'"),
     (["node", "--rate-limit", "-1"], "Invalid value for '--rate-limit'"),
