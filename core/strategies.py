@@ -35,6 +35,7 @@ The strategies, from blind to informed:
 
 from __future__ import annotations
 
+import abc
 import random
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
@@ -108,7 +109,7 @@ def make_strategy(name: str, *, rng: random.Random | None = None) -> BaseStrateg
     return cls(rng=rng)
 
 
-class BaseStrategy:
+class BaseStrategy(abc.ABC):
     """Shared plumbing: the injected generator and the healthy filter."""
 
     name = "base"
@@ -132,8 +133,9 @@ class BaseStrategy:
         self._cursor += 1
         return choice
 
-    def select_node(self, backends: Sequence[Backend]) -> Backend:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def select_node(self, backends: Sequence[Backend]) -> Backend:
+        """Pick one healthy backend from ``backends``."""
 
 
 @register("round_robin")

@@ -170,3 +170,22 @@ async def test_workers_are_fifo_and_cancellation_safe() -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
     assert order == [0, 2, 3]
     assert workers.busy == 0 and not workers.waiting
+
+
+async def test_downstream_failures_trip_the_breaker(aiohttp_client, aiohttp_server, clock) -> None:
+    failing = await aiohttp_server(make_node_app(NodeConfig(node_id="down", error_rate=1.0)))
+    client = await client_for(aiohttp_client, clock, circuit_breaker=True, failure_threshold=2,
+                              downstream=str(failing.make_url("/work")))
+    first = await client.get("/work")
+    assert first.status == 502
+    assert "answered 500" in (await first.json())["error"]["message"]
+    await client.get("/work")
+    assert (await (await client.get("/circuit-status")).json())["state"] == "OPEN"
+    assert (await client.get("/work")).status == 503
+
+
+async def test_downstream_success_is_reported(aiohttp_client, aiohttp_server, clock) -> None:
+    healthy = await aiohttp_server(make_node_app(NodeConfig(node_id="down")))
+    client = await client_for(aiohttp_client, clock, downstream=str(healthy.make_url("/work")))
+    body = await (await client.get("/work")).json()
+    assert body["downstream_status"] == 200
