@@ -119,6 +119,7 @@ class Faults:
 
 CONFIG = web.AppKey("config", NodeConfig)
 STATE = web.AppKey("state", object)
+ROUTES = web.AppKey("routes", frozenset)
 
 
 class NodeState:
@@ -174,40 +175,46 @@ def _burn(seconds: float) -> None:
 _RATE_LIMITED_PATHS = frozenset({"/health", "/work"})
 
 
-@web.middleware
-async def node_middleware(request: web.Request,
-                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """X-Node-ID on every response, JSON errors, the request counters, and per-client rate limiting.
+def instrumented(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Callable[
+        [web.Request], Awaitable[web.StreamResponse]]:
+    """Wrap a handler with what every node response gets: X-Node-ID, JSON errors, the counters,
+    and per-client rate limiting on ``/health`` and ``/work``.
 
-    One flat function on purpose: every middleware layer and coroutine costs
-    microseconds on every request, and ``GET /health`` should cost about what a
-    bare app's does.
+    A wrapper per route rather than an aiohttp middleware on purpose: an app with
+    middlewares also runs aiohttp's own per-app middleware, and the two layers
+    cost more per request than everything ``GET /health`` does. Unknown paths and
+    methods reach :func:`fallback`, which is wrapped too.
     """
-    state: NodeState = request.app[STATE]
-    clock = state.clock
-    started = clock()
-    state.active += 1
-    try:
-        limiter = state.limiter
-        if limiter is not None and request.path in _RATE_LIMITED_PATHS:
-            decision = limiter.acquire(state.client_key(request), now=started)
-            if decision.allowed:
-                response = await handler(request)
-                response.headers.extend(decision.headers())
+    async def endpoint(request: web.Request) -> web.StreamResponse:
+        state: NodeState = request.app[STATE]
+        clock = state.clock
+        started = clock()
+        state.active += 1
+        try:
+            limiter = state.limiter
+            if limiter is not None and request.path in _RATE_LIMITED_PATHS:
+                decision = limiter.acquire(state.client_key(request), now=started)
+                if decision.allowed:
+                    response = await handler(request)
+                    response.headers.extend(decision.headers())
+                else:
+                    state.metrics.rejected("rate_limited")
+                    response = json_error(429, "rate_limited", f"rate limit of {limiter.rate_per_s:g} requests/s "
+                                          f"per client exceeded; retry in {decision.retry_after_s:.3f} s",
+                                          headers=decision.headers(), retry_after_s=decision.retry_after_s)
             else:
-                state.metrics.rejected("rate_limited")
-                response = json_error(429, "rate_limited", f"rate limit of {limiter.rate_per_s:g} requests/s per "
-                                      f"client exceeded; retry in {decision.retry_after_s:.3f} s",
-                                      headers=decision.headers(), retry_after_s=decision.retry_after_s)
-        else:
-            response = await handler(request)
-    except Exception as exc:  # noqa: BLE001 - errors become JSON responses that still get counted and tagged
-        response = error_response(request, exc)
-    finally:
-        state.active -= 1
-    response.headers["X-Node-ID"] = state.config.node_id
-    state.metrics.observe(request.path, response.status, clock() - started)
-    return response
+                response = await handler(request)
+        except Exception as exc:  # noqa: BLE001 - errors become JSON responses that still get counted and tagged
+            response = error_response(request, exc)
+        finally:
+            state.active -= 1
+        response.headers["X-Node-ID"] = state.config.node_id
+        state.metrics.observe(request.path, response.status, clock() - started)
+        return response
+    return endpoint
+
+
+_RATE_LIMITED_PATHS = frozenset({"/health", "/work"})
 
 
 # -- handlers ------------------------------------------------------------------
@@ -343,6 +350,14 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
+async def fallback(request: web.Request) -> web.Response:
+    """Unknown path: 404; known path, other method: 405 (both JSON, like every error)."""
+    methods = sorted(m for (path, m) in request.app[ROUTES] if path == request.path)
+    if methods:
+        raise web.HTTPMethodNotAllowed(request.method, methods)
+    raise web.HTTPNotFound()
+
+
 async def get_faults(request: web.Request) -> web.Response:
     return web.json_response(asdict(request.app[STATE].faults))
 
@@ -394,9 +409,7 @@ async def _background(app: web.Application) -> Any:
 
 def make_node_app(config: NodeConfig, *, clock: Callable[[], float] | None = None) -> web.Application:
     """The node's aiohttp application. ``clock`` defaults to ``time.monotonic`` (the event loop's clock)."""
-    # One middleware (each costs a coroutine layer per request); errors become JSON responses
-    # inside it, so 404s and 413s still get X-Node-ID and are counted.
-    app = web.Application(middlewares=[node_middleware], client_max_size=64 * 1024)
+    app = web.Application(client_max_size=64 * 1024)
     if clock is None:
         clock = time.monotonic  # what the default event loop's loop.time() reads
     state = NodeState(config, clock)
@@ -407,17 +420,15 @@ def make_node_app(config: NodeConfig, *, clock: Callable[[], float] | None = Non
             metadata={"workers": config.workers, "load_factor_ms": config.load_factor_ms})
     app[CONFIG] = config
     app[STATE] = state
-    app.router.add_get("/health", health)
-    app.router.add_get("/work", work)
-    app.router.add_get("/stats", stats)
-    app.router.add_get("/queue-stats", queue_stats)
-    app.router.add_get("/circuit-status", circuit_status)
-    app.router.add_get("/discovery-status", discovery_status)
-    app.router.add_get("/peers", peers)
-    app.router.add_get("/metrics", metrics)
+    routes = [("GET", "/health", health), ("GET", "/work", work), ("GET", "/stats", stats),
+              ("GET", "/queue-stats", queue_stats), ("GET", "/circuit-status", circuit_status),
+              ("GET", "/discovery-status", discovery_status), ("GET", "/peers", peers), ("GET", "/metrics", metrics)]
     if config.faults_admin:
-        app.router.add_get("/admin/faults", get_faults)
-        app.router.add_post("/admin/faults", set_faults)
-        app.router.add_delete("/admin/faults", clear_faults)
+        routes += [("GET", "/admin/faults", get_faults), ("POST", "/admin/faults", set_faults),
+                   ("DELETE", "/admin/faults", clear_faults)]
+    app[ROUTES] = frozenset((path, method) for method, path, _ in routes)
+    for method, path, handler in routes:
+        app.router.add_route(method, path, instrumented(handler))
+    app.router.add_route("*", "/{tail:.*}", instrumented(fallback))
     app.cleanup_ctx.append(_background)
     return app
