@@ -43,7 +43,7 @@ from core.circuit_breaker import CircuitBreaker
 from core.health import HealthTracker
 from core.latency import PeakEwma
 from core.strategies import Backend, BaseStrategy, NoHealthyBackend
-from live.http import error_middleware, json_error
+from live.http import error_response, json_error
 from live.metrics import BalancerMetrics
 from live.upstream import ConnectFailed, UpstreamError, UpstreamPool
 
@@ -284,7 +284,10 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
-    return await request.app[STATE].proxy(request)
+    try:
+        return await request.app[STATE].proxy(request)
+    except Exception as exc:  # noqa: BLE001 - JSON errors, as everywhere
+        return error_response(request, exc)
 
 
 async def _background(app: web.Application) -> Any:
@@ -308,7 +311,9 @@ def make_balancer_app(config: BalancerConfig, *, clock: Callable[[], float] | No
     if clock is None:
         clock = time.monotonic  # what the default event loop's loop.time() reads
     strategy = strategy_class(config.strategy, config.impl)(rng=random.Random(config.seed))
-    app = web.Application(middlewares=[error_middleware], client_max_size=16 * 1024 * 1024)
+    # No middleware: aiohttp adds a layer of its own to apps that have any, and the proxy path
+    # is hot. Errors become JSON in the handlers (the catch-all route leaves no 404/405).
+    app = web.Application(client_max_size=16 * 1024 * 1024)
     app[STATE] = Balancer(config, strategy, clock)
     app.router.add_get("/lb-stats", lb_stats)
     app.router.add_get("/metrics", metrics)

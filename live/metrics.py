@@ -8,9 +8,8 @@ number of series.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
-
 from bisect import bisect_left
+from typing import Any, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -21,6 +20,19 @@ __all__ = ["BalancerMetrics", "NodeMetrics", "RegistryMetrics"]
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _NODE_PATHS = {"/health", "/work", "/stats", "/queue-stats", "/circuit-status", "/discovery-status", "/peers",
                "/metrics", "/admin/faults"}
+
+
+def _observe(counts: dict[tuple[str, int], int], hists: dict[str, list[float]], label: str, status: int,
+             seconds: float) -> None:
+    """Count one response under (label, status) and add its latency to label's histogram
+    (bucket counts, +Inf last, then the sum)."""
+    key = (label, status)
+    counts[key] = counts.get(key, 0) + 1
+    hist = hists.get(label)
+    if hist is None:
+        hist = hists[label] = [0.0] * (len(_BUCKETS) + 2)
+    hist[bisect_left(_BUCKETS, seconds)] += 1
+    hist[-1] += seconds
 
 
 class NodeMetrics:
@@ -39,13 +51,7 @@ class NodeMetrics:
     def observe(self, path: str, status: int, seconds: float) -> None:
         if path not in _NODE_PATHS:
             path = "other"
-        key = (path, status)
-        self.counts_by[key] = self.counts_by.get(key, 0) + 1
-        hist = self.hist.get(path)
-        if hist is None:
-            hist = self.hist[path] = [0.0] * (len(_BUCKETS) + 2)
-        hist[bisect_left(_BUCKETS, seconds)] += 1
-        hist[-1] += seconds
+        _observe(self.counts_by, self.hist, path, status, seconds)
 
     def rejected(self, reason: str) -> None:
         self.rejections[reason] = self.rejections.get(reason, 0) + 1
@@ -81,11 +87,7 @@ class _NodeCollector(Collector):
         latency = HistogramMetricFamily("testbed_node_latency_seconds", "Time to answer, by path",
                                         labels=["node", "path"])
         for path, hist in sorted(m.hist.items()):
-            cumulative, buckets = 0.0, []
-            for bound, n in zip([*map(str, _BUCKETS), "+Inf"], hist[:-1]):
-                cumulative += n
-                buckets.append((bound, cumulative))
-            latency.add_metric([node, path], buckets, hist[-1])
+            _histogram(latency, [node, path], hist)
         yield latency
         state = m._state
         if state is None:
@@ -121,27 +123,50 @@ class RegistryMetrics:
 
 
 class BalancerMetrics:
+    """Per-backend request counts and latency in plain dicts on the hot path, exposed on scrape."""
+
     def __init__(self) -> None:
+        self.counts_by: dict[tuple[str, int], int] = {}
+        self.hist: dict[str, list[float]] = {}
+        self._backends: list[tuple[str, int, bool]] = []
         self.registry = CollectorRegistry()
-        self.requests = Counter("testbed_lb_requests", "Proxied requests, by backend and status",
-                                ["backend", "status"], registry=self.registry)
-        self.latency = Histogram("testbed_lb_latency_seconds", "Time to answer through the balancer",
-                                 ["backend"], buckets=_BUCKETS, registry=self.registry)
-        self.active = Gauge("testbed_lb_active", "Requests in flight, by backend", ["backend"], registry=self.registry)
-        self.healthy = Gauge("testbed_lb_backend_healthy", "1 if the backend gets traffic", ["backend"],
-                             registry=self.registry)
-        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self.registry.register(_BalancerCollector(self))
 
     def observe(self, backend: str, status: int, seconds: float) -> None:
-        children = self._children.get((backend, status))
-        if children is None:
-            children = self._children[backend, status] = (self.requests.labels(backend, str(status)),
-                                                          self.latency.labels(backend))
-        children[0].inc()
-        children[1].observe(seconds)
+        _observe(self.counts_by, self.hist, backend, status, seconds)
 
     def render(self, backends: Iterable[tuple[str, int, bool]]) -> bytes:
-        for name, active, healthy in backends:
-            self.active.labels(name).set(active)
-            self.healthy.labels(name).set(1 if healthy else 0)
+        self._backends = list(backends)
         return generate_latest(self.registry)
+
+
+def _histogram(family: HistogramMetricFamily, labels: list[str], hist: list[float]) -> None:
+    cumulative, buckets = 0.0, []
+    for bound, n in zip([*map(str, _BUCKETS), "+Inf"], hist[:-1]):
+        cumulative += n
+        buckets.append((bound, cumulative))
+    family.add_metric(labels, buckets, hist[-1])
+
+
+class _BalancerCollector(Collector):
+    def __init__(self, metrics: BalancerMetrics) -> None:
+        self.m = metrics
+
+    def collect(self) -> Iterable[Any]:
+        requests = CounterMetricFamily("testbed_lb_requests", "Proxied requests, by backend and status",
+                                       labels=["backend", "status"])
+        for (backend, status), n in sorted(self.m.counts_by.items()):
+            requests.add_metric([backend, str(status)], n)
+        yield requests
+        latency = HistogramMetricFamily("testbed_lb_latency_seconds", "Time to answer through the balancer",
+                                        labels=["backend"])
+        for backend, hist in sorted(self.m.hist.items()):
+            _histogram(latency, [backend], hist)
+        yield latency
+        active = GaugeMetricFamily("testbed_lb_active", "Requests in flight, by backend", labels=["backend"])
+        healthy = GaugeMetricFamily("testbed_lb_backend_healthy", "1 if the backend gets traffic", labels=["backend"])
+        for name, n, ok in self.m._backends:
+            active.add_metric([name], n)
+            healthy.add_metric([name], 1 if ok else 0)
+        yield active
+        yield healthy
