@@ -66,7 +66,9 @@ def error_response(request: web.Request, exc: Exception) -> web.StreamResponse:
         if exc.status == 404:
             message = f"no endpoint {request.method} {request.path}"
         elif exc.status == 405:
-            message = f"{request.method} is not allowed on {request.path}"
+            allowed = exc.headers.get("Allow", "")
+            message = f"{request.method} is not allowed on {request.path}; allowed: {allowed}"
+            return json_error(405, message=message, headers={"Allow": allowed}, allowed=allowed.split(","))
         elif exc.status == 413:
             message = f"request body too large (the limit is {request.app._client_max_size} bytes)"
         return json_error(exc.status, message=message)

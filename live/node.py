@@ -426,9 +426,13 @@ def make_node_app(config: NodeConfig, *, clock: Callable[[], float] | None = Non
     if config.faults_admin:
         routes += [("GET", "/admin/faults", get_faults), ("POST", "/admin/faults", set_faults),
                    ("DELETE", "/admin/faults", clear_faults)]
-    app[ROUTES] = frozenset((path, method) for method, path, _ in routes)
+    app[ROUTES] = frozenset((path, m) for method, path, _ in routes
+                            for m in ((method, "HEAD") if method == "GET" else (method,)))
     for method, path, handler in routes:
-        app.router.add_route(method, path, instrumented(handler))
+        wrapped = instrumented(handler)
+        app.router.add_route(method, path, wrapped)
+        if method == "GET":
+            app.router.add_route("HEAD", path, wrapped)  # aiohttp sends the headers without the body
     app.router.add_route("*", "/{tail:.*}", instrumented(fallback))
     app.cleanup_ctx.append(_background)
     return app

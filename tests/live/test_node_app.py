@@ -130,6 +130,9 @@ async def test_unknown_path_and_method_are_json(aiohttp_client, clock) -> None:
     assert resp.headers["X-Node-ID"] == "n1"
     resp = await client.post("/health")
     assert resp.status == 405 and (await resp.json())["error"]["code"] == "method_not_allowed"
+    assert resp.headers["Allow"] == "GET,HEAD"
+    head = await client.head("/health")
+    assert head.status == 200 and head.headers["X-Node-ID"] == "n1" and await head.read() == b""
     # Admin is off unless asked for.
     assert (await client.post("/admin/faults", json={"error_rate": 1})).status == 404
 
