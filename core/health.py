@@ -16,7 +16,17 @@ from __future__ import annotations
 
 from core._validate import integer
 
-__all__ = ["HealthTracker"]
+__all__ = ["HealthTracker", "counts_as_failure"]
+
+
+def counts_as_failure(status: int) -> bool:
+    """Whether a response with this HTTP status counts against the backend that sent it.
+
+    5xx do (a 503 from a node's open breaker included); 4xx do not: a 429 is a
+    healthy node saying no, a 404 the client's mistake. The live balancer and
+    the simulated one both decide with this.
+    """
+    return status >= 500
 
 
 class HealthTracker:

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["LATENCY_KEYS", "Outcome", "RequestLog", "latency_stats", "summarize"]
+__all__ = ["LATENCY_KEYS", "OUTCOME_STATUS", "Outcome", "RequestLog", "latency_stats", "summarize"]
 
 
 class Outcome(enum.IntEnum):
@@ -43,6 +43,10 @@ class Outcome(enum.IntEnum):
     CONNECT_ERROR = 5  # the node could not be reached
     NO_BACKEND = 6     # the balancer had no healthy backend
 
+
+#: The HTTP status a client sees for each outcome (what the live processes answer).
+OUTCOME_STATUS = {Outcome.OK: 200, Outcome.RATE_LIMITED: 429, Outcome.BACKPRESSURE: 429, Outcome.CIRCUIT_OPEN: 503,
+                  Outcome.SERVER_ERROR: 500, Outcome.CONNECT_ERROR: 502, Outcome.NO_BACKEND: 503}
 
 LATENCY_KEYS = ("mean", "p50", "p90", "p95", "p99", "max")
 

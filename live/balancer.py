@@ -40,7 +40,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from core.circuit_breaker import CircuitBreaker
-from core.health import HealthTracker
+from core.health import HealthTracker, counts_as_failure
 from core.latency import PeakEwma
 from core.strategies import Backend, BaseStrategy, NoHealthyBackend
 from live.http import error_response, json_error
@@ -190,7 +190,7 @@ class Balancer:
                 backend.active -= 1
             elapsed = self.clock() - started
             now = self.clock()
-            if status >= 500:
+            if counts_as_failure(status):
                 backend.errors += 1
                 if backend.ejector is not None:
                     backend.ejector.record_failure(permit, now=now)
@@ -222,7 +222,7 @@ class Balancer:
         try:
             async with self.session.get(f"{backend.url}/health", timeout=timeout,
                                         headers={"X-Client-ID": "testbed-balancer-health-check"}) as resp:
-                ok = resp.status < 500
+                ok = not counts_as_failure(resp.status)
                 if resp.status == 200:
                     data = await resp.json(content_type=None)
                     if isinstance(data, dict) and isinstance(data.get("workers"), int) and data["workers"] >= 1:

@@ -49,10 +49,10 @@ import simpy
 
 from core.backpressure import BackpressureGate
 from core.circuit_breaker import CircuitBreaker, Permit
-from core.health import HealthTracker
+from core.health import HealthTracker, counts_as_failure
 from core.latency import PeakEwma
 from core.rate_limiter import TokenBucket
-from core.results import Outcome, RequestLog, summarize
+from core.results import OUTCOME_STATUS, Outcome, RequestLog, summarize
 from core.scenario import NodeSpec, Scenario
 from core.strategies import Backend, BaseStrategy, NoHealthyBackend
 
@@ -60,6 +60,8 @@ __all__ = ["Simulation", "run_scenario"]
 
 NAN = float("nan")
 _OK, _RATE, _BP, _OPEN, _ERR, _CONN, _NONE = (int(o) for o in Outcome)
+# Which outcomes count against a backend: the live balancer's rule, applied to the status each outcome answers.
+_FAILS = [counts_as_failure(OUTCOME_STATUS[o]) for o in Outcome]
 
 
 def _chunks(draw: Callable[[int], np.ndarray], size: int = 4096) -> Iterator[float]:
@@ -250,8 +252,7 @@ class Simulation:
             if outcome == _OK:
                 backend.latency.observe(now - req.arrival, now=now)
             if backend.ejector is not None:
-                # 5xx count against the backend; a 429 is a healthy node saying no.
-                if outcome == _ERR or outcome == _OPEN:
+                if _FAILS[outcome]:
                     backend.ejector.record_failure(req.lb_permit, now=now)
                 else:
                     backend.ejector.record_success(req.lb_permit, now=now)
