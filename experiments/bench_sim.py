@@ -20,7 +20,6 @@ repetitions on a process pool over running them one after another.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -28,15 +27,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from experiments.theory import erlang_c_response_s
+
 __all__ = ["run"]
 
 LAM, MU, C = 144.0, 40.0, 4
-
-
-def erlang_c_response_s(c: int, lam: float, mu: float) -> float:
-    a = lam / mu
-    top = a ** c / math.factorial(c) * c / (c - a)
-    return top / (sum(a ** k / math.factorial(k) for k in range(c)) + top) / (c * mu - lam) + 1 / mu
 
 
 def ours(n: int, seed: int) -> float:

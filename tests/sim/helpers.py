@@ -1,4 +1,4 @@
-"""Scenario builders and closed-form queueing results for the simulator tests."""
+"""Scenario builders and batch means for the simulator tests."""
 
 from __future__ import annotations
 
@@ -20,28 +20,6 @@ def one_node(*, workers: int, load: float, service: str = "exponential", request
         "workload": {"arrival": "poisson", "rate_per_s": rate},
         "nodes": [{"id": "n", "workers": workers, "load_factor_ms": load_factor_ms, "service": service, **node}],
     })
-
-
-def erlang_c_response_s(c: int, lam: float, mu: float) -> float:
-    """Mean response time of M/M/c (Erlang C waiting probability)."""
-    a = lam / mu
-    top = a ** c / math.factorial(c) * c / (c - a)
-    p_wait = top / (sum(a ** k / math.factorial(k) for k in range(c)) + top)
-    return p_wait / (c * mu - lam) + 1 / mu
-
-
-def mmck_blocking(c: int, k: int, lam: float, mu: float) -> float:
-    """Probability that an arrival finds all K places of an M/M/c/K queue taken."""
-    a = lam / mu
-    terms = [a ** n / math.factorial(n) if n <= c else a ** n / (math.factorial(c) * c ** (n - c))
-             for n in range(k + 1)]
-    return terms[k] / sum(terms)
-
-
-def md1_response_s(lam: float, mu: float) -> float:
-    """Mean response time of M/D/1 (Pollaczek-Khinchine)."""
-    rho = lam / mu
-    return 1 / mu + rho / (2 * mu * (1 - rho))
 
 
 T_999 = 3.883  # two-sided 99.9% quantile of Student's t with 19 degrees of freedom

@@ -14,7 +14,8 @@ import pytest
 
 from core.results import Outcome
 from sim.model import Simulation
-from tests.sim.helpers import batch_means, erlang_c_response_s, md1_response_s, mmck_blocking, one_node
+from experiments.theory import erlang_c_response_s, md1_response_s, mmck_blocking
+from tests.sim.helpers import batch_means, one_node
 
 MU = 40.0  # 25 ms per request
 
