@@ -43,7 +43,7 @@ from core.circuit_breaker import CircuitBreaker
 from core.health import HealthTracker, counts_as_failure
 from core.latency import PeakEwma
 from core.strategies import Backend, BaseStrategy, NoHealthyBackend
-from live.http import error_response, json_error
+from live.http import cancel_and_wait, error_response, json_error, metrics_response
 from live.metrics import BalancerMetrics
 from live.upstream import ConnectFailed, UpstreamError, UpstreamPool
 
@@ -280,7 +280,7 @@ async def metrics(request: web.Request) -> web.Response:
     lb: Balancer = request.app[STATE]
     now = lb.clock()
     body = lb.metrics.render((b.id, b.active, b.snapshot(now, set()).healthy) for b in lb.backends.values())
-    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    return metrics_response(body)
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
@@ -298,9 +298,7 @@ async def _background(app: web.Application) -> Any:
     if lb.config.registry:
         tasks.append(asyncio.create_task(lb.follow_registry()))
     yield
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await cancel_and_wait(*tasks)
     await lb.session.close()
     lb.upstream.close()
 

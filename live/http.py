@@ -12,14 +12,16 @@ request body as a JSON object and names what is wrong with it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
-__all__ = ["error_middleware", "error_response", "handle_errors", "json_error", "read_json", "require", "retry_after_header"]
+__all__ = ["cancel_and_wait", "error_middleware", "error_response", "metrics_response", "json_error", "read_json", "require", "retry_after_header"]
 
 log = logging.getLogger("testbed.http")
 
@@ -43,12 +45,7 @@ def retry_after_header(seconds: float) -> dict[str, str]:
 @web.middleware
 async def error_middleware(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    return await handle_errors(request, handler)
-
-
-async def handle_errors(request: web.Request,
-                        handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """Call ``handler``; turn any HTTP error or exception into the project's JSON error response."""
+    """Turn any HTTP error or exception of ``handler`` into the project's JSON error response."""
     try:
         return await handler(request)
     except Exception as exc:  # noqa: BLE001 - every error becomes a JSON response
@@ -74,6 +71,18 @@ def error_response(request: web.Request, exc: Exception) -> web.StreamResponse:
         return json_error(exc.status, message=message)
     log.error("unhandled error in %s %s", request.method, request.path, exc_info=exc)
     return json_error(500, message="internal error; the server log has the details")
+
+
+async def cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:
+    """Stop background tasks at app cleanup and wait until they have."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def metrics_response(body: bytes) -> web.Response:
+    """A ``GET /metrics`` answer in the Prometheus text format."""
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:

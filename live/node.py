@@ -40,7 +40,9 @@ from core.backpressure import BackpressureGate
 from core.circuit_breaker import CircuitBreaker
 from core.rate_limiter import TokenBucket
 from live.discovery import DiscoveryClient
-from live.http import error_response, json_error, read_json, require, retry_after_header
+from live.http import (
+    cancel_and_wait, error_response, json_error, metrics_response, read_json, require, retry_after_header,
+)
 from live.metrics import NodeMetrics
 
 __all__ = ["NodeConfig", "make_node_app"]
@@ -117,7 +119,6 @@ class Faults:
     extra_latency_ms: float = 0.0
 
 
-CONFIG = web.AppKey("config", NodeConfig)
 STATE = web.AppKey("state", object)
 ROUTES = web.AppKey("routes", frozenset)
 
@@ -347,7 +348,7 @@ async def peers(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     state: NodeState = request.app[STATE]
     body = state.metrics.render(state)
-    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    return metrics_response(body)
 
 
 async def fallback(request: web.Request) -> web.Response:
@@ -392,16 +393,10 @@ async def _background(app: web.Application) -> Any:
     state: NodeState = app[STATE]
     if state.config.downstream:
         state.downstream = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
-    task = None
-    if state.discovery is not None:
-        task = asyncio.create_task(state.discovery.run())
+    task = asyncio.create_task(state.discovery.run()) if state.discovery is not None else None
     yield
     if task is not None:
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
+        await cancel_and_wait(task)
         await state.discovery.deregister()
     if state.downstream is not None:
         await state.downstream.close()
@@ -418,7 +413,6 @@ def make_node_app(config: NodeConfig, *, clock: Callable[[], float] | None = Non
             config.registry, config.node_id, config.address, interval_s=config.heartbeat_interval_s,
             token=config.registry_token, clock=clock,
             metadata={"workers": config.workers, "load_factor_ms": config.load_factor_ms})
-    app[CONFIG] = config
     app[STATE] = state
     routes = [("GET", "/health", health), ("GET", "/work", work), ("GET", "/stats", stats),
               ("GET", "/queue-stats", queue_stats), ("GET", "/circuit-status", circuit_status),

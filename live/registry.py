@@ -21,7 +21,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from core.registry import HeartbeatResult, Membership
-from live.http import error_middleware, json_error, read_json, require
+from live.http import cancel_and_wait, error_middleware, json_error, metrics_response, read_json, require
 from live.metrics import RegistryMetrics
 
 __all__ = ["make_registry_app"]
@@ -113,7 +113,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     body = request.app[METRICS].render(request.app[MEMBERSHIP].counts(now=_now(request)))
-    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    return metrics_response(body)
 
 
 async def _expiry(app: web.Application) -> Any:
@@ -124,11 +124,7 @@ async def _expiry(app: web.Application) -> Any:
             _drain(app)
     task = asyncio.create_task(tick())
     yield
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
+    await cancel_and_wait(task)
 
 
 def make_registry_app(*, ttl_s: float = 5.0, token: str | None = None,
