@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from experiments.options import impl_option
+from experiments.options import bench_json_option, impl_option
 from solutions.impl import EXERCISES
 
 EXIT_FAILED = 1
@@ -67,8 +67,7 @@ def bench() -> None:
 @bench.command("core")
 @click.option("--seconds", type=click.FloatRange(0.01, 60), default=0.3, show_default=True,
               help="Measuring time per case (each case takes the best of 5 rounds of this length).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Also write the figures to this JSON file.")
+@bench_json_option
 def bench_core(seconds: float, json_path: str | None) -> None:
     """Cost per call of the core algorithms beside limits and pybreaker."""
     from experiments.bench_core import run
@@ -81,8 +80,7 @@ def bench_core(seconds: float, json_path: str | None) -> None:
               help="Arrivals each model simulates per round.")
 @click.option("--rounds", type=click.IntRange(1, 20), default=3, show_default=True,
               help="Interleaved rounds; the best counts.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Also write the figures to this JSON file.")
+@bench_json_option
 def bench_sim(requests: int, rounds: int, json_path: str | None) -> None:
     """Simulated requests per second of wall time: our model, Ciw, minimal SimPy (M/M/4 at 90%)."""
     from experiments.bench_sim import run
@@ -97,8 +95,7 @@ def bench_sim(requests: int, rounds: int, json_path: str | None) -> None:
               help="wrk connections for the throughput runs.")
 @click.option("--rounds", type=click.IntRange(1, 20), default=3, show_default=True,
               help="Interleaved rounds per case; the best counts.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Also write the figures to this JSON file.")
+@bench_json_option
 def bench_live(seconds: float, connections: int, rounds: int, json_path: str | None) -> None:
     """Node middleware vs a bare app, and the balancer vs direct vs nginx, under wrk on loopback."""
     from experiments.bench_live import run
