@@ -10,7 +10,7 @@ rows into the results JSON both modes share::
 
     {"scenario", "mode", "seed", "strategy", "duration_s",
      "requests": {"sent", "ok", "rate_limited", "backpressure", "circuit_open", "errors"},
-     "errors_detail": {"server", "connect", "no_backend"},
+     "errors_detail": {"server", "connect", "no_backend", "timeout"},
      "throughput_rps", "latency_ms": {mean, p50, p90, p95, p99, max},
      "nodes": {id: {"requests", "share", "utilization", "latency_ms": {...}}}}
 
@@ -31,7 +31,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["LATENCY_KEYS", "OUTCOME_STATUS", "Outcome", "RequestLog", "latency_stats", "summarize"]
+__all__ = ["ERROR_CODES", "LATENCY_KEYS", "OUTCOME_STATUS", "Outcome", "RequestLog", "latency_stats", "outcome_of",
+           "summarize"]
 
 
 class Outcome(enum.IntEnum):
@@ -42,11 +43,32 @@ class Outcome(enum.IntEnum):
     SERVER_ERROR = 4   # 5xx from the work itself (or the node crashed mid-request)
     CONNECT_ERROR = 5  # the node could not be reached
     NO_BACKEND = 6     # the balancer had no healthy backend
+    TIMEOUT = 7        # the balancer gave up waiting for the node (504)
 
 
 #: The HTTP status a client sees for each outcome (what the live processes answer).
 OUTCOME_STATUS = {Outcome.OK: 200, Outcome.RATE_LIMITED: 429, Outcome.BACKPRESSURE: 429, Outcome.CIRCUIT_OPEN: 503,
-                  Outcome.SERVER_ERROR: 500, Outcome.CONNECT_ERROR: 502, Outcome.NO_BACKEND: 503}
+                  Outcome.SERVER_ERROR: 500, Outcome.CONNECT_ERROR: 502, Outcome.NO_BACKEND: 503,
+                  Outcome.TIMEOUT: 504}
+
+#: The ``error.code`` of the live processes' JSON errors, read back as outcomes (see :func:`outcome_of`).
+ERROR_CODES = {
+    "rate_limited": Outcome.RATE_LIMITED, "backpressure": Outcome.BACKPRESSURE, "circuit_open": Outcome.CIRCUIT_OPEN,
+    "work_failed": Outcome.SERVER_ERROR, "backend_error": Outcome.SERVER_ERROR,  # a node that died mid-request
+    "backend_unreachable": Outcome.CONNECT_ERROR, "no_healthy_backend": Outcome.NO_BACKEND,
+    "backend_timeout": Outcome.TIMEOUT,
+}
+
+
+def outcome_of(status: int, code: str | None = None) -> Outcome:
+    """How a client reads a live response: the JSON error's ``code`` when it names an outcome,
+    else the status (200 OK, 429 rate limited, 504 timeout, anything else a server error)."""
+    if status == 200:
+        return Outcome.OK
+    known = ERROR_CODES.get(code) if code else None
+    if known is not None:
+        return known
+    return {429: Outcome.RATE_LIMITED, 504: Outcome.TIMEOUT}.get(status, Outcome.SERVER_ERROR)
 
 LATENCY_KEYS = ("mean", "p50", "p90", "p95", "p99", "max")
 
@@ -138,12 +160,14 @@ def summarize(log: RequestLog, *, scenario: str, mode: str, seed: int, strategy:
             "rate_limited": int(counts[Outcome.RATE_LIMITED]),
             "backpressure": int(counts[Outcome.BACKPRESSURE]),
             "circuit_open": int(counts[Outcome.CIRCUIT_OPEN]),
-            "errors": int(counts[Outcome.SERVER_ERROR] + counts[Outcome.CONNECT_ERROR] + counts[Outcome.NO_BACKEND]),
+            "errors": int(counts[Outcome.SERVER_ERROR] + counts[Outcome.CONNECT_ERROR] + counts[Outcome.NO_BACKEND]
+                          + counts[Outcome.TIMEOUT]),
         },
         "errors_detail": {
             "server": int(counts[Outcome.SERVER_ERROR]),
             "connect": int(counts[Outcome.CONNECT_ERROR]),
             "no_backend": int(counts[Outcome.NO_BACKEND]),
+            "timeout": int(counts[Outcome.TIMEOUT]),
         },
         "throughput_rps": int(counts[Outcome.OK]) / measured_s,
         "latency_ms": latency_stats(response[ok]),

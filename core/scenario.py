@@ -111,7 +111,8 @@ class BalancerSpec:
     ``health_check_interval_s`` (a node is unhealthy after ``unhealthy_after`` failed
     checks), one retry on another backend when a connection fails, and passive
     ejection: a per-backend circuit breaker takes a node out for ``ejection_time_s``
-    after ``eject_after_failures`` consecutive 5xx or refused connections (0: never)."""
+    after ``eject_after_failures`` consecutive 5xx or refused connections (0: never).
+    A response slower than ``timeout_s`` reaches the client as a 504 at that time."""
 
     strategy: str = "round_robin"
     health_check_interval_s: float = 1.0
@@ -119,6 +120,7 @@ class BalancerSpec:
     retry_connect_failures: bool = True
     eject_after_failures: int = 5
     ejection_time_s: float = 5.0
+    timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,7 @@ class Scenario:
             retry_connect_failures=b.boolean("retry_connect_failures", True),
             eject_after_failures=b.integer("eject_after_failures", 5, ge=0),
             ejection_time_s=b.number("ejection_time_s", 5.0, gt=0),
+            timeout_s=b.number("timeout_s", 30.0, gt=0),
         )
         b.finish()
 

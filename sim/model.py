@@ -42,7 +42,7 @@ import itertools
 import random
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import simpy
@@ -55,19 +55,14 @@ from core.rate_limiter import TokenBucket
 from core.results import OUTCOME_STATUS, Outcome, RequestLog, summarize
 from core.scenario import NodeSpec, Scenario
 from core.strategies import Backend, BaseStrategy, NoHealthyBackend
+from core.workload import chunks as _chunks, client_ids, open_loop, streams, think_times
 
 __all__ = ["Simulation", "run_scenario"]
 
 NAN = float("nan")
-_OK, _RATE, _BP, _OPEN, _ERR, _CONN, _NONE = (int(o) for o in Outcome)
+_OK, _RATE, _BP, _OPEN, _ERR, _CONN, _NONE, _TIMEOUT = (int(o) for o in Outcome)
 # Which outcomes count against a backend: the live balancer's rule, applied to the status each outcome answers.
 _FAILS = [counts_as_failure(OUTCOME_STATUS[o]) for o in Outcome]
-
-
-def _chunks(draw: Callable[[int], np.ndarray], size: int = 4096) -> Iterator[float]:
-    """An endless iterator over numpy draws, fetched ``size`` at a time."""
-    while True:
-        yield from draw(size).tolist()
 
 
 class Request:
@@ -194,16 +189,15 @@ class Simulation:
         self.scenario = scenario
         self.env = simpy.Environment()
         self.log = RequestLog()
-        seeds = np.random.SeedSequence(scenario.seed).spawn(3 + len(scenario.nodes))
-        self._rng_arrivals = np.random.default_rng(seeds[0])
-        self._rng_clients = np.random.default_rng(seeds[1])
-        strategy_seed = int(np.random.default_rng(seeds[2]).integers(2**63))
+        rngs = streams(scenario.seed, 3 + len(scenario.nodes))  # 0, 1: the workload's (core.workload)
+        self._rng_arrivals, self._rng_clients = rngs[0], rngs[1]
+        strategy_seed = int(rngs[2].integers(2**63))
         strategy_cls = strategy_cls or strategy_class(scenario.balancer.strategy, "solution")
         self.strategy = strategy_cls(rng=random.Random(strategy_seed))
         limiter_cls = limiter_cls or rate_limiter_class("solution")
         b = scenario.balancer
         self.backends = [
-            _Backend(SimNode(self, i, spec, np.random.default_rng(seeds[3 + i]), limiter_cls), 0,
+            _Backend(SimNode(self, i, spec, rngs[3 + i], limiter_cls), 0,
                      HealthTracker(b.unhealthy_after), PeakEwma(),
                      CircuitBreaker(b.eject_after_failures, b.ejection_time_s, name=f"lb:{spec.id}")
                      if b.eject_after_failures else None)
@@ -211,6 +205,7 @@ class Simulation:
         self._index = {spec.id: i for i, spec in enumerate(scenario.nodes)}
         self.in_flight = 0
         self.arrivals_open = True
+        self._timeout_s = b.timeout_s
 
     # -- balancer ------------------------------------------------------------
     def dispatch(self, req: Request, exclude: int = -1) -> None:
@@ -244,8 +239,16 @@ class Simulation:
         backend.node.accept(req)
 
     def finish(self, req: Request, outcome: int, now: float) -> None:
-        """A response is complete: book it on the balancer's side and record it."""
+        """A response is complete: book it on the balancer's side and record it.
+
+        A response later than the balancer's ``timeout_s`` reached the client as a 504
+        at ``arrival + timeout_s``. (The live balancer also stops counting the request
+        against the node at that moment; here the count drops when the node is done,
+        which only differs for a node that is already hopelessly behind.)
+        """
         self.in_flight -= 1
+        if now - req.arrival > self._timeout_s:
+            outcome, now = _TIMEOUT, req.arrival + self._timeout_s
         if req.node >= 0 and outcome != _CONN:
             backend = self.backends[req.node]
             backend.active -= 1
@@ -262,18 +265,13 @@ class Simulation:
 
     # -- processes -----------------------------------------------------------
     def _open_arrivals(self) -> Any:
-        w, env, end = self.scenario.workload, self.env, self.scenario.duration_s
-        gaps = (_chunks(lambda n: self._rng_arrivals.exponential(1.0 / w.rate_per_s, n)) if w.arrival == "poisson"
-                else itertools.repeat(1.0 / w.rate_per_s))
-        ids = [f"client-{i}" for i in range(w.clients)]
-        clients = (iter(itertools.repeat(ids[0])) if w.clients == 1
-                   else (ids[k] for k in _chunks(lambda n: self._rng_clients.integers(0, w.clients, n))))
+        env, end = self.env, self.scenario.duration_s
         dispatch, timeout = self.dispatch, env.timeout
-        for gap in gaps:
+        for gap, client in open_loop(self.scenario.workload, self._rng_arrivals, self._rng_clients):
             yield timeout(gap)
             if env.now >= end:
                 break
-            dispatch(Request(env.now, next(clients)))
+            dispatch(Request(env.now, client))
         self.arrivals_open = False
 
     def _closed_client(self, client: str, think: Iterator[float]) -> Any:
@@ -288,9 +286,8 @@ class Simulation:
 
     def _closed_arrivals(self) -> Any:
         w = self.scenario.workload
-        mean = w.think_time_ms / 1000.0
-        think = (_chunks(lambda n: self._rng_arrivals.exponential(mean, n)) if mean > 0 else itertools.repeat(0.0))
-        clients = [self.env.process(self._closed_client(f"client-{i}", think)) for i in range(w.clients)]
+        think = think_times(w, self._rng_arrivals)
+        clients = [self.env.process(self._closed_client(client, think)) for client in client_ids(w)]
         yield simpy.AllOf(self.env, clients)
         self.arrivals_open = False
 

@@ -40,4 +40,4 @@ def test_only_5xx_count_against_a_backend(status: int, failure: bool) -> None:
 def test_every_outcome_has_the_status_the_live_processes_answer() -> None:
     assert set(OUTCOME_STATUS) == set(Outcome)
     assert [o for o in Outcome if counts_as_failure(OUTCOME_STATUS[o])] == [
-        Outcome.CIRCUIT_OPEN, Outcome.SERVER_ERROR, Outcome.CONNECT_ERROR, Outcome.NO_BACKEND]
+        Outcome.CIRCUIT_OPEN, Outcome.SERVER_ERROR, Outcome.CONNECT_ERROR, Outcome.NO_BACKEND, Outcome.TIMEOUT]

@@ -170,3 +170,20 @@ def test_constant_arrivals_are_evenly_spaced() -> None:
 def test_shipped_scenarios_run(name: str) -> None:
     r = run_scenario(load(name).replace(duration_s=5), "solution")
     assert r["requests"]["sent"] > 0
+
+
+def test_a_response_slower_than_the_balancer_timeout_is_a_504_at_the_timeout() -> None:
+    # Round robin at 70% overloads the two one-worker nodes (56/s each against 40/s): their queues
+    # grow without bound, so late requests wait far longer than the 2 s timeout.
+    s = three_nodes(balancer={"strategy": "round_robin", "timeout_s": 2.0},
+                    workload={"arrival": "poisson", "rate_per_s": 168.0, "clients": 10})
+    sim = Simulation(s).run()
+    r = sim.results()
+    assert r["errors_detail"]["timeout"] > 500
+    c = sim.log.columns()
+    late = c["outcome"] == Outcome.TIMEOUT
+    assert np.allclose(c["end"][late] - c["arrival"][late], 2.0)
+    assert (c["end"][~late] - c["arrival"][~late]).max() <= 2.0
+    assert set(c["node"][late]) <= {0, 2}  # only the overloaded one-worker nodes
+    untimed = run_scenario(s.replace(strategy="least_connections"), "solution")
+    assert untimed["errors_detail"]["timeout"] == 0

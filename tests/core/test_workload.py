@@ -1,0 +1,50 @@
+"""The shared workload streams: the same arrivals for the simulator and the live generator."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from core.scenario import Workload
+from core.workload import client_ids, open_loop, streams, think_times
+
+
+def _take(workload: Workload, seed: int, n: int) -> list[tuple[float, str]]:
+    rngs = streams(seed, 2)
+    return list(itertools.islice(open_loop(workload, rngs[0], rngs[1]), n))
+
+
+def test_same_seed_same_arrivals_whatever_else_is_spawned() -> None:
+    w = Workload(rate_per_s=50.0, clients=7)
+    a = _take(w, 3, 5000)
+    rngs = streams(3, 10)  # a driver that spawns more streams gets the same first two
+    assert list(itertools.islice(open_loop(w, rngs[0], rngs[1]), 5000)) == a
+    assert _take(w, 4, 5000) != a
+
+
+def test_poisson_gaps_and_uniform_clients() -> None:
+    w = Workload(rate_per_s=200.0, clients=4)
+    pairs = _take(w, 1, 40_000)
+    gaps = np.array([g for g, _ in pairs])
+    assert gaps.mean() == pytest.approx(1 / 200, rel=0.02)
+    assert gaps.std() == pytest.approx(1 / 200, rel=0.03)  # exponential: sd = mean
+    counts = {c: sum(1 for _, x in pairs if x == c) for c in client_ids(w)}
+    assert set(counts) == {"client-0", "client-1", "client-2", "client-3"}
+    assert all(abs(n / len(pairs) - 0.25) < 0.01 for n in counts.values())
+
+
+def test_constant_arrivals_and_a_single_client() -> None:
+    pairs = _take(Workload(arrival="constant", rate_per_s=8.0, clients=1), 0, 10)
+    assert pairs == [(0.125, "client-0")] * 10
+
+
+def test_closed_loop_is_not_an_open_loop() -> None:
+    with pytest.raises(ValueError, match="poisson or constant"):
+        open_loop(Workload(arrival="closed", think_time_ms=5), *streams(0, 2))
+
+
+def test_think_times() -> None:
+    draws = list(itertools.islice(think_times(Workload(arrival="closed", think_time_ms=20), streams(0, 1)[0]), 20_000))
+    assert np.mean(draws) == pytest.approx(0.020, rel=0.03)
