@@ -1,8 +1,10 @@
 """The ``testbed`` command line: one click group, one subcommand per job.
 
 Subcommands live next to what they drive and are only assembled here.
-Exit statuses: 0 success, 1 a check failed, 2 bad usage (click's), 3 an
-exercise forced with ``--impl exercise`` is not implemented yet.
+Exit statuses: 0 success, 1 a check failed (or a live run's process failed),
+2 bad usage (click's), 3 an exercise forced with ``--impl exercise`` is not
+implemented yet, 4 the live load generator could not offer the asked load,
+130 interrupted (Ctrl-C; every process started was stopped).
 """
 
 from __future__ import annotations
@@ -105,9 +107,10 @@ def bench_live(seconds: float, connections: int, rounds: int, json_path: str | N
 
 
 def _register() -> None:
-    from experiments.cli_live import balancer_command, node_command, registry_command
+    from experiments.cli_live import balancer_command, live_group, node_command, registry_command
     from experiments.cli_sim import compare_command, sim_group
     main.add_command(sim_group)
+    main.add_command(live_group)
     main.add_command(compare_command)
     main.add_command(node_command)
     main.add_command(registry_command)

@@ -1,16 +1,21 @@
-"""``testbed node``, ``testbed registry``, ``testbed balancer`` (alias ``load-balancer``): the live processes."""
+"""``testbed node``, ``registry``, ``balancer`` (alias ``load-balancer``) and ``testbed live run``."""
 
 from __future__ import annotations
 
-import os
+import sys
 from typing import Any
 
 import click
 
 from core.strategies import STRATEGIES
+from experiments.cli_sim import ScenarioParam, run_options
 from experiments.options import impl_option
 
-__all__ = ["balancer_command", "node_command", "registry_command"]
+__all__ = ["EXIT_GENERATOR_BEHIND", "balancer_command", "live_group", "node_command", "registry_command",
+           "run_live_scenario"]
+
+#: ``testbed live run`` exit status when the load generator fell behind the asked load.
+EXIT_GENERATOR_BEHIND = 4
 
 
 class URL(click.ParamType):
@@ -73,8 +78,13 @@ def _common(f):
 @click.option("--failure-threshold", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--recovery-timeout", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True,
               help="Seconds the breaker stays open before probing.")
+@click.option("--half-open-max-calls", type=click.IntRange(1), default=1, show_default=True,
+              help="Probe requests the breaker lets through when half-open.")
+@click.option("--success-threshold", type=click.IntRange(1), default=1, show_default=True,
+              help="Successful probes that close the breaker again.")
 @click.option("--downstream", type=URL(), default=None, help="Call this URL as part of the work (breaker-guarded).")
-@click.option("--registry", type=URL(), default=None, help="Register and heartbeat with this registry.")
+@click.option("--registry", type=URL(), default=None,
+              help="Register and heartbeat with this registry (with --port 0, once the port is known).")
 @click.option("--registry-token", envvar="TESTBED_REGISTRY_TOKEN", default=None, show_envvar=True)
 @click.option("--heartbeat-interval", type=click.FloatRange(0.05, 60), default=2.0, show_default=True)
 @click.option("--advertise", type=URL(), default=None, help="Address to register [default: http://HOST:PORT].")
@@ -87,7 +97,7 @@ def _common(f):
 def node_command(port: int, node_id: str | None, host: str, shutdown_timeout: float, trust_proxy: str,
                  **options: Any) -> None:
     """A node: GET /health, /work, /stats, /queue-stats, /circuit-status, /discovery-status, /peers, /metrics."""
-    from live.node import NodeConfig, make_node_app
+    from live.node import NodeConfig, listening, make_node_app
     from live.serve import serve
     from solutions.impl import resolve
 
@@ -100,9 +110,12 @@ def node_command(port: int, node_id: str | None, host: str, shutdown_timeout: fl
         rate_limit_per_s=options.pop("rate_limit"), rate_limit_burst=options.pop("burst"),
         recovery_timeout_s=options.pop("recovery_timeout"), heartbeat_interval_s=options.pop("heartbeat_interval"),
         trust_proxy=tuple(ip.strip() for ip in trust_proxy.split(",") if ip.strip()), impl=impl, **options)
-    if port == 0 and config.registry and not config.advertise:
-        raise click.UsageError("--port 0 with --registry needs --advertise (the registry must know the real port)")
-    raise SystemExit(serve(make_node_app(config), host, port, name=config.node_id, shutdown_timeout=shutdown_timeout))
+    if config.success_threshold > config.half_open_max_calls:
+        raise click.UsageError(f"--success-threshold {config.success_threshold} needs at least as many half-open "
+                               f"probes; --half-open-max-calls is {config.half_open_max_calls}")
+    app = make_node_app(config)
+    raise SystemExit(serve(app, host, port, name=config.node_id, shutdown_timeout=shutdown_timeout,
+                           on_listening=lambda bound: listening(app, bound)))
 
 
 @click.command("registry")
@@ -126,7 +139,12 @@ def registry_command(port: int, host: str, shutdown_timeout: float, ttl: float, 
 @click.option("--nodes", type=NodeList(), default=None, help="Backends: ports, host:port or URLs, comma-separated.")
 @click.option("--registry", type=URL(), default=None, help="Take the backends from this registry.")
 @click.option("--strategy", type=click.Choice(list(STRATEGIES)), default="round_robin", show_default=True)
-@click.option("--health-interval", type=click.FloatRange(0.05, 60), default=2.0, show_default=True)
+@click.option("--health-interval", type=click.FloatRange(0.05, 60), default=2.0, show_default=True,
+              help="Seconds between active /health checks of each backend.")
+@click.option("--unhealthy-after", type=click.IntRange(1, 100), default=2, show_default=True,
+              help="Failed checks in a row that take a backend out (a refused connection counts as one).")
+@click.option("--refresh-interval", type=click.FloatRange(0.05, 60), default=2.0, show_default=True,
+              help="Seconds between polls of the registry's node list (with --registry).")
 @click.option("--timeout", type=click.FloatRange(0.01, 3600), default=30.0, show_default=True,
               help="Per-request timeout in seconds (504 past it).")
 @click.option("--eject-after", type=click.IntRange(0), default=5, show_default=True,
@@ -136,7 +154,8 @@ def registry_command(port: int, host: str, shutdown_timeout: float, ttl: float, 
 @click.option("--seed", type=click.IntRange(0), default=None, help="Seed of the strategy's generator.")
 @impl_option
 def balancer_command(port: int, host: str, shutdown_timeout: float, nodes: tuple[str, ...] | None,
-                     registry: str | None, strategy: str, health_interval: float, timeout: float, eject_after: int,
+                     registry: str | None, strategy: str, health_interval: float, unhealthy_after: int,
+                     refresh_interval: float, timeout: float, eject_after: int,
                      ejection_time: float, no_retry: bool, seed: int | None, impl: str) -> None:
     """The load balancer: proxies everything; GET /lb-stats and /metrics are its own."""
     from live.balancer import BalancerConfig, make_balancer_app
@@ -148,6 +167,77 @@ def balancer_command(port: int, host: str, shutdown_timeout: float, nodes: tuple
     if strategy == "least_connections":
         click.echo(resolve("least-connections", impl).notice)
     config = BalancerConfig(host=host, port=port, nodes=nodes or (), registry=registry, strategy=strategy, impl=impl,
-                            health_interval_s=health_interval, timeout_s=timeout, eject_after_failures=eject_after,
+                            health_interval_s=health_interval, unhealthy_after=unhealthy_after,
+                            refresh_s=refresh_interval, timeout_s=timeout, eject_after_failures=eject_after,
                             ejection_time_s=ejection_time, retry_connect_failures=not no_retry, seed=seed)
     raise SystemExit(serve(make_balancer_app(config), host, port, name="balancer", shutdown_timeout=shutdown_timeout))
+
+
+class _Bar:
+    """A click progress bar over the run's duration, opened on the first report (after the start-up lines)."""
+
+    def __init__(self, duration_s: float, label: str) -> None:
+        self.steps = max(1, int(duration_s * 10))
+        self.label = label
+        self.bar: Any = None
+        self.shown = 0
+
+    def __call__(self, elapsed_s: float, sent: int, completed: int, in_flight: int) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=self.steps, label=self.label, file=sys.stderr,
+                                         item_show_func=lambda text: text)
+            self.bar.__enter__()
+        step = min(self.steps, int(elapsed_s * 10)) - self.shown
+        self.shown += max(0, step)
+        self.bar.update(max(0, step), f"sent {sent}, answered {completed}, in flight {in_flight}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+def run_live_scenario(scenario: Any, impl: str, *, label: str | None = None) -> dict[str, Any]:
+    """One live run with a progress bar; a process failure or Ctrl-C ends the command with a clear message."""
+    from live.run import LiveRunError, run_live
+
+    bar = _Bar(scenario.duration_s, label or f"live {scenario.balancer.strategy}")
+    try:
+        return run_live(scenario, impl=impl, echo=click.echo, progress=bar)
+    except KeyboardInterrupt:
+        bar.close()
+        click.echo("interrupted: every process this run started has been stopped", err=True)
+        raise SystemExit(130) from None
+    except LiveRunError as exc:
+        bar.close()
+        raise click.ClickException(f"the live run failed: {exc}") from None
+    finally:
+        bar.close()
+
+
+@click.group("live")
+def live_group() -> None:
+    """Run scenarios for real: a registry, the nodes and a balancer as processes on loopback."""
+
+
+@live_group.command("run")
+@click.argument("scenario", type=ScenarioParam())
+@run_options
+def live_run_command(scenario: Any, strategy: str | None, rate: float | None, load: float | None,
+                     duration: float | None, seed: int | None, impl: str, json_path: str | None) -> None:
+    """Run one scenario live: start its processes on free loopback ports, send its workload
+    through the balancer, stop everything, and print the same summary as `testbed sim run`.
+
+    Exit status 4 when the load generator could not offer the asked load (the summary says how far off it was).
+    """
+    from experiments.cli_sim import _notices, _overrides, _write_json
+    from experiments.report import run_summary
+
+    scenario = _overrides(scenario, strategy, rate, load, duration, seed)
+    _notices(impl, scenario.balancer.strategy, scenario)
+    result = run_live_scenario(scenario, impl)
+    result["impl"] = impl
+    click.echo(run_summary(result))
+    _write_json(json_path, result)
+    if not result["generator"]["kept_up"]:
+        raise SystemExit(EXIT_GENERATOR_BEHIND)

@@ -11,7 +11,7 @@ import click
 from core.scenario import Scenario, ScenarioError
 from core.strategies import STRATEGIES
 
-__all__ = ["compare_command", "sim_group"]
+__all__ = ["ScenarioParam", "compare_command", "run_options", "sim_group"]
 
 DEFAULT_LOADS = "0.3,0.5,0.7,0.8,0.9"
 DEFAULT_STRATEGIES = "round_robin,least_connections"
@@ -75,6 +75,40 @@ def _impl_option(f):
     return impl_option(f)
 
 
+def _overrides(scenario: Scenario, strategy: str | None, rate: float | None, load: float | None,
+               duration: float | None, seed: int | None) -> Scenario:
+    """The scenario with ``--strategy/--rate/--load/--duration/--seed`` applied; bad combinations are usage errors."""
+    if rate is not None and load is not None:
+        raise click.UsageError("give --rate or --load, not both")
+    if scenario.workload.arrival == "closed" and (rate is not None or load is not None):
+        raise click.UsageError(f"{scenario.name} is a closed loop: its load is set by clients and think_time_ms, "
+                               "not by --rate or --load")
+    try:
+        scenario = scenario.replace(strategy=strategy, rate_per_s=rate, duration_s=duration, seed=seed)
+        if load is not None:
+            scenario = scenario.with_load(load)
+    except ScenarioError as exc:
+        raise click.UsageError(str(exc)) from None
+    return scenario
+
+
+def run_options(f):
+    """The options ``sim run`` and ``live run`` share."""
+    for option in reversed([
+        click.option("--strategy", type=click.Choice(list(STRATEGIES)), help="Override the scenario's strategy."),
+        click.option("--rate", type=click.FloatRange(min=0, min_open=True),
+                     help="Override the arrival rate (requests/s)."),
+        click.option("--load", type=click.FloatRange(0, 2, min_open=True),
+                     help="Set the arrival rate to this fraction of the total capacity instead."),
+        click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Override duration_s."),
+        click.option("--seed", type=click.IntRange(min=0), help="Override the seed."),
+        _impl_option,
+        click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the results JSON here."),
+    ]):
+        f = option(f)
+    return f
+
+
 @click.group("sim")
 def sim_group() -> None:
     """Simulate scenarios with the SimPy model (same core objects as the live runtime)."""
@@ -82,29 +116,14 @@ def sim_group() -> None:
 
 @sim_group.command("run")
 @click.argument("scenario", type=ScenarioParam())
-@click.option("--strategy", type=click.Choice(list(STRATEGIES)), help="Override the scenario's strategy.")
-@click.option("--rate", type=click.FloatRange(min=0, min_open=True), help="Override the arrival rate (requests/s).")
-@click.option("--load", type=click.FloatRange(0, 2, min_open=True),
-              help="Set the arrival rate to this fraction of the total capacity instead.")
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Override duration_s.")
-@click.option("--seed", type=click.IntRange(min=0), help="Override the seed.")
-@_impl_option
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the results JSON here.")
+@run_options
 def sim_run(scenario: Scenario, strategy: str | None, rate: float | None, load: float | None,
             duration: float | None, seed: int | None, impl: str, json_path: str | None) -> None:
     """Simulate one scenario and print its summary."""
     from experiments.report import run_summary
     from sim.model import run_scenario
-    from solutions.impl import resolve
 
-    if rate is not None and load is not None:
-        raise click.UsageError("give --rate or --load, not both")
-    try:
-        scenario = scenario.replace(strategy=strategy, rate_per_s=rate, duration_s=duration, seed=seed)
-        if load is not None:
-            scenario = scenario.with_load(load)
-    except ScenarioError as exc:
-        raise click.UsageError(str(exc)) from None
+    scenario = _overrides(scenario, strategy, rate, load, duration, seed)
     _notices(impl, scenario.balancer.strategy, scenario)
     result = run_scenario(scenario, impl)
     result["impl"] = impl
@@ -193,3 +212,4 @@ def compare_command(scenario: Scenario, strategies: list[str], loads: list[float
         scenario = scenario.replace(duration_s=duration)
     _sweep(scenario, strategies, loads, reps, workers, impl, plot, json_path,
            title=f"{scenario.name}: {' vs '.join(strategies)}")
+

@@ -31,7 +31,27 @@ def run_summary(r: dict[str, Any]) -> str:
         nl = n["latency_ms"]
         lines.append(f"  {node_id:<12}{n['requests']:>9}{n['share']:>8.1%}{n['utilization']:>7.0%}"
                      f"{_ms(nl['p50']):>9}{_ms(nl['p95']):>9}{_ms(nl['p99']):>9}")
+    errors = {k: v for k, v in r.get("errors_detail", {}).items() if v}
+    if errors:
+        lines.append("  errors: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in errors.items()))
+    for f in r.get("faults") or []:
+        lines.append(f"  fault at {f['at_s']:.1f}s on {f['node']}: {f['action']} ({f['result']})")
+    if r.get("generator"):
+        lines.extend(_generator_lines(r["generator"]))
     return "\n".join(lines)
+
+
+def _generator_lines(g: dict[str, Any]) -> list[str]:
+    lag = g["lag_ms"]
+    asked = (f"asked {g['asked_rate_per_s']:.1f}/s, scheduled {g['scheduled_rate_per_s']:.1f}/s, "
+             if g["asked_rate_per_s"] is not None else "closed loop, ")
+    lines = [f"  load generator: {asked}sent {g['sent_rate_per_s']:.1f}/s; sent late by p50 {lag['p50']:.2f} ms, "
+             f"p99 {lag['p99']:.2f} ms, max {lag['max']:.1f} ms"]
+    if not g["kept_up"]:
+        lines.append("  WARNING: the load generator could not offer this load on this machine: "
+                     + "; ".join(g["problems"]) + ". The latencies above include its own delay; "
+                     "lower the rate or run less beside it.")
+    return lines
 
 
 def _ci(cell: dict[str, float | None], fmt=_ms) -> str:

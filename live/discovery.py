@@ -26,7 +26,10 @@ log = logging.getLogger("testbed.discovery")
 
 
 class DiscoveryClient:
-    def __init__(self, registry_url: str, node_id: str, address: str, *, metadata: dict[str, Any] | None = None,
+    """Registers ``address`` under ``node_id``. An ``address`` of None is not known yet (the node
+    listens on ``--port 0``): :meth:`run` waits for :meth:`set_address` before registering."""
+
+    def __init__(self, registry_url: str, node_id: str, address: str | None, *, metadata: dict[str, Any] | None = None,
                  interval_s: float = 2.0, token: str | None = None, clock: Callable[[], float]) -> None:
         self.registry_url = registry_url.rstrip("/")
         self.node_id = node_id
@@ -43,6 +46,14 @@ class DiscoveryClient:
         self.last_heartbeat_at: float | None = None
         self.peers: list[dict[str, Any]] = []
         self._session: aiohttp.ClientSession | None = None
+        self._address_known = asyncio.Event()
+        if address is not None:
+            self._address_known.set()
+
+    def set_address(self, address: str) -> None:
+        """The address to register, once the node knows it."""
+        self.address = address
+        self._address_known.set()
 
     def status(self) -> dict[str, Any]:
         now = self.clock()
@@ -61,6 +72,7 @@ class DiscoveryClient:
 
     async def run(self) -> None:
         """Register and heartbeat until cancelled."""
+        await self._address_known.wait()
         timeout = aiohttp.ClientTimeout(total=max(1.0, self.interval_s))
         async with aiohttp.ClientSession(timeout=timeout, headers=self.headers) as session:
             self._session = session

@@ -45,7 +45,7 @@ from live.http import (
 )
 from live.metrics import NodeMetrics
 
-__all__ = ["NodeConfig", "make_node_app"]
+__all__ = ["NodeConfig", "listening", "make_node_app"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,8 @@ class NodeConfig:
     circuit_breaker: bool = False
     failure_threshold: int = 3
     recovery_timeout_s: float = 5.0
+    half_open_max_calls: int = 1
+    success_threshold: int = 1
     downstream: str | None = None
     registry: str | None = None
     registry_token: str | None = None
@@ -77,8 +79,11 @@ class NodeConfig:
     limiter_cls: type[TokenBucket] | None = field(default=None, compare=False)
 
     @property
-    def address(self) -> str:
-        return self.advertise or f"http://{self.host}:{self.port}"
+    def address(self) -> str | None:
+        """What the node registers; None until it knows its port when it listens on port 0."""
+        if self.advertise:
+            return self.advertise
+        return f"http://{self.host}:{self.port}" if self.port else None
 
 
 class Workers:
@@ -135,7 +140,8 @@ class NodeState:
         self.limiter = (limiter_cls(config.rate_limit_per_s, config.rate_limit_burst)
                         if config.rate_limit_per_s else None)
         self.gate = BackpressureGate(config.backpressure) if config.backpressure else None
-        self.breaker = (CircuitBreaker(config.failure_threshold, config.recovery_timeout_s, name=config.node_id)
+        self.breaker = (CircuitBreaker(config.failure_threshold, config.recovery_timeout_s,
+                                       config.half_open_max_calls, config.success_threshold, name=config.node_id)
                         if config.circuit_breaker else None)
         self.workers = Workers(config.workers)
         self.faults = Faults(config.error_rate, config.extra_latency_ms)
@@ -400,6 +406,14 @@ async def _background(app: web.Application) -> Any:
         await state.discovery.deregister()
     if state.downstream is not None:
         await state.downstream.close()
+
+
+def listening(app: web.Application, port: int) -> None:
+    """Tell a node app the port it is bound to (``serve``'s ``on_listening``): a node started
+    on port 0 without ``--advertise`` registers ``http://HOST:PORT`` from here on."""
+    state: NodeState = app[STATE]
+    if state.discovery is not None and state.discovery.address is None:
+        state.discovery.set_address(f"http://{state.config.host}:{port}")
 
 
 def make_node_app(config: NodeConfig, *, clock: Callable[[], float] | None = None) -> web.Application:

@@ -16,12 +16,16 @@ import os
 import signal
 import sys
 
+from typing import Callable
+
 from aiohttp import web
 
 __all__ = ["serve"]
 
 
-def serve(app: web.Application, host: str, port: int, *, name: str, shutdown_timeout: float = 10.0) -> int:
+def serve(app: web.Application, host: str, port: int, *, name: str, shutdown_timeout: float = 10.0,
+          on_listening: Callable[[int], None] | None = None) -> int:
+    """Serve ``app`` until a signal; ``on_listening(port)`` learns the bound port (``--port 0``)."""
     async def main() -> int:
         runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout, access_log=None)
         await runner.setup()
@@ -35,6 +39,8 @@ def serve(app: web.Application, host: str, port: int, *, name: str, shutdown_tim
         # garbage collector's sight, so collections triggered by per-request garbage stay cheap.
         gc.freeze()
         bound = runner.addresses[0][1]
+        if on_listening is not None:
+            on_listening(bound)
         print(f"{name} listening on http://{host}:{bound}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

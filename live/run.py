@@ -1,0 +1,163 @@
+"""``testbed live run``: one scenario on real processes, summarized like a simulated run.
+
+Theory of operation
+-------------------
+:func:`run_live` starts the scenario's :class:`live.cluster.Cluster`, sends
+its workload with a :class:`live.loadgen.LoadGenerator` and plays its faults
+on schedule, from the same time origin as the workload:
+
+* ``error_rate`` / ``extra_latency_ms``: ``POST /admin/faults`` on the node at
+  ``start_s``, ``DELETE`` at ``end_s`` (the simulator's fault, set and cleared);
+* ``down``: SIGKILL at ``start_s`` (what the node held fails), the same node
+  command on the same port at ``end_s``; it registers again and the balancer
+  takes it back.
+
+The records become the results JSON of :func:`core.results.summarize` with
+``"mode": "live"``, plus how well the generator offered the load
+(``"generator"``) and what happened to the faults (``"faults"``). However the
+run ends (done, Ctrl-C, SIGTERM, a process dying, an error) the cluster is
+stopped before this returns or raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from typing import Any, Callable
+
+from core.results import summarize
+from core.scenario import Fault, Scenario
+from live.cluster import ChildFailed, Cluster
+from live.loadgen import LoadGenerator
+from live.upstream import UpstreamError, UpstreamPool
+
+__all__ = ["LiveRunError", "Progress", "run_live"]
+
+#: progress(elapsed_s, sent, completed, in_flight) while the run goes on.
+Progress = Callable[[float, int, int, int], Any]
+
+
+class LiveRunError(RuntimeError):
+    """The run could not be carried out (a process failed to start or died); the message says which."""
+
+
+async def _fault(cluster: Cluster, node_id: str, fault: Fault, t0: float, log: list[dict[str, Any]]) -> None:
+    loop = asyncio.get_running_loop()
+    pool = UpstreamPool(timeout_s=5.0)
+
+    async def admin(method: str, body: bytes) -> str:
+        try:
+            status, _, text = await pool.request(cluster.nodes[node_id].url, method, "/admin/faults",
+                                                 [("Content-Type", "application/json")], body)
+            return "ok" if status == 200 else f"answered {status}: {text[:200].decode(errors='replace')}"
+        except (UpstreamError, asyncio.TimeoutError) as exc:
+            return f"failed: {exc or type(exc).__name__}"
+
+    def note(action: str, result: str) -> None:
+        log.append({"node": node_id, "at_s": round(loop.time() - t0, 3), "action": action, "result": result})
+
+    try:
+        await asyncio.sleep(max(0.0, t0 + fault.start_s - loop.time()))
+        if fault.down:
+            await cluster.crash(node_id)
+            note("crash (SIGKILL)", "ok")
+        else:
+            body = json.dumps({"error_rate": fault.error_rate, "extra_latency_ms": fault.extra_latency_ms}).encode()
+            note(f"faults on: error_rate={fault.error_rate:g} extra_latency_ms={fault.extra_latency_ms:g}",
+                 await admin("POST", body))
+        await asyncio.sleep(max(0.0, t0 + fault.end_s - loop.time()))
+        if fault.down:
+            note("restart", "ok" if await cluster.restart(node_id) else "failed")
+        else:
+            note("faults off", await admin("DELETE", b""))
+    finally:
+        pool.close()
+
+
+async def _ticker(gen: LoadGenerator, progress: Progress) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(0.25)
+        if gen.t0:
+            progress(loop.time() - gen.t0, gen.sent, gen.completed, gen.in_flight)
+
+
+async def live_run(scenario: Scenario, *, impl: str = "auto", echo: Callable[[str], Any] = print,
+                   progress: Progress | None = None) -> dict[str, Any]:
+    """Run ``scenario`` live (see the module docstring) and return its results dict."""
+    s = scenario
+    loop = asyncio.get_running_loop()
+    try:
+        async with Cluster(s, impl=impl, echo=echo) as cluster:
+            assert cluster.balancer is not None
+            gen = LoadGenerator(cluster.balancer.url, s.workload, seed=s.seed, duration_s=s.duration_s,
+                                node_ids=[n.id for n in s.nodes], timeout_s=s.balancer.timeout_s + 5.0)
+            fault_log: list[dict[str, Any]] = []
+            echo(f"sending {_describe(s)} to the balancer for {s.duration_s:g} s")
+            run = asyncio.create_task(gen.run())
+            await asyncio.sleep(0)  # let the generator fix its time origin first
+            t0 = gen.t0 or loop.time()
+            helpers = [asyncio.create_task(_fault(cluster, spec.id, f, t0, fault_log))
+                       for spec in s.nodes for f in spec.faults]
+            if progress is not None:
+                helpers.append(asyncio.create_task(_ticker(gen, progress)))
+            died = asyncio.create_task(cluster.failed.wait())
+            try:
+                await asyncio.wait([run, died], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (*helpers, died):
+                    task.cancel()
+                await asyncio.gather(*helpers, died, return_exceptions=True)
+            if not run.done():
+                run.cancel()
+                await asyncio.gather(run, return_exceptions=True)
+                raise LiveRunError(cluster.failure)
+            run.result()
+            stats = gen.generator_stats(s.warmup_s)
+    except ChildFailed as exc:
+        raise LiveRunError(str(exc)) from None
+    return summarize(
+        gen.log, scenario=s.name, mode="live", seed=s.seed, strategy=s.balancer.strategy,
+        duration_s=s.duration_s, warmup_s=s.warmup_s, node_ids=[n.id for n in s.nodes],
+        node_workers=[n.workers for n in s.nodes],
+        extra={"offered_rate_per_s": s.workload.rate_per_s if s.workload.arrival != "closed" else None,
+               "load": (s.workload.rate_per_s / s.capacity_per_s) if s.workload.arrival != "closed" else None,
+               "live_requests": len(gen.log), "generator": stats, "faults": fault_log})
+
+
+def _describe(s: Scenario) -> str:
+    w = s.workload
+    if w.arrival == "closed":
+        return f"a closed loop of {w.clients} clients (think {w.think_time_ms:g} ms)"
+    return f"{w.arrival} arrivals at {w.rate_per_s:g}/s from {w.clients} client{'s' * (w.clients != 1)}"
+
+
+def run_live(scenario: Scenario, *, impl: str = "auto", echo: Callable[[str], Any] = print,
+             progress: Progress | None = None) -> dict[str, Any]:
+    """:func:`live_run` in a fresh event loop (uvloop unless ``TESTBED_LOOP=asyncio``).
+
+    Ctrl-C and SIGTERM cancel the run: the cluster is stopped, then
+    ``KeyboardInterrupt`` propagates. Raises :class:`LiveRunError` when a process fails.
+    """
+    async def main() -> dict[str, Any]:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            return await live_run(scenario, impl=impl, echo=echo, progress=progress)
+        except asyncio.CancelledError:
+            raise KeyboardInterrupt from None
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    if os.environ.get("TESTBED_LOOP", "auto") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(main())
+    return asyncio.run(main())
