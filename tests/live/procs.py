@@ -24,19 +24,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Proc:
-    """One ``testbed`` process; ``port`` is the port it reported listening on."""
+LISTENING = r"listening on http://[\d.]+:(\d+)"
 
-    def __init__(self, *args: str, timeout: float = 15.0) -> None:
+
+class Proc:
+    """One ``testbed`` process; ``port`` is the port it reported listening on.
+
+    It is ready when a line matches ``ready`` (by default the "listening on" line, whose
+    group 1 is the port)."""
+
+    def __init__(self, *args: str, timeout: float = 15.0, ready: str = LISTENING) -> None:
+        self.ready = re.compile(ready)
         self.args = [TESTBED, *args]
         self.popen = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.lines: list[str] = []
         self._ready = threading.Event()
         self.port: int | None = None
+        self.is_ready = False
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        if not self._ready.wait(timeout) or self.port is None:
+        if not self._ready.wait(timeout) or not self.is_ready:
             self.stop()
             raise RuntimeError(f"{' '.join(args)} did not start:\n" + "".join(self.lines))
 
@@ -44,9 +52,10 @@ class Proc:
         assert self.popen.stdout is not None
         for line in self.popen.stdout:
             self.lines.append(line)
-            m = re.search(r"listening on http://[\d.]+:(\d+)", line)
-            if m and self.port is None:
-                self.port = int(m.group(1))
+            m = self.ready.search(line)
+            if m and not self.is_ready:
+                self.port = int(m.group(1)) if m.groups() else None
+                self.is_ready = True
                 self._ready.set()
         self.popen.stdout.close()
         self._ready.set()
