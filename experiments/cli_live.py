@@ -197,13 +197,14 @@ class _Bar:
             self.bar = None
 
 
-def run_live_scenario(scenario: Any, impl: str, *, label: str | None = None) -> dict[str, Any]:
-    """One live run with a progress bar; a process failure or Ctrl-C ends the command with a clear message."""
+def run_live_scenario(scenario: Any, impl: str, *, label: str | None = None, quiet: bool = False) -> dict[str, Any]:
+    """One live run with a progress bar; a process failure or Ctrl-C ends the command with a clear message.
+    ``quiet`` leaves out the lines naming each process started."""
     from live.run import LiveRunError, run_live
 
     bar = _Bar(scenario.duration_s, label or f"live {scenario.balancer.strategy}")
     try:
-        return run_live(scenario, impl=impl, echo=click.echo, progress=bar)
+        return run_live(scenario, impl=impl, echo=(lambda text: None) if quiet else click.echo, progress=bar)
     except KeyboardInterrupt:
         bar.close()
         click.echo("interrupted: every process this run started has been stopped", err=True)

@@ -202,14 +202,75 @@ def sim_compare(scenario: Scenario, strategies: list[str], loads: list[float], r
 
 @click.command("compare")
 @click.argument("scenario", type=ScenarioParam(), default="seed")
+@click.option("--mode", type=click.Choice(["sim", "live", "both"]), default="sim", show_default=True,
+              help="sim: simulate the sweep; live: run each point on real processes; both: each point "
+                   "simulated and live, side by side with their differences.")
 @_sweep_options("results/compare.png", "results/compare.json", 3)
-def compare_command(scenario: Scenario, strategies: list[str], loads: list[float], reps: int,
+def compare_command(scenario: Scenario, mode: str, strategies: list[str], loads: list[float], reps: int,
                     duration: float | None, workers: int | None, impl: str, plot: str | None,
                     json_path: str | None) -> None:
     """The seed's experiment: round robin against least connections on the shipped
-    three-node scenario (workers 1, 4, 1; 25 ms per request), simulated across loads."""
+    three-node scenario (workers 1, 4, 1; 25 ms per request), simulated across loads.
+
+    With --mode live or both, every (strategy, load) point also runs for real (registry,
+    nodes and balancer on loopback, for the scenario's duration each; --loads defaults
+    to 0.5 there). A point takes the scenario's seed, so its live run and the first
+    simulated repetition offer the very same arrivals.
+    """
     if duration is not None:
         scenario = scenario.replace(duration_s=duration)
-    _sweep(scenario, strategies, loads, reps, workers, impl, plot, json_path,
-           title=f"{scenario.name}: {' vs '.join(strategies)}")
+    if mode == "sim":
+        _sweep(scenario, strategies, loads, reps, workers, impl, plot, json_path,
+               title=f"{scenario.name}: {' vs '.join(strategies)}")
+        return
+    if click.get_current_context().get_parameter_source("loads") is click.core.ParameterSource.DEFAULT:
+        loads = [0.5]
+    _compare_live(scenario, mode, strategies, loads, reps, workers, impl, plot, json_path)
 
+
+def _compare_live(scenario: Scenario, mode: str, strategies: list[str], loads: list[float], reps: int,
+                  workers: int | None, impl: str, plot: str | None, json_path: str | None) -> None:
+    from experiments.cli_live import run_live_scenario
+    from experiments.compare import aggregate, sweep
+    from experiments.report import differences, side_by_side, sweep_table
+
+    if scenario.workload.arrival == "closed":
+        raise click.UsageError(f"{scenario.name}: a load sweep needs an open-loop workload (poisson or constant)")
+    _notices(impl, "least_connections" if "least_connections" in strategies else None, scenario)
+    points = [(strategy, load) for strategy in strategies for load in loads]
+    click.echo(f"{scenario.name}: {len(points)} live run{'s' * (len(points) > 1)} of {scenario.duration_s:g} s "
+               f"(capacity {scenario.capacity_per_s:.1f} req/s)"
+               + (f", and {len(points) * reps} simulated" if mode == "both" else ""))
+    sim_rows: list[dict[str, Any]] = []
+    sim_runs: list[dict[str, Any]] = []
+    if mode == "both":
+        with click.progressbar(length=len(points) * reps, label="simulating", show_pos=True) as bar:
+            sim_runs = sweep(scenario, strategies, loads, reps, impl=impl, workers=workers, progress=bar.update)
+        sim_rows = aggregate(sim_runs)
+    live_runs = []
+    for strategy, load in points:
+        s = scenario.replace(strategy=strategy).with_load(load)
+        result = run_live_scenario(s, impl, label=f"live {strategy} at {load:.2f}", quiet=True)
+        result["impl"] = impl
+        live_runs.append(result)
+    diffs = []
+    if mode == "both":
+        rows = {(r["strategy"], round(r["load"], 6)): r for r in sim_rows}
+        same = {(r["strategy"], round(r["load"], 6)): r for r in sim_runs if r["rep"] == 0}
+        for live in live_runs:
+            point = (live["strategy"], round(live["load"], 6))
+            click.echo(side_by_side(same[point], rows[point], live))
+            click.echo()
+            diffs.append(differences(same[point], live))
+    else:
+        click.echo(sweep_table(aggregate(live_runs)))
+    behind = [f"{r['strategy']} at {r['load']:.2f}" for r in live_runs if not r["generator"]["kept_up"]]
+    if behind:
+        click.echo(f"WARNING: the load generator fell behind in: {', '.join(behind)}; "
+                   "those live latencies include its own delay")
+    if plot:
+        from experiments.plot import plot_sweep
+        click.echo(f"wrote {plot_sweep(sim_rows, plot, title=f'{scenario.name}: simulated and live', live=live_runs)}")
+    _write_json(json_path, {"mode": mode, "scenario": scenario.to_dict(), "strategies": strategies, "loads": loads,
+                            "reps": reps if mode == "both" else 0, "impl": impl, "sim": {"summary": sim_rows,
+                            "runs": sim_runs}, "live": live_runs, "differences": diffs})

@@ -113,6 +113,8 @@ def aggregate(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "latency_ms": {k: _mean_ci(r["latency_ms"][k] for r in runs) for k in ("mean", "p50", "p95", "p99")},
             "throughput_rps": _mean_ci(r["throughput_rps"] for r in runs),
             "rejected": _mean_ci(r["requests"]["sent"] - r["requests"]["ok"] for r in runs),
+            "requests": {k: _mean_ci(r["requests"][k] for r in runs)
+                         for k in ("sent", "ok", "rate_limited", "backpressure", "circuit_open", "errors")},
             "share": {n: _mean_ci(r["nodes"][n]["share"] for r in runs) for n in node_ids},
             "utilization": {n: _mean_ci(r["nodes"][n]["utilization"] for r in runs) for n in node_ids},
         })

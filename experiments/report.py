@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-__all__ = ["run_summary", "sweep_table"]
+__all__ = ["differences", "run_summary", "side_by_side", "sweep_table"]
 
 
 def _ms(v: float | None) -> str:
@@ -74,5 +74,51 @@ def sweep_table(rows: Sequence[dict[str, Any]]) -> str:
         shares = " / ".join(_ci(row["share"][n], pct) for n in nodes)
         lines.append(f"{row['strategy']:<28}{row['load']:>5.2f}  {_ci(lat['p50']):>14}{_ci(lat['p95']):>16}"
                      f"{_ci(lat['p99']):>16}   {shares}")
-    lines.append(f"(mean ±95% CI over {rows[0]['reps']} repetitions; the same seeds for every strategy)")
+    if rows[0]["reps"] > 1:
+        lines.append(f"(mean ±95% CI over {rows[0]['reps']} repetitions; the same seeds for every strategy)")
+    else:
+        lines.append("(one run each; the same seed for every strategy)")
+    return "\n".join(lines)
+
+
+_COUNTS = ("rate_limited", "backpressure", "circuit_open", "errors")
+
+
+def differences(sim: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
+    """A live run against the simulated run of the same scenario and seed (the same arrivals):
+    latency as a relative difference ((live - sim) / sim), per-node shares in percentage points,
+    counts side by side."""
+    latency = {}
+    for key in ("mean", "p50", "p95", "p99"):
+        want, got = sim["latency_ms"][key], live["latency_ms"][key]
+        latency[key] = None if want is None or got is None or want == 0 else (got - want) / want
+    shares = {n: 100 * (live["nodes"][n]["share"] - node["share"]) for n, node in sim["nodes"].items()}
+    counts = {k: {"sim": sim["requests"][k], "live": live["requests"][k]} for k in _COUNTS}
+    return {"strategy": sim["strategy"], "load": sim["load"], "seed": sim["seed"], "latency_relative": latency,
+            "share_pp": shares, "counts": counts}
+
+
+def side_by_side(same: dict[str, Any], row: dict[str, Any], live: dict[str, Any]) -> str:
+    """One (strategy, load): the simulated run with the live run's seed (``same``), the mean ±95% CI
+    over all simulated repetitions (``row``), the live run, and live against ``same``."""
+    d = differences(same, live)
+    rate = live.get("offered_rate_per_s")
+    head = f"{same['strategy']} at load {same['load']:.2f}" + (f" ({rate:.1f} req/s)" if rate else "")
+    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
+    lines = [f"{head:<34}{'sim, seed ' + str(same['seed']):>16}{'sim, ' + str(row['reps']) + ' seeds':>20}"
+             f"{'live':>11}{'live vs sim':>13}"]
+    for key in ("mean", "p50", "p95", "p99"):
+        rel = d["latency_relative"][key]
+        lines.append(f"  {key + ' ms':<32}{_ms(same['latency_ms'][key]):>16}{_ci(row['latency_ms'][key]):>20}"
+                     f"{_ms(live['latency_ms'][key]):>11}{'-' if rel is None else f'{100 * rel:+.1f}%':>13}")
+    for node, pp in d["share_pp"].items():
+        lines.append(f"  {'share ' + node:<32}{pct(same['nodes'][node]['share']):>16}"
+                     f"{_ci(row['share'][node], pct):>20}{pct(live['nodes'][node]['share']):>11}{f'{pp:+.1f} pp':>13}")
+    for key, c in d["counts"].items():
+        mean = row["requests"][key]["mean"]
+        lines.append(f"  {key.replace('_', ' '):<32}{c['sim']:>16,}{'-' if mean is None else f'{mean:,.1f}':>20}"
+                     f"{c['live']:>11,}")
+    g = live.get("generator")
+    if g and not g["kept_up"]:
+        lines.append("  WARNING: the live load generator fell behind: " + "; ".join(g["problems"]))
     return "\n".join(lines)
