@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import click
 
-from experiments.options import bench_json_option, impl_option
+from experiments.options import EXIT_NOT_IMPLEMENTED, bench_json_option, impl_option
 from solutions.impl import EXERCISES
 
 EXIT_FAILED = 1
-EXIT_NOT_IMPLEMENTED = 3
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

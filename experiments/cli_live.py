@@ -9,7 +9,7 @@ import click
 
 from core.strategies import STRATEGIES
 from experiments.cli_sim import ScenarioParam, run_options
-from experiments.options import impl_option
+from experiments.options import echo_notice, impl_option
 
 __all__ = ["EXIT_GENERATOR_BEHIND", "balancer_command", "live_group", "node_command", "registry_command",
            "run_live_scenario"]
@@ -99,11 +99,10 @@ def node_command(port: int, node_id: str | None, host: str, shutdown_timeout: fl
     """A node: GET /health, /work, /stats, /queue-stats, /circuit-status, /discovery-status, /peers, /metrics."""
     from live.node import NodeConfig, listening, make_node_app
     from live.serve import serve
-    from solutions.impl import resolve
 
     impl = options.pop("impl")
     if options["rate_limit"] is not None:
-        click.echo(resolve("rate-limiter", impl).notice)
+        echo_notice("rate-limiter", impl)
     load_factor = options.pop("load_factor")
     config = NodeConfig(
         node_id=node_id or f"node-{port}", host=host, port=port, load_factor_ms=load_factor,
@@ -160,12 +159,11 @@ def balancer_command(port: int, host: str, shutdown_timeout: float, nodes: tuple
     """The load balancer: proxies everything; GET /lb-stats and /metrics are its own."""
     from live.balancer import BalancerConfig, make_balancer_app
     from live.serve import serve
-    from solutions.impl import resolve
 
     if not nodes and not registry:
         raise click.UsageError("give --nodes (e.g. 5001,5002,5003) or --registry URL")
     if strategy == "least_connections":
-        click.echo(resolve("least-connections", impl).notice)
+        echo_notice("least-connections", impl)
     config = BalancerConfig(host=host, port=port, nodes=nodes or (), registry=registry, strategy=strategy, impl=impl,
                             health_interval_s=health_interval, unhealthy_after=unhealthy_after,
                             refresh_s=refresh_interval, timeout_s=timeout, eject_after_failures=eject_after,

@@ -10,6 +10,7 @@ import click
 
 from core.scenario import Scenario, ScenarioError
 from core.strategies import STRATEGIES
+from experiments.options import echo_notice, impl_option
 
 __all__ = ["ScenarioParam", "compare_command", "run_options", "sim_group"]
 
@@ -70,11 +71,6 @@ def _write_json(path: str | None, data: Any) -> None:
         click.echo(f"wrote {p}")
 
 
-def _impl_option(f):
-    from experiments.options import impl_option
-    return impl_option(f)
-
-
 def _overrides(scenario: Scenario, strategy: str | None, rate: float | None, load: float | None,
                duration: float | None, seed: int | None) -> Scenario:
     """The scenario with ``--strategy/--rate/--load/--duration/--seed`` applied; bad combinations are usage errors."""
@@ -102,7 +98,7 @@ def run_options(f):
                      help="Set the arrival rate to this fraction of the total capacity instead."),
         click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Override duration_s."),
         click.option("--seed", type=click.IntRange(min=0), help="Override the seed."),
-        _impl_option,
+        impl_option,
         click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the results JSON here."),
     ]):
         f = option(f)
@@ -133,11 +129,10 @@ def sim_run(scenario: Scenario, strategy: str | None, rate: float | None, load: 
 
 def _notices(impl: str, strategy: str | None, scenario: Scenario) -> None:
     """Say whose exercise code runs, where it matters to this run."""
-    from solutions.impl import resolve
     if strategy == "least_connections":
-        click.echo(resolve("least-connections", impl).notice)
+        echo_notice("least-connections", impl)
     if any(n.rate_limit_per_s for n in scenario.nodes):
-        click.echo(resolve("rate-limiter", impl).notice)
+        echo_notice("rate-limiter", impl)
 
 
 def _sweep(scenario: Scenario, strategies: list[str], loads: list[float], reps: int, workers: int | None,
@@ -176,7 +171,7 @@ def _sweep_options(default_plot: str | None, default_json: str | None, default_r
             click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Override duration_s."),
             click.option("--workers", type=click.IntRange(1, 256), default=None,
                          help="Processes to run repetitions in [default: one per core]."),
-            _impl_option,
+            impl_option,
             click.option("--plot", type=click.Path(dir_okay=False), default=default_plot, show_default=True,
                          help="Write a PNG of latency against load here."),
             click.option("--json", "json_path", type=click.Path(dir_okay=False), default=default_json,

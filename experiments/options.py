@@ -6,7 +6,10 @@ import click
 
 from solutions.impl import Impl
 
-__all__ = ["bench_json_option", "impl_option"]
+__all__ = ["EXIT_NOT_IMPLEMENTED", "bench_json_option", "echo_notice", "impl_option"]
+
+#: Exit status of a command that was told to run an exercise (``--impl exercise``) that is still the stub.
+EXIT_NOT_IMPLEMENTED = 3
 
 impl_option = click.option(
     "--impl", type=click.Choice([i.value for i in Impl]), default=Impl.AUTO.value, show_default=True,
@@ -17,3 +20,15 @@ impl_option = click.option(
 bench_json_option = click.option(
     "--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
     help="Also write the figures to this JSON file.")
+
+
+def echo_notice(exercise: str, impl: str) -> None:
+    """Say whose code runs for ``exercise``. Forcing ``--impl exercise`` on the stub ends the
+    command here, with the stub's own message (what to write, where) and exit status 3."""
+    from core.exercise import ExerciseNotImplemented
+    from solutions.impl import resolve
+    try:
+        click.echo(resolve(exercise, impl).notice)
+    except ExerciseNotImplemented as exc:
+        click.echo(f"Error: {exc}", err=True)
+        raise SystemExit(EXIT_NOT_IMPLEMENTED) from None
