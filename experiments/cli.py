@@ -30,13 +30,16 @@ def main() -> None:
 @click.option("--max-examples", type=click.IntRange(1, 100_000), default=200, show_default=True,
               help="Hypothesis examples per property.")
 @click.option("--no-sim", is_flag=True, help="Skip the simulation step.")
-def check(exercise: str, impl: str, max_examples: int, no_sim: bool) -> None:
-    """Grade the exercises: property suites, then a simulation against the reference.
+@click.option("--no-live", is_flag=True, help="Skip the live step (a 12 s run on real processes per exercise).")
+def check(exercise: str, impl: str, max_examples: int, no_sim: bool, no_live: bool) -> None:
+    """Grade the exercises: property suites, then a simulation, then a live run.
 
     Prints PASS/FAIL per property with the smallest counterexample found, in
-    plain words, then (once every property holds) runs the implementation in
-    the simulator beside the reference solution. Exit status 0 only when all
-    pass; 3 when --impl exercise is forced on a method that is still the stub.
+    plain words; once every property holds, runs the implementation in the
+    simulator beside the reference solution; once that passes, runs it for real
+    (least connections in a balancer, the rate limiter in nodes) for a few
+    seconds on loopback. Exit status 0 only when all pass; 3 when --impl
+    exercise is forced on a method that is still the stub.
     """
     from hypothesis import settings as Settings
 
@@ -46,7 +49,7 @@ def check(exercise: str, impl: str, max_examples: int, no_sim: bool) -> None:
     names = list(EXERCISES) if exercise == "all" else [exercise]
     reports = []
     for name in names:
-        report = grade(name, impl, settings, simulate=not no_sim)
+        report = grade(name, impl, settings, simulate=not no_sim, live=not no_live)
         reports.append(report)
         click.echo(render(report))
         click.echo()

@@ -30,6 +30,7 @@ def test_check_auto_on_stubs_grades_the_solution_and_says_so() -> None:
     assert result.output.count("not implemented yet; using the reference solution") == 2
     assert "PASS  window-bound" in result.output and "PASS  ties-shared" in result.output
     assert result.output.count("PASS  in simulation") == 2
+    assert result.output.count("PASS  live (") == 2  # the processes got --impl solution too
     assert "Result: every check passes" in result.output
 
 
@@ -48,10 +49,11 @@ def test_check_exercise_on_a_stub_is_not_implemented_yet(how: str) -> None:
 
 @pytest.mark.usefixtures("implemented")
 def test_check_grades_the_students_code_once_written() -> None:
-    result = invoke("check", "least-connections", "--max-examples", "20", "--no-sim")
+    # In-process only (the fixture patches the class), so no live step: its processes read the files.
+    result = invoke("check", "least-connections", "--max-examples", "20", "--no-sim", "--no-live")
     assert result.exit_code == 0, result.output
     assert "using your LeastConnectionsStrategy.select_node()" in result.output
-    assert "in simulation" not in result.output
+    assert "in simulation" not in result.output and "live" not in result.output
 
 
 def test_check_reports_a_counterexample_in_plain_words(monkeypatch) -> None:
@@ -61,7 +63,7 @@ def test_check_reports_a_counterexample_in_plain_words(monkeypatch) -> None:
     assert "FAIL  window-bound" in result.output
     assert "requests were allowed" in result.output or "was allowed too" in result.output
     assert "Result: FAILED (rate-limiter)" in result.output
-    assert "the simulation step runs once every property holds" in result.output
+    assert "the simulation and live steps run once every property holds" in result.output
 
 
 def test_check_reports_an_exception_in_student_code(monkeypatch) -> None:
@@ -84,6 +86,20 @@ def test_usage_errors_name_the_problem(args, words) -> None:
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2
     assert words in result.output and "Traceback" not in result.output, result.output
+
+
+@pytest.mark.usefixtures("stubbed")
+@pytest.mark.parametrize("args", [
+    ["balancer", "--nodes", "5001", "--strategy", "least_connections", "--impl", "exercise"],
+    ["node", "--rate-limit", "3", "--impl", "exercise"],
+    ["sim", "run", "rate-limited", "--impl", "exercise"],
+    ["live", "run", "seed", "--strategy", "least_connections", "--impl", "exercise"],
+])
+def test_forcing_a_stub_anywhere_ends_with_its_message_and_exit_3(args) -> None:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == EXIT_NOT_IMPLEMENTED, result.output
+    assert "is not implemented yet" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
 def test_help_lists_the_commands() -> None:

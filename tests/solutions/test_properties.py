@@ -50,18 +50,24 @@ def test_property_rejects_its_mutant(exercise, prop) -> None:
     assert len(str(info.value)) > 30  # a sentence, not a bare assert
 
 
-def paste_solution(exercise: str, tmp_path: pathlib.Path) -> type:
-    """Copy the solution's method over the stub in a copy of the exercise file; return the class."""
+def pasted_source(exercise: str, root: pathlib.Path = ROOT) -> str:
+    """The exercise file's text with the solution's method pasted over the stub, as a student would."""
     ex = EXERCISES[exercise]
     cls_name, method = ex.method.split(".")
-    source = (ROOT / ex.path).read_text()
+    source = (root / ex.path).read_text()
     solution = inspect.getsource(getattr(ex.solution_cls, method))  # indented as in a class body
     # The stub: from its "def" line to the next line indented no deeper than it.
     stub = re.compile(rf"^    def {method}\(.*?(?=^    \S|^\S|\Z)", re.S | re.M)
     start = re.search(rf"^class {cls_name}\b", source, re.M).start()
     match = stub.search(source, start)
     assert match and "ExerciseNotImplemented" in match.group(0), "stub not found"
-    pasted = source[:match.start()] + solution + "\n" + source[match.end():]
+    return source[:match.start()] + solution + "\n" + source[match.end():]
+
+
+def paste_solution(exercise: str, tmp_path: pathlib.Path) -> type:
+    """Copy the solution's method over the stub in a copy of the exercise file; return the class."""
+    cls_name = EXERCISES[exercise].method.split(".")[0]
+    pasted = pasted_source(exercise)
     path = tmp_path / f"pasted_{exercise.replace('-', '_')}.py"
     path.write_text(pasted)
     spec = importlib.util.spec_from_file_location(path.stem, path)
