@@ -8,9 +8,13 @@ offer *the same* requests: the same gaps between open-loop arrivals and the
 same client on each, for the same seed. A difference between a simulated and a
 live run of one scenario is then the system's, not the dice's.
 
-``SeedSequence(seed).spawn(k)`` hands out independent child streams by index;
-the workload takes children 0 (arrival gaps and think times) and 1 (clients),
-whatever else a driver spawns after them.
+A run's random numbers come from independent child streams of
+``SeedSequence(seed)``, by index: 0 arrival gaps and think times, 1 clients,
+2 the balancer's strategy, ``3 + i`` node ``i``'s service times and injected
+errors. A live node started with ``--seed S --stream K`` draws from child ``K``
+of seed ``S``, so ``testbed live run`` gives every node the very stream its
+simulated twin uses: the same arrivals *and* (in the order served) the same
+service times.
 
 Draws are fetched from numpy in chunks (:func:`chunks`): one numpy call per
 few thousand numbers instead of one per request.
@@ -25,9 +29,10 @@ import numpy as np
 
 from core.scenario import Workload
 
-__all__ = ["ARRIVAL_STREAM", "CLIENT_STREAM", "chunks", "client_ids", "open_loop", "streams", "think_times"]
+__all__ = ["ARRIVAL_STREAM", "CLIENT_STREAM", "NODE_STREAM", "STRATEGY_STREAM", "chunks", "client_ids", "open_loop",
+           "service_times", "stream", "strategy_seed", "streams", "think_times"]
 
-ARRIVAL_STREAM, CLIENT_STREAM = 0, 1
+ARRIVAL_STREAM, CLIENT_STREAM, STRATEGY_STREAM, NODE_STREAM = 0, 1, 2, 3  # node i: NODE_STREAM + i
 
 
 def chunks(draw: Callable[[int], np.ndarray], size: int = 4096) -> Iterator[float]:
@@ -36,9 +41,26 @@ def chunks(draw: Callable[[int], np.ndarray], size: int = 4096) -> Iterator[floa
         yield from draw(size).tolist()
 
 
+def stream(seed: int, index: int) -> np.random.Generator:
+    """Child stream ``index`` of ``seed``: what ``SeedSequence(seed).spawn(n)[index]`` seeds, for any n > index."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
+
+
 def streams(seed: int, n: int) -> list[np.random.Generator]:
-    """``n`` independent generators for a run with ``seed``; 0 and 1 are the workload's."""
-    return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(n)]
+    """Child streams 0 .. n-1 of ``seed`` (see the module docstring for who uses which)."""
+    return [stream(seed, i) for i in range(n)]
+
+
+def strategy_seed(seed: int) -> int:
+    """The seed of the balancer strategy's ``random.Random`` in a run with ``seed``."""
+    return int(stream(seed, STRATEGY_STREAM).integers(2**63))
+
+
+def service_times(service: str, mean_s: float, rng: np.random.Generator) -> Iterator[float]:
+    """Endless service times (seconds) with mean ``mean_s``: exponential, or the mean itself (deterministic)."""
+    if service == "exponential" and mean_s > 0:
+        return chunks(lambda n: rng.exponential(mean_s, n))
+    return itertools.repeat(mean_s)
 
 
 def client_ids(workload: Workload) -> list[str]:

@@ -93,6 +93,8 @@ def _common(f):
               help="Fraction of work requests that fail with 500.")
 @click.option("--extra-latency-ms", type=click.FloatRange(0, 600_000), default=0.0, show_default=True)
 @click.option("--seed", type=click.IntRange(0), default=None, help="Seed of the service-time generator.")
+@click.option("--stream", type=click.IntRange(0), default=None,
+              help="Draw from child stream N of --seed (testbed live run gives each node its simulated twin's).")
 @impl_option
 def node_command(port: int, node_id: str | None, host: str, shutdown_timeout: float, trust_proxy: str,
                  **options: Any) -> None:
@@ -109,6 +111,8 @@ def node_command(port: int, node_id: str | None, host: str, shutdown_timeout: fl
         rate_limit_per_s=options.pop("rate_limit"), rate_limit_burst=options.pop("burst"),
         recovery_timeout_s=options.pop("recovery_timeout"), heartbeat_interval_s=options.pop("heartbeat_interval"),
         trust_proxy=tuple(ip.strip() for ip in trust_proxy.split(",") if ip.strip()), impl=impl, **options)
+    if config.stream is not None and config.seed is None:
+        raise click.UsageError("--stream picks a child stream of --seed; give --seed too")
     if config.success_threshold > config.half_open_max_calls:
         raise click.UsageError(f"--success-threshold {config.success_threshold} needs at least as many half-open "
                                f"probes; --half-open-max-calls is {config.half_open_max_calls}")

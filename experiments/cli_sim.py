@@ -208,9 +208,9 @@ def compare_command(scenario: Scenario, mode: str, strategies: list[str], loads:
     three-node scenario (workers 1, 4, 1; 25 ms per request), simulated across loads.
 
     With --mode live or both, every (strategy, load) point also runs for real (registry,
-    nodes and balancer on loopback, for the scenario's duration each; --loads defaults
-    to 0.5 there). A point takes the scenario's seed, so its live run and the first
-    simulated repetition offer the very same arrivals.
+    nodes and balancer on loopback, for the scenario's duration each; without --loads,
+    at the scenario's own rate). A point takes the scenario's seed, so its live run and
+    the first simulated repetition offer the very same arrivals.
     """
     if duration is not None:
         scenario = scenario.replace(duration_s=duration)
@@ -219,7 +219,7 @@ def compare_command(scenario: Scenario, mode: str, strategies: list[str], loads:
                title=f"{scenario.name}: {' vs '.join(strategies)}")
         return
     if click.get_current_context().get_parameter_source("loads") is click.core.ParameterSource.DEFAULT:
-        loads = [0.5]
+        loads = [scenario.workload.rate_per_s / scenario.capacity_per_s]  # the scenario as written
     _compare_live(scenario, mode, strategies, loads, reps, workers, impl, plot, json_path)
 
 

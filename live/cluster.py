@@ -37,6 +37,7 @@ from collections import deque
 from typing import Any, Callable
 
 from core.scenario import NodeSpec, Scenario
+from core.workload import NODE_STREAM, strategy_seed
 from live.upstream import UpstreamError, UpstreamPool
 
 __all__ = ["Child", "ChildFailed", "Cluster", "balancer_args", "node_args"]
@@ -154,13 +155,14 @@ def _num(value: float) -> str:
     return repr(float(value))
 
 
-def node_args(spec: NodeSpec, *, registry_url: str, seed: int, impl: str, port: int = 0,
+def node_args(spec: NodeSpec, *, registry_url: str, seed: int, stream: int, impl: str, port: int = 0,
               heartbeat_interval_s: float = 0.5) -> list[str]:
-    """The ``testbed node`` command line for one scenario node."""
+    """The ``testbed node`` command line for one scenario node, drawing from child ``stream`` of ``seed``."""
     args = ["node", "--port", str(port), "--id", spec.id, "--workers", str(spec.workers),
             "--load-factor", _num(spec.load_factor_ms), "--service", spec.service,
             "--registry", registry_url, "--heartbeat-interval", _num(heartbeat_interval_s),
-            "--trust-proxy", "127.0.0.1", "--seed", str(seed), "--impl", impl, "--shutdown-timeout", "2"]
+            "--trust-proxy", "127.0.0.1", "--seed", str(seed), "--stream", str(stream), "--impl", impl,
+            "--shutdown-timeout", "2"]
     if spec.rate_limit_per_s:
         args += ["--rate-limit", _num(spec.rate_limit_per_s)]
         if spec.rate_limit_burst:
@@ -184,7 +186,7 @@ def balancer_args(scenario: Scenario, *, registry_url: str, impl: str, refresh_i
             "--health-interval", _num(b.health_check_interval_s), "--unhealthy-after", str(b.unhealthy_after),
             "--refresh-interval", _num(refresh_interval_s), "--timeout", _num(b.timeout_s),
             "--eject-after", str(b.eject_after_failures), "--ejection-time", _num(b.ejection_time_s),
-            "--seed", str(scenario.seed), "--impl", impl, "--shutdown-timeout", "2"]
+            "--seed", str(strategy_seed(scenario.seed)), "--impl", impl, "--shutdown-timeout", "2"]
     if not b.retry_connect_failures:
         args.append("--no-retry")
     return args
@@ -238,7 +240,8 @@ class Cluster:
         s = self.scenario
         self.registry = await self._launch(Child("registry", ["registry", "--port", "0", "--ttl", "2",
                                                               "--shutdown-timeout", "1"]))
-        nodes = [Child(spec.id, node_args(spec, registry_url=self.registry.url, seed=s.seed * 1000 + i,
+        # Node i draws from the stream its simulated twin uses (core.workload).
+        nodes = [Child(spec.id, node_args(spec, registry_url=self.registry.url, seed=s.seed, stream=NODE_STREAM + i,
                                           impl=self.impl))
                  for i, spec in enumerate(s.nodes)]
         for child in nodes:  # registered at once, so a failed start still gets stopped
@@ -283,8 +286,8 @@ class Cluster:
         old = self.nodes[node_id]
         index = [n.id for n in self.scenario.nodes].index(node_id)
         args = node_args(self.scenario.nodes[index], registry_url=self.registry.url if self.registry else "",
-                         seed=self.scenario.seed * 1000 + index + 1000 * len(self.scenario.nodes), impl=self.impl,
-                         port=old.port)
+                         seed=self.scenario.seed, stream=NODE_STREAM + len(self.scenario.nodes) + index,
+                         impl=self.impl, port=old.port)  # a fresh process, fresh random numbers
         fresh = Child(node_id, args)
         self.nodes[node_id] = fresh
         try:

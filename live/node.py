@@ -27,18 +27,19 @@ is handed to the core objects as ``now``. Nothing here decides policy.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Awaitable, Callable
 
 import aiohttp
+import numpy as np
 from aiohttp import web
 
 from core.backpressure import BackpressureGate
 from core.circuit_breaker import CircuitBreaker
 from core.rate_limiter import TokenBucket
+from core.workload import chunks, service_times, stream
 from live.discovery import DiscoveryClient
 from live.http import (
     cancel_and_wait, error_response, json_error, metrics_response, read_json, require, retry_after_header,
@@ -75,6 +76,7 @@ class NodeConfig:
     error_rate: float = 0.0
     extra_latency_ms: float = 0.0
     seed: int | None = None
+    stream: int | None = None
     impl: str = "auto"
     limiter_cls: type[TokenBucket] | None = field(default=None, compare=False)
 
@@ -135,7 +137,10 @@ class NodeState:
         from solutions.impl import rate_limiter_class
         self.config = config
         self.clock = clock
-        self.rng = random.Random(config.seed)
+        rng = (stream(config.seed or 0, config.stream) if config.stream is not None
+               else np.random.default_rng(config.seed))
+        self._service = service_times(config.service, config.load_factor_ms / 1000.0, rng)
+        self._uniform = chunks(rng.random)  # drawn as the simulator draws them (core.workload)
         limiter_cls = config.limiter_cls or rate_limiter_class(config.impl)
         self.limiter = (limiter_cls(config.rate_limit_per_s, config.rate_limit_burst)
                         if config.rate_limit_per_s else None)
@@ -152,14 +157,10 @@ class NodeState:
         self.downstream: aiohttp.ClientSession | None = None
 
     def service_time_s(self) -> float:
-        mean = self.config.load_factor_ms / 1000.0
-        if mean <= 0:
-            base = 0.0
-        elif self.config.service == "exponential":
-            base = self.rng.expovariate(1.0 / mean)
-        else:
-            base = mean
-        return base + self.faults.extra_latency_ms / 1000.0
+        return next(self._service) + self.faults.extra_latency_ms / 1000.0
+
+    def injected_error(self) -> bool:
+        return bool(self.faults.error_rate) and next(self._uniform) < self.faults.error_rate
 
     def client_key(self, request: web.Request) -> str:
         peer = request.remote or "unknown"
@@ -268,7 +269,7 @@ async def _guarded_work(state: NodeState, clock: Callable[[], float]) -> web.Res
             else:
                 await asyncio.sleep(service)
             failed, detail = False, ""
-            if state.faults.error_rate and state.rng.random() < state.faults.error_rate:
+            if state.injected_error():
                 failed, detail = True, f"injected fault (error rate {state.faults.error_rate:g})"
             downstream_status = None
             if not failed and state.downstream is not None:

@@ -38,7 +38,6 @@ Nothing here decides policy: admission, breaking, picking and health are all
 
 from __future__ import annotations
 
-import itertools
 import random
 from collections import deque
 from dataclasses import dataclass
@@ -55,7 +54,10 @@ from core.rate_limiter import TokenBucket
 from core.results import OUTCOME_STATUS, Outcome, RequestLog, summarize
 from core.scenario import NodeSpec, Scenario
 from core.strategies import Backend, BaseStrategy, NoHealthyBackend
-from core.workload import chunks as _chunks, client_ids, open_loop, streams, think_times
+from core.workload import (
+    ARRIVAL_STREAM, CLIENT_STREAM, NODE_STREAM, chunks, client_ids, open_loop, service_times, strategy_seed, streams,
+    think_times,
+)
 
 __all__ = ["Simulation", "run_scenario"]
 
@@ -88,10 +90,8 @@ class SimNode:
         self.env = sim.env
         self.workers = spec.workers
         self._limiter_cls = limiter_cls
-        mean_s = spec.load_factor_ms / 1000.0
-        self.service = (_chunks(lambda n: rng.exponential(mean_s, n)) if spec.service == "exponential"
-                        else itertools.repeat(mean_s))
-        self.uniform = _chunks(rng.random)
+        self.service = service_times(spec.service, spec.load_factor_ms / 1000.0, rng)
+        self.uniform = chunks(rng.random)
         self.up = True
         self.error_rate = 0.0
         self.extra_latency_s = 0.0
@@ -189,15 +189,14 @@ class Simulation:
         self.scenario = scenario
         self.env = simpy.Environment()
         self.log = RequestLog()
-        rngs = streams(scenario.seed, 3 + len(scenario.nodes))  # 0, 1: the workload's (core.workload)
-        self._rng_arrivals, self._rng_clients = rngs[0], rngs[1]
-        strategy_seed = int(rngs[2].integers(2**63))
+        rngs = streams(scenario.seed, NODE_STREAM + len(scenario.nodes))  # who uses which: core.workload
+        self._rng_arrivals, self._rng_clients = rngs[ARRIVAL_STREAM], rngs[CLIENT_STREAM]
         strategy_cls = strategy_cls or strategy_class(scenario.balancer.strategy, "solution")
-        self.strategy = strategy_cls(rng=random.Random(strategy_seed))
+        self.strategy = strategy_cls(rng=random.Random(strategy_seed(scenario.seed)))
         limiter_cls = limiter_cls or rate_limiter_class("solution")
         b = scenario.balancer
         self.backends = [
-            _Backend(SimNode(self, i, spec, rngs[3 + i], limiter_cls), 0,
+            _Backend(SimNode(self, i, spec, rngs[NODE_STREAM + i], limiter_cls), 0,
                      HealthTracker(b.unhealthy_after), PeakEwma(),
                      CircuitBreaker(b.eject_after_failures, b.ejection_time_s, name=f"lb:{spec.id}")
                      if b.eject_after_failures else None)

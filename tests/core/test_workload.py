@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from core.scenario import Workload
-from core.workload import client_ids, open_loop, streams, think_times
+from core.workload import client_ids, open_loop, service_times, stream, streams, think_times
 
 
 def _take(workload: Workload, seed: int, n: int) -> list[tuple[float, str]]:
@@ -48,3 +48,16 @@ def test_closed_loop_is_not_an_open_loop() -> None:
 def test_think_times() -> None:
     draws = list(itertools.islice(think_times(Workload(arrival="closed", think_time_ms=20), streams(0, 1)[0]), 20_000))
     assert np.mean(draws) == pytest.approx(0.020, rel=0.03)
+
+
+def test_a_child_stream_is_the_same_however_it_is_reached() -> None:
+    spawned = [np.random.default_rng(s) for s in np.random.SeedSequence(9).spawn(6)]
+    for k in range(6):
+        assert stream(9, k).random(5).tolist() == spawned[k].random(5).tolist() == streams(9, 6)[k].random(5).tolist()
+
+
+def test_service_times() -> None:
+    assert list(itertools.islice(service_times("deterministic", 0.025, stream(0, 3)), 3)) == [0.025] * 3
+    assert list(itertools.islice(service_times("exponential", 0.0, stream(0, 3)), 2)) == [0.0, 0.0]
+    draws = list(itertools.islice(service_times("exponential", 0.025, stream(0, 3)), 20_000))
+    assert np.mean(draws) == pytest.approx(0.025, rel=0.03)

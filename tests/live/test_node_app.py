@@ -192,3 +192,18 @@ async def test_downstream_success_is_reported(aiohttp_client, aiohttp_server, cl
     client = await client_for(aiohttp_client, clock, downstream=str(healthy.make_url("/work")))
     body = await (await client.get("/work")).json()
     assert body["downstream_status"] == 200
+
+
+def test_a_node_with_seed_and_stream_draws_its_simulated_twins_service_times() -> None:
+    from core.workload import NODE_STREAM
+    from experiments.scenarios import load
+    from live.node import STATE
+    from sim.model import Simulation
+
+    scenario = load("seed")
+    sim = Simulation(scenario)
+    for i, spec in enumerate(scenario.nodes):
+        app = make_node_app(NodeConfig(node_id=spec.id, load_factor_ms=spec.load_factor_ms, service=spec.service,
+                                       seed=scenario.seed, stream=NODE_STREAM + i))
+        live = [app[STATE].service_time_s() for _ in range(5)]
+        assert live == [next(sim.backends[i].node.service) for _ in range(5)]
