@@ -38,7 +38,14 @@ def run_summary(r: dict[str, Any]) -> str:
         lines.append(f"  fault at {f['at_s']:.1f}s on {f['node']}: {f['action']} ({f['result']})")
     if r.get("generator"):
         lines.extend(_generator_lines(r["generator"]))
+    if r.get("overhead_ms") and r["overhead_ms"]["p50"] is not None:
+        lines.append(_overhead_line(r["overhead_ms"]))
     return "\n".join(lines)
+
+
+def _overhead_line(o: dict[str, Any]) -> str:
+    return (f"  overhead: GET /health through the balancer takes p50 {o['p50']:.2f} ms, mean {o['mean']:.2f} ms "
+            "(in every live response time; not in the simulator's)")
 
 
 def _generator_lines(g: dict[str, Any]) -> list[str]:
@@ -118,6 +125,9 @@ def side_by_side(same: dict[str, Any], row: dict[str, Any], live: dict[str, Any]
         mean = row["requests"][key]["mean"]
         lines.append(f"  {key.replace('_', ' '):<32}{c['sim']:>16,}{'-' if mean is None else f'{mean:,.1f}':>20}"
                      f"{c['live']:>11,}")
+    o = live.get("overhead_ms")
+    if o and o["p50"] is not None:
+        lines.append(f"  {'overhead (live, /health round trip)':<32}{'-':>16}{'-':>20}{_ms(o['p50']):>11}")
     g = live.get("generator")
     if g and not g["kept_up"]:
         lines.append("  WARNING: the live load generator fell behind: " + "; ".join(g["problems"]))

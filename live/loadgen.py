@@ -169,6 +169,24 @@ class LoadGenerator:
             start = end - service_ms / 1000.0
         return node, start, outcome
 
+    async def probe_overhead(self, n: int = 40, gap_s: float = 0.01) -> dict[str, Any]:
+        """Round trips of ``GET /health`` through the balancer, one at a time, before the load starts:
+        what every live response time carries on top of queueing and service (two HTTP hops and the
+        processes waking up), which the simulator does not model."""
+        loop = asyncio.get_running_loop()
+        times = []
+        for _ in range(n):
+            started = loop.time()
+            try:
+                await self.pool.request(self.url, "GET", "/health", [("X-Client-ID", "testbed-overhead-probe")], b"")
+            except (UpstreamError, asyncio.TimeoutError):
+                continue
+            times.append((loop.time() - started) * 1000.0)
+            await asyncio.sleep(gap_s)
+        if not times:
+            return {"p50": None, "mean": None, "samples": 0}
+        return {"p50": float(np.percentile(times, 50)), "mean": float(np.mean(times)), "samples": len(times)}
+
     def generator_stats(self, warmup_s: float) -> dict[str, Any]:
         """How well the generator offered the load: asked vs scheduled vs sent rate, and its send delay."""
         w = self.workload

@@ -14,7 +14,10 @@ on schedule, from the same time origin as the workload:
 
 The records become the results JSON of :func:`core.results.summarize` with
 ``"mode": "live"``, plus how well the generator offered the load
-(``"generator"``) and what happened to the faults (``"faults"``). However the
+(``"generator"``), what happened to the faults (``"faults"``), and the
+round-trip time of ``/health`` through the balancer measured just before the
+load starts (``"overhead_ms"``): the part of a live response time that is
+neither queueing nor service, which the simulator does not model. However the
 run ends (done, Ctrl-C, SIGTERM, a process dying, an error) the cluster is
 stopped before this returns or raises.
 """
@@ -95,6 +98,7 @@ async def live_run(scenario: Scenario, *, impl: str = "auto", echo: Callable[[st
             gen = LoadGenerator(cluster.balancer.url, s.workload, seed=s.seed, duration_s=s.duration_s,
                                 node_ids=[n.id for n in s.nodes], timeout_s=s.balancer.timeout_s + 5.0)
             fault_log: list[dict[str, Any]] = []
+            overhead = await gen.probe_overhead()
             echo(f"sending {_describe(s)} to the balancer for {s.duration_s:g} s")
             run = asyncio.create_task(gen.run())
             await asyncio.sleep(0)  # let the generator fix its time origin first
@@ -124,7 +128,7 @@ async def live_run(scenario: Scenario, *, impl: str = "auto", echo: Callable[[st
         node_workers=[n.workers for n in s.nodes],
         extra={"offered_rate_per_s": s.workload.rate_per_s if s.workload.arrival != "closed" else None,
                "load": (s.workload.rate_per_s / s.capacity_per_s) if s.workload.arrival != "closed" else None,
-               "live_requests": len(gen.log), "generator": stats, "faults": fault_log})
+               "live_requests": len(gen.log), "generator": stats, "overhead_ms": overhead, "faults": fault_log})
 
 
 def _describe(s: Scenario) -> str:
