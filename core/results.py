@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import enum
 from array import array
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from core.scenario import Scenario
+
 __all__ = ["ERROR_CODES", "LATENCY_KEYS", "OUTCOME_STATUS", "Outcome", "RequestLog", "latency_stats", "outcome_of",
-           "summarize"]
+           "scenario_results", "summarize"]
 
 
 class Outcome(enum.IntEnum):
@@ -176,3 +179,14 @@ def summarize(log: RequestLog, *, scenario: str, mode: str, seed: int, strategy:
     if extra:
         result.update(extra)
     return result
+
+
+def scenario_results(log: RequestLog, scenario: Scenario, *, mode: str, **extra: Any) -> dict[str, Any]:
+    """:func:`summarize` for a run of ``scenario`` (its window, nodes and offered load), plus ``extra`` keys."""
+    s = scenario
+    open_loop = s.workload.arrival != "closed"
+    return summarize(
+        log, scenario=s.name, mode=mode, seed=s.seed, strategy=s.balancer.strategy, duration_s=s.duration_s,
+        warmup_s=s.warmup_s, node_ids=[n.id for n in s.nodes], node_workers=[n.workers for n in s.nodes],
+        extra={"offered_rate_per_s": s.workload.rate_per_s if open_loop else None,
+               "load": s.workload.rate_per_s / s.capacity_per_s if open_loop else None, **extra})

@@ -30,7 +30,7 @@ import os
 import signal
 from typing import Any, Callable
 
-from core.results import summarize
+from core.results import scenario_results
 from core.scenario import Fault, Scenario
 from live.cluster import ChildFailed, Cluster
 from live.loadgen import LoadGenerator
@@ -122,13 +122,8 @@ async def live_run(scenario: Scenario, *, impl: str = "auto", echo: Callable[[st
             stats = gen.generator_stats(s.warmup_s)
     except ChildFailed as exc:
         raise LiveRunError(str(exc)) from None
-    return summarize(
-        gen.log, scenario=s.name, mode="live", seed=s.seed, strategy=s.balancer.strategy,
-        duration_s=s.duration_s, warmup_s=s.warmup_s, node_ids=[n.id for n in s.nodes],
-        node_workers=[n.workers for n in s.nodes],
-        extra={"offered_rate_per_s": s.workload.rate_per_s if s.workload.arrival != "closed" else None,
-               "load": (s.workload.rate_per_s / s.capacity_per_s) if s.workload.arrival != "closed" else None,
-               "live_requests": len(gen.log), "generator": stats, "overhead_ms": overhead, "faults": fault_log})
+    return scenario_results(gen.log, s, mode="live", live_requests=len(gen.log), generator=stats,
+                            overhead_ms=overhead, faults=fault_log)
 
 
 def _describe(s: Scenario) -> str:

@@ -51,7 +51,7 @@ from core.circuit_breaker import CircuitBreaker, Permit
 from core.health import HealthTracker, counts_as_failure
 from core.latency import PeakEwma
 from core.rate_limiter import TokenBucket
-from core.results import OUTCOME_STATUS, Outcome, RequestLog, summarize
+from core.results import OUTCOME_STATUS, Outcome, RequestLog, scenario_results
 from core.scenario import NodeSpec, Scenario
 from core.strategies import Backend, BaseStrategy, NoHealthyBackend
 from core.workload import (
@@ -323,14 +323,7 @@ class Simulation:
         return self
 
     def results(self) -> dict[str, Any]:
-        s = self.scenario
-        return summarize(
-            self.log, scenario=s.name, mode="sim", seed=s.seed, strategy=s.balancer.strategy,
-            duration_s=s.duration_s, warmup_s=s.warmup_s, node_ids=[n.id for n in s.nodes],
-            node_workers=[n.workers for n in s.nodes],
-            extra={"offered_rate_per_s": s.workload.rate_per_s if s.workload.arrival != "closed" else None,
-                   "load": (s.workload.rate_per_s / s.capacity_per_s) if s.workload.arrival != "closed" else None,
-                   "simulated_requests": len(self.log)})
+        return scenario_results(self.log, self.scenario, mode="sim", simulated_requests=len(self.log))
 
 
 def run_scenario(scenario: Scenario, impl: str = "auto") -> dict[str, Any]:

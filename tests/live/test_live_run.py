@@ -216,3 +216,18 @@ def test_sim_and_live_agree_at_low_load(tmp_path) -> None:
         assert live["latency_ms"][key] - overhead == pytest.approx(sim["latency_ms"][key], rel=0.15), key
     for node in sim["nodes"]:
         assert abs(live["nodes"][node]["share"] - sim["nodes"][node]["share"]) < 0.05, node
+
+
+def test_a_process_that_dies_on_its_own_ends_the_run_with_its_last_words(tmp_path) -> None:
+    runner = Proc("live", "run", scenario(tmp_path, SMALL.format(duration=120)), ready=r"sending .* to the balancer",
+                  timeout=60)
+    try:
+        children = started(runner.output())
+        os.kill(children["balancer"][0], signal.SIGKILL)  # nobody asked it to go
+        code = runner.popen.wait(30)
+    finally:
+        runner.stop()
+    assert code == 1, runner.output()
+    assert "the live run failed: balancer (pid" in runner.output() and "exited with status -9" in runner.output()
+    assert "Traceback" not in runner.output()
+    assert_nothing_left(children)
