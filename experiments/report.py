@@ -95,14 +95,20 @@ def differences(sim: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
     """A live run against the simulated run of the same scenario and seed (the same arrivals):
     latency as a relative difference ((live - sim) / sim), per-node shares in percentage points,
     counts side by side."""
-    latency = {}
+    overhead = (live.get("overhead_ms") or {}).get("p50")
+
+    def relative(got: float | None, want: float | None) -> float | None:
+        return None if want is None or got is None or want == 0 else (got - want) / want
+
+    latency, net = {}, {}
     for key in ("mean", "p50", "p95", "p99"):
         want, got = sim["latency_ms"][key], live["latency_ms"][key]
-        latency[key] = None if want is None or got is None or want == 0 else (got - want) / want
+        latency[key] = relative(got, want)
+        net[key] = relative(None if got is None or overhead is None else got - overhead, want)
     shares = {n: 100 * (live["nodes"][n]["share"] - node["share"]) for n, node in sim["nodes"].items()}
     counts = {k: {"sim": sim["requests"][k], "live": live["requests"][k]} for k in _COUNTS}
     return {"strategy": sim["strategy"], "load": sim["load"], "seed": sim["seed"], "latency_relative": latency,
-            "share_pp": shares, "counts": counts}
+            "latency_relative_net_of_overhead": net, "overhead_ms": overhead, "share_pp": shares, "counts": counts}
 
 
 def side_by_side(same: dict[str, Any], row: dict[str, Any], live: dict[str, Any]) -> str:
@@ -113,11 +119,12 @@ def side_by_side(same: dict[str, Any], row: dict[str, Any], live: dict[str, Any]
     head = f"{same['strategy']} at load {same['load']:.2f}" + (f" ({rate:.1f} req/s)" if rate else "")
     pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
     lines = [f"{head:<34}{'sim, seed ' + str(same['seed']):>16}{'sim, ' + str(row['reps']) + ' seeds':>20}"
-             f"{'live':>11}{'live vs sim':>13}"]
+             f"{'live':>11}{'live vs sim':>13}{'net of overhead':>17}"]
+    signed = lambda v: "-" if v is None else f"{100 * v:+.1f}%"  # noqa: E731
     for key in ("mean", "p50", "p95", "p99"):
-        rel = d["latency_relative"][key]
         lines.append(f"  {key + ' ms':<32}{_ms(same['latency_ms'][key]):>16}{_ci(row['latency_ms'][key]):>20}"
-                     f"{_ms(live['latency_ms'][key]):>11}{'-' if rel is None else f'{100 * rel:+.1f}%':>13}")
+                     f"{_ms(live['latency_ms'][key]):>11}{signed(d['latency_relative'][key]):>13}"
+                     f"{signed(d['latency_relative_net_of_overhead'][key]):>17}")
     for node, pp in d["share_pp"].items():
         lines.append(f"  {'share ' + node:<32}{pct(same['nodes'][node]['share']):>16}"
                      f"{_ci(row['share'][node], pct):>20}{pct(live['nodes'][node]['share']):>11}{f'{pp:+.1f} pp':>13}")
@@ -125,9 +132,9 @@ def side_by_side(same: dict[str, Any], row: dict[str, Any], live: dict[str, Any]
         mean = row["requests"][key]["mean"]
         lines.append(f"  {key.replace('_', ' '):<32}{c['sim']:>16,}{'-' if mean is None else f'{mean:,.1f}':>20}"
                      f"{c['live']:>11,}")
-    o = live.get("overhead_ms")
-    if o and o["p50"] is not None:
-        lines.append(f"  {'overhead (live, /health round trip)':<32}{'-':>16}{'-':>20}{_ms(o['p50']):>11}")
+    if d["overhead_ms"] is not None:
+        lines.append(f"  (overhead: a /health round trip through the live balancer took {d['overhead_ms']:.1f} ms at p50 "
+                     "before the load; 'net of overhead' takes it off every live latency)")
     g = live.get("generator")
     if g and not g["kept_up"]:
         lines.append("  WARNING: the live load generator fell behind: " + "; ".join(g["problems"]))
