@@ -23,6 +23,10 @@ is read back as an outcome with :func:`core.results.outcome_of`; the node that
 served it is its ``X-Node-ID`` (or the ``backend`` a balancer error names),
 and its service time the node's own ``service_ms``. Rows go into a
 :class:`core.results.RequestLog`, exactly like the simulator's.
+
+Times come from ``time.perf_counter``, not the event loop's clock: uvloop's
+``loop.time()`` is libuv's cached loop time in whole milliseconds, too coarse
+for response times of a few milliseconds.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import asyncio
 import json
 import math
 from array import array
+from time import perf_counter as clock
 from typing import Any, Sequence
 
 import numpy as np
@@ -40,7 +45,7 @@ from core.scenario import Workload
 from core.workload import client_ids, open_loop, streams, think_times
 from live.upstream import ConnectFailed, UpstreamError, UpstreamPool
 
-__all__ = ["LoadGenerator"]
+__all__ = ["LoadGenerator", "clock"]
 
 NAN = float("nan")
 #: The generator is behind when the 99th percentile of its send delay is past this.
@@ -76,7 +81,7 @@ class LoadGenerator:
     async def run(self) -> None:
         """Send the whole workload, then wait for every response (each bounded by the timeout)."""
         loop = asyncio.get_running_loop()
-        self.t0 = loop.time()
+        self.t0 = clock()
         try:
             if self.workload.arrival == "closed":
                 await self._closed(loop)
@@ -97,7 +102,7 @@ class LoadGenerator:
             t += gap
             if t >= end:
                 break
-            delay = t0 + t - loop.time()
+            delay = t0 + t - clock()
             if delay > 0:
                 behind = 0
                 await asyncio.sleep(delay)
@@ -120,15 +125,15 @@ class LoadGenerator:
             t += next(think)
             if t >= end:
                 return
-            delay = t0 + t - loop.time()
+            delay = t0 + t - clock()
             if delay > 0:
                 await asyncio.sleep(delay)
             await self._one(t, client, loop)
-            t = loop.time() - t0  # thinking starts when the response is in
+            t = clock() - t0  # thinking starts when the response is in
 
     async def _one(self, arrival: float, client: str, loop: asyncio.AbstractEventLoop) -> None:
         """One request, recorded exactly once however it ends."""
-        sent = loop.time() - self.t0
+        sent = clock() - self.t0
         self.sent += 1
         self.lag.append(max(0.0, sent - arrival))
         self.sent_at.append(sent)
@@ -136,16 +141,16 @@ class LoadGenerator:
         try:
             status, headers, body = await self.pool.request(self.url, "GET", self.path,
                                                             [("X-Client-ID", client)], b"")
-            end = loop.time() - self.t0
+            end = clock() - self.t0
             node, start, outcome = self._read(status, headers, body, end)
         except ConnectFailed:
-            end, outcome = loop.time() - self.t0, Outcome.CONNECT_ERROR
+            end, outcome = clock() - self.t0, Outcome.CONNECT_ERROR
         except asyncio.TimeoutError:
-            end, outcome = loop.time() - self.t0, Outcome.TIMEOUT
+            end, outcome = clock() - self.t0, Outcome.TIMEOUT
         except UpstreamError:
-            end = loop.time() - self.t0
+            end = clock() - self.t0
         except asyncio.CancelledError:
-            end, outcome = loop.time() - self.t0, Outcome.CONNECT_ERROR
+            end, outcome = clock() - self.t0, Outcome.CONNECT_ERROR
             raise
         finally:
             self.completed += 1
@@ -173,15 +178,14 @@ class LoadGenerator:
         """Round trips of ``GET /health`` through the balancer, one at a time, before the load starts:
         what every live response time carries on top of queueing and service (two HTTP hops and the
         processes waking up), which the simulator does not model."""
-        loop = asyncio.get_running_loop()
         times = []
         for _ in range(n):
-            started = loop.time()
+            started = clock()
             try:
                 await self.pool.request(self.url, "GET", "/health", [("X-Client-ID", "testbed-overhead-probe")], b"")
             except (UpstreamError, asyncio.TimeoutError):
                 continue
-            times.append((loop.time() - started) * 1000.0)
+            times.append((clock() - started) * 1000.0)
             await asyncio.sleep(gap_s)
         if not times:
             return {"p50": None, "mean": None, "samples": 0}

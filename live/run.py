@@ -33,7 +33,7 @@ from typing import Any, Callable
 from core.results import scenario_results
 from core.scenario import Fault, Scenario
 from live.cluster import ChildFailed, Cluster
-from live.loadgen import LoadGenerator
+from live.loadgen import LoadGenerator, clock
 from live.upstream import UpstreamError, UpstreamPool
 
 __all__ = ["LiveRunError", "Progress", "run_live"]
@@ -47,7 +47,6 @@ class LiveRunError(RuntimeError):
 
 
 async def _fault(cluster: Cluster, node_id: str, fault: Fault, t0: float, log: list[dict[str, Any]]) -> None:
-    loop = asyncio.get_running_loop()
     pool = UpstreamPool(timeout_s=5.0)
 
     async def admin(method: str, body: bytes) -> str:
@@ -59,10 +58,10 @@ async def _fault(cluster: Cluster, node_id: str, fault: Fault, t0: float, log: l
             return f"failed: {exc or type(exc).__name__}"
 
     def note(action: str, result: str) -> None:
-        log.append({"node": node_id, "at_s": round(loop.time() - t0, 3), "action": action, "result": result})
+        log.append({"node": node_id, "at_s": round(clock() - t0, 3), "action": action, "result": result})
 
     try:
-        await asyncio.sleep(max(0.0, t0 + fault.start_s - loop.time()))
+        await asyncio.sleep(max(0.0, t0 + fault.start_s - clock()))
         if fault.down:
             await cluster.crash(node_id)
             note("crash (SIGKILL)", "ok")
@@ -70,7 +69,7 @@ async def _fault(cluster: Cluster, node_id: str, fault: Fault, t0: float, log: l
             body = json.dumps({"error_rate": fault.error_rate, "extra_latency_ms": fault.extra_latency_ms}).encode()
             note(f"faults on: error_rate={fault.error_rate:g} extra_latency_ms={fault.extra_latency_ms:g}",
                  await admin("POST", body))
-        await asyncio.sleep(max(0.0, t0 + fault.end_s - loop.time()))
+        await asyncio.sleep(max(0.0, t0 + fault.end_s - clock()))
         if fault.down:
             note("restart", "ok" if await cluster.restart(node_id) else "failed")
         else:
@@ -80,11 +79,10 @@ async def _fault(cluster: Cluster, node_id: str, fault: Fault, t0: float, log: l
 
 
 async def _ticker(gen: LoadGenerator, progress: Progress) -> None:
-    loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(0.25)
         if gen.t0:
-            progress(loop.time() - gen.t0, gen.sent, gen.completed, gen.in_flight)
+            progress(clock() - gen.t0, gen.sent, gen.completed, gen.in_flight)
 
 
 async def live_run(scenario: Scenario, *, impl: str = "auto", echo: Callable[[str], Any] = print,
@@ -102,7 +100,7 @@ async def live_run(scenario: Scenario, *, impl: str = "auto", echo: Callable[[st
             echo(f"sending {_describe(s)} to the balancer for {s.duration_s:g} s")
             run = asyncio.create_task(gen.run())
             await asyncio.sleep(0)  # let the generator fix its time origin first
-            t0 = gen.t0 or loop.time()
+            t0 = gen.t0 or clock()
             helpers = [asyncio.create_task(_fault(cluster, spec.id, f, t0, fault_log))
                        for spec in s.nodes for f in spec.faults]
             if progress is not None:
