@@ -89,7 +89,6 @@ async def live_run(scenario: Scenario, *, impl: str = "auto", echo: Callable[[st
                    progress: Progress | None = None) -> dict[str, Any]:
     """Run ``scenario`` live (see the module docstring) and return its results dict."""
     s = scenario
-    loop = asyncio.get_running_loop()
     try:
         async with Cluster(s, impl=impl, echo=echo) as cluster:
             assert cluster.balancer is not None

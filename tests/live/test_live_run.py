@@ -231,3 +231,48 @@ def test_a_process_that_dies_on_its_own_ends_the_run_with_its_last_words(tmp_pat
     assert "the live run failed: balancer (pid" in runner.output() and "exited with status -9" in runner.output()
     assert "Traceback" not in runner.output()
     assert_nothing_left(children)
+
+
+CLOSED = """
+name = "closed"
+seed = 4
+duration_s = 4
+warmup_s = 0.5
+[workload]
+arrival = "closed"
+clients = 4
+think_time_ms = 20
+[balancer]
+strategy = "round_robin"
+[[nodes]]
+id = "a"
+workers = 2
+load_factor_ms = 10
+"""
+
+
+def test_a_closed_loop_runs_live_and_follows_littles_law(tmp_path) -> None:
+    out = tmp_path / "closed.json"
+    done = run("live", "run", scenario(tmp_path, CLOSED), "--json", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    r = json.loads(out.read_text())
+    g = r["generator"]
+    assert g["asked_rate_per_s"] is None and r["offered_rate_per_s"] is None and g["kept_up"] is True
+    # Little's law for the clients: throughput = clients / (response time + think time).
+    expected = 4 / ((r["latency_ms"]["mean"] + 20) / 1000)
+    assert r["throughput_rps"] == pytest.approx(expected, rel=0.1)
+    assert "closed loop, sent" in done.stdout
+    assert_nothing_left(started(done.stdout))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["closed-loop", "--rate", "10"], "is a closed loop: its load is set by clients and think_time_ms"),
+    (["seed", "--rate", "10", "--load", "0.5"], "give --rate or --load, not both"),
+    (["no-such-scenario"], "no such file, and not a shipped scenario"),
+    (["seed", "--duration", "-1"], "--duration"),
+])
+def test_bad_live_run_arguments_are_refused_before_anything_starts(args, words) -> None:
+    done = run("live", "run", *args, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert words in done.stderr and "Traceback" not in done.stderr
+    assert "started" not in done.stdout
