@@ -49,7 +49,8 @@ def check(exercise: str, impl: str, max_examples: int, no_sim: bool, no_live: bo
     names = list(EXERCISES) if exercise == "all" else [exercise]
     reports = []
     for name in names:
-        report = grade(name, impl, settings, simulate=not no_sim, live=not no_live)
+        report = grade(name, impl, settings, simulate=not no_sim, live=not no_live,
+                       say=lambda text: click.echo(text, err=True))
         reports.append(report)
         click.echo(render(report))
         click.echo()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from hypothesis import HealthCheck, Verbosity, settings as Settings
 
@@ -87,7 +87,7 @@ def _describe_failure(exc: BaseException) -> str:
 
 
 def grade(exercise: str, impl: Impl | str = Impl.AUTO, settings: Settings = CHECK_SETTINGS, *,
-          simulate: bool = True, live: bool = True) -> ExerciseReport:
+          simulate: bool = True, live: bool = True, say: Callable[[str], Any] | None = None) -> ExerciseReport:
     """Run ``exercise``'s property suite, then its simulation check, then its live run, on the
     implementation ``impl`` picks; each step only once the one before it passed."""
     report = ExerciseReport(exercise)
@@ -107,6 +107,8 @@ def grade(exercise: str, impl: Impl | str = Impl.AUTO, settings: Settings = CHEC
     if simulate and all(r.passed for r in report.results):
         report.simulation = SIMULATION_CHECKS[exercise](resolution.cls)
     if live and all(r.passed for r in report.results) and (report.simulation is None or report.simulation.passed):
+        if say is not None:
+            say(f"{exercise}: live step, {LIVE_SECONDS:g} s on real processes on loopback ...")
         report.live = LIVE_CHECKS[exercise](resolution.chosen.value)
     return report
 
