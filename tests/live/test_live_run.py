@@ -92,15 +92,20 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def test_live_run_writes_the_results_json_and_stops_everything(tmp_path) -> None:
-    out = tmp_path / "live.json"
-    done = run("live", "run", scenario(tmp_path, SMALL.format(duration=4)), "--json", str(out))
+def live_run(tmp_path: pathlib.Path, text: str) -> tuple[subprocess.CompletedProcess[str], dict]:
+    """``testbed live run`` on a scenario given as TOML text: the finished process and its results JSON."""
+    out = tmp_path / "results.json"
+    done = run("live", "run", scenario(tmp_path, text), "--json", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
+    return done, json.loads(out.read_text())
+
+
+def test_live_run_writes_the_results_json_and_stops_everything(tmp_path) -> None:
+    done, r = live_run(tmp_path, SMALL.format(duration=4))
     children = started(done.stdout)
     assert set(children) == {"registry", "a", "b", "balancer"}
     assert_nothing_left(children)
 
-    r = json.loads(out.read_text())
     assert r["mode"] == "live" and r["scenario"] == "small" and r["strategy"] == "least_connections"
     q = r["requests"]
     assert q["sent"] > 80 and q["ok"] == q["sent"] and q["errors"] == 0
@@ -181,10 +186,7 @@ load_factor_ms = 10
 
 
 def test_a_node_that_crashes_mid_run_is_routed_around_and_its_failures_are_counted(tmp_path) -> None:
-    out = tmp_path / "crash.json"
-    done = run("live", "run", scenario(tmp_path, CRASH), "--json", str(out))
-    assert done.returncode == 0, done.stdout + done.stderr
-    r = json.loads(out.read_text())
+    done, r = live_run(tmp_path, CRASH)
     actions = [(f["node"], f["action"], f["result"]) for f in r["faults"]]
     assert actions == [("slow", "crash (SIGKILL)", "ok"), ("slow", "restart", "ok")]
     q = r["requests"]
@@ -252,10 +254,7 @@ load_factor_ms = 10
 
 
 def test_a_closed_loop_runs_live_and_follows_littles_law(tmp_path) -> None:
-    out = tmp_path / "closed.json"
-    done = run("live", "run", scenario(tmp_path, CLOSED), "--json", str(out))
-    assert done.returncode == 0, done.stdout + done.stderr
-    r = json.loads(out.read_text())
+    done, r = live_run(tmp_path, CLOSED)
     g = r["generator"]
     assert g["asked_rate_per_s"] is None and r["offered_rate_per_s"] is None and g["kept_up"] is True
     # Little's law for the clients: throughput = clients / (response time + think time).
