@@ -80,13 +80,12 @@ class LoadGenerator:
 
     async def run(self) -> None:
         """Send the whole workload, then wait for every response (each bounded by the timeout)."""
-        loop = asyncio.get_running_loop()
         self.t0 = clock()
         try:
             if self.workload.arrival == "closed":
-                await self._closed(loop)
+                await self._closed()
             else:
-                await self._open(loop)
+                await self._open()
             if self._tasks:
                 await asyncio.wait(list(self._tasks))
         finally:
@@ -94,7 +93,7 @@ class LoadGenerator:
                 task.cancel()
             self.pool.close()
 
-    async def _open(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _open(self) -> None:
         rngs = streams(self.seed, 2)
         t, t0, end = 0.0, self.t0, self.duration_s
         behind = 0
@@ -110,15 +109,15 @@ class LoadGenerator:
                 behind += 1
                 if behind % 64 == 0:
                     await asyncio.sleep(0)  # running late: catch up, but let responses in now and then
-            task = loop.create_task(self._one(t, client, loop))
+            task = asyncio.create_task(self._one(t, client))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _closed(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _closed(self) -> None:
         think = think_times(self.workload, streams(self.seed, 1)[0])
-        await asyncio.gather(*(self._client(client, think, loop) for client in client_ids(self.workload)))
+        await asyncio.gather(*(self._client(client, think) for client in client_ids(self.workload)))
 
-    async def _client(self, client: str, think: Any, loop: asyncio.AbstractEventLoop) -> None:
+    async def _client(self, client: str, think: Any) -> None:
         t0, end = self.t0, self.duration_s
         t = 0.0
         while True:
@@ -128,33 +127,35 @@ class LoadGenerator:
             delay = t0 + t - clock()
             if delay > 0:
                 await asyncio.sleep(delay)
-            await self._one(t, client, loop)
+            await self._one(t, client)
             t = clock() - t0  # thinking starts when the response is in
 
-    async def _one(self, arrival: float, client: str, loop: asyncio.AbstractEventLoop) -> None:
+    async def _one(self, arrival: float, client: str) -> None:
         """One request, recorded exactly once however it ends."""
         sent = clock() - self.t0
         self.sent += 1
         self.lag.append(max(0.0, sent - arrival))
         self.sent_at.append(sent)
-        node, start, outcome = -1, NAN, Outcome.SERVER_ERROR
+        node, start, outcome, end = -1, NAN, Outcome.SERVER_ERROR, NAN
         try:
             status, headers, body = await self.pool.request(self.url, "GET", self.path,
                                                             [("X-Client-ID", client)], b"")
             end = clock() - self.t0
             node, start, outcome = self._read(status, headers, body, end)
         except ConnectFailed:
-            end, outcome = clock() - self.t0, Outcome.CONNECT_ERROR
+            outcome = Outcome.CONNECT_ERROR
         except asyncio.TimeoutError:
-            end, outcome = clock() - self.t0, Outcome.TIMEOUT
-        except UpstreamError:
-            end = clock() - self.t0
+            outcome = Outcome.TIMEOUT
+        except (UpstreamError, OSError):
+            pass  # the connection broke mid-exchange: a server error, as the simulator counts a crash
         except asyncio.CancelledError:
-            end, outcome = clock() - self.t0, Outcome.CONNECT_ERROR
+            outcome = Outcome.CONNECT_ERROR  # the run was stopped with this request in flight
             raise
         finally:
+            if end != end:  # NaN: no response
+                end = clock() - self.t0
             self.completed += 1
-            self.log.record(arrival, node, start, end, outcome)  # noqa: B012 - the record is the point
+            self.log.record(arrival, node, start, end, outcome)
 
     def _read(self, status: int, headers: list[tuple[str, str]], body: bytes, end: float) -> tuple[int, float, Outcome]:
         node_id = next((v for k, v in headers if k.lower() == "x-node-id"), None)
