@@ -106,7 +106,8 @@ def differences(sim: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
         latency[key] = relative(got, want)
         net[key] = relative(None if got is None or overhead is None else got - overhead, want)
     shares = {n: 100 * (live["nodes"][n]["share"] - node["share"]) for n, node in sim["nodes"].items()}
-    counts = {k: {"sim": sim["requests"][k], "live": live["requests"][k]} for k in _COUNTS}
+    counts = {k: {"sim": sim["requests"][k], "live": live["requests"][k],
+                  "relative": relative(live["requests"][k], sim["requests"][k])} for k in _COUNTS}
     return {"strategy": sim["strategy"], "load": sim["load"], "seed": sim["seed"], "latency_relative": latency,
             "latency_relative_net_of_overhead": net, "overhead_ms": overhead, "share_pp": shares, "counts": counts}
 
@@ -130,8 +131,9 @@ def side_by_side(same: dict[str, Any], row: dict[str, Any], live: dict[str, Any]
                      f"{_ci(row['share'][node], pct):>20}{pct(live['nodes'][node]['share']):>11}{f'{pp:+.1f} pp':>13}")
     for key, c in d["counts"].items():
         mean = row["requests"][key]["mean"]
+        same_count = c["sim"] == c["live"]
         lines.append(f"  {key.replace('_', ' '):<32}{c['sim']:>16,}{'-' if mean is None else f'{mean:,.1f}':>20}"
-                     f"{c['live']:>11,}")
+                     f"{c['live']:>11,}{'same' if same_count else signed(c['relative']):>13}")
     if d["overhead_ms"] is not None:
         lines.append(f"  (overhead: a /health round trip through the live balancer took {d['overhead_ms']:.1f} ms at p50 "
                      "before the load; 'net of overhead' takes it off every live latency)")
