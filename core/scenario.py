@@ -143,8 +143,10 @@ class Scenario:
         return self.replace(rate_per_s=load * self.capacity_per_s)
 
     def replace(self, *, strategy: str | None = None, rate_per_s: float | None = None,
-                duration_s: float | None = None, seed: int | None = None) -> Scenario:
-        """A copy with command-line overrides applied (and validated)."""
+                duration_s: float | None = None, seed: int | None = None,
+                warmup_s: float | None = None) -> Scenario:
+        """A copy with command-line overrides applied (and validated). A shorter ``duration_s``
+        keeps the warm-up within its first half unless ``warmup_s`` is given too."""
         data = self.to_dict()
         if strategy is not None:
             data["balancer"]["strategy"] = strategy
@@ -155,6 +157,8 @@ class Scenario:
             data["warmup_s"] = min(self.warmup_s, duration_s / 2)
         if seed is not None:
             data["seed"] = seed
+        if warmup_s is not None:
+            data["warmup_s"] = warmup_s
         return Scenario.from_mapping(data, source="override")
 
     def to_dict(self) -> dict[str, Any]:

@@ -233,14 +233,14 @@ def live_run_command(scenario: Any, strategy: str | None, rate: float | None, lo
 
     Exit status 4 when the load generator could not offer the asked load (the summary says how far off it was).
     """
-    from experiments.cli_sim import _notices, _overrides, _write_json
+    from experiments.cli_sim import apply_overrides, echo_notices, write_json
     from experiments.report import run_summary
 
-    scenario = _overrides(scenario, strategy, rate, load, duration, seed)
-    _notices(impl, scenario.balancer.strategy, scenario)
+    scenario = apply_overrides(scenario, strategy, rate, load, duration, seed)
+    echo_notices(impl, scenario.balancer.strategy, scenario)
     result = run_live_scenario(scenario, impl)
     result["impl"] = impl
     click.echo(run_summary(result))
-    _write_json(json_path, result)
+    write_json(json_path, result)
     if not result["generator"]["kept_up"]:
         raise SystemExit(EXIT_GENERATOR_BEHIND)

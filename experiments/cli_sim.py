@@ -12,7 +12,8 @@ from core.scenario import Scenario, ScenarioError
 from core.strategies import STRATEGIES
 from experiments.options import echo_notice, impl_option
 
-__all__ = ["ScenarioParam", "compare_command", "run_options", "sim_group"]
+__all__ = ["ScenarioParam", "apply_overrides", "compare_command", "echo_notices", "run_options", "sim_group",
+           "write_json"]
 
 DEFAULT_LOADS = "0.3,0.5,0.7,0.8,0.9"
 DEFAULT_STRATEGIES = "round_robin,least_connections"
@@ -63,7 +64,8 @@ class CommaList(click.ParamType):
         return sorted(set(loads))
 
 
-def _write_json(path: str | None, data: Any) -> None:
+def write_json(path: str | None, data: Any) -> None:
+    """Write ``data`` as indented JSON to ``path`` (parents created) and say so; nothing without a path."""
     if path:
         p = pathlib.Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +73,7 @@ def _write_json(path: str | None, data: Any) -> None:
         click.echo(f"wrote {p}")
 
 
-def _overrides(scenario: Scenario, strategy: str | None, rate: float | None, load: float | None,
+def apply_overrides(scenario: Scenario, strategy: str | None, rate: float | None, load: float | None,
                duration: float | None, seed: int | None) -> Scenario:
     """The scenario with ``--strategy/--rate/--load/--duration/--seed`` applied; bad combinations are usage errors."""
     if rate is not None and load is not None:
@@ -119,15 +121,15 @@ def sim_run(scenario: Scenario, strategy: str | None, rate: float | None, load: 
     from experiments.report import run_summary
     from sim.model import run_scenario
 
-    scenario = _overrides(scenario, strategy, rate, load, duration, seed)
-    _notices(impl, scenario.balancer.strategy, scenario)
+    scenario = apply_overrides(scenario, strategy, rate, load, duration, seed)
+    echo_notices(impl, scenario.balancer.strategy, scenario)
     result = run_scenario(scenario, impl)
     result["impl"] = impl
     click.echo(run_summary(result))
-    _write_json(json_path, result)
+    write_json(json_path, result)
 
 
-def _notices(impl: str, strategy: str | None, scenario: Scenario) -> None:
+def echo_notices(impl: str, strategy: str | None, scenario: Scenario) -> None:
     """Say whose exercise code runs, where it matters to this run."""
     if strategy == "least_connections":
         echo_notice("least-connections", impl)
@@ -143,7 +145,7 @@ def _sweep(scenario: Scenario, strategies: list[str], loads: list[float], reps: 
     if scenario.workload.arrival == "closed":
         raise click.UsageError(f"{scenario.name}: a load sweep needs an open-loop workload (poisson or constant)")
     if "least_connections" in strategies or any(n.rate_limit_per_s for n in scenario.nodes):
-        _notices(impl, "least_connections" if "least_connections" in strategies else None, scenario)
+        echo_notices(impl, "least_connections" if "least_connections" in strategies else None, scenario)
     total = len(strategies) * len(loads) * reps
     click.echo(f"{scenario.name}: {len(strategies)} strategies x {len(loads)} loads x {reps} repetitions "
                f"(seeds {scenario.seed}..{scenario.seed + reps - 1}), capacity {scenario.capacity_per_s:.1f} req/s")
@@ -154,7 +156,7 @@ def _sweep(scenario: Scenario, strategies: list[str], loads: list[float], reps: 
     if plot:
         from experiments.plot import plot_sweep
         click.echo(f"wrote {plot_sweep(rows, plot, title=title)}")
-    _write_json(json_path, {"scenario": scenario.to_dict(), "strategies": strategies, "loads": loads,
+    write_json(json_path, {"scenario": scenario.to_dict(), "strategies": strategies, "loads": loads,
                             "reps": reps, "seeds": [scenario.seed + r for r in range(reps)], "impl": impl,
                             "summary": rows, "runs": results})
 
@@ -231,7 +233,7 @@ def _compare_live(scenario: Scenario, mode: str, strategies: list[str], loads: l
 
     if scenario.workload.arrival == "closed":
         raise click.UsageError(f"{scenario.name}: a load sweep needs an open-loop workload (poisson or constant)")
-    _notices(impl, "least_connections" if "least_connections" in strategies else None, scenario)
+    echo_notices(impl, "least_connections" if "least_connections" in strategies else None, scenario)
     points = [(strategy, load) for strategy in strategies for load in loads]
     click.echo(f"{scenario.name}: {len(points)} live run{'s' * (len(points) > 1)} of {scenario.duration_s:g} s "
                f"(capacity {scenario.capacity_per_s:.1f} req/s)"
@@ -266,6 +268,6 @@ def _compare_live(scenario: Scenario, mode: str, strategies: list[str], loads: l
     if plot:
         from experiments.plot import plot_sweep
         click.echo(f"wrote {plot_sweep(sim_rows, plot, title=f'{scenario.name}: simulated and live', live=live_runs)}")
-    _write_json(json_path, {"mode": mode, "scenario": scenario.to_dict(), "strategies": strategies, "loads": loads,
+    write_json(json_path, {"mode": mode, "scenario": scenario.to_dict(), "strategies": strategies, "loads": loads,
                             "reps": reps if mode == "both" else 0, "impl": impl, "sim": {"summary": sim_rows,
                             "runs": sim_runs}, "live": live_runs, "differences": diffs})

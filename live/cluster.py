@@ -116,10 +116,6 @@ class Child:
         async for raw in self.proc.stdout:
             self.output.append(raw.decode(errors="replace"))
 
-    async def wait(self) -> int:
-        assert self.proc is not None
-        return await self.proc.wait()
-
     def signal(self, sig: int) -> None:
         if self.running:
             assert self.proc is not None
@@ -241,15 +237,19 @@ class Cluster:
         self.registry = await self._launch(Child("registry", ["registry", "--port", "0", "--ttl", "2",
                                                               "--shutdown-timeout", "1"]))
         # Node i draws from the stream its simulated twin uses (core.workload).
-        nodes = [Child(spec.id, node_args(spec, registry_url=self.registry.url, seed=s.seed, stream=NODE_STREAM + i,
-                                          impl=self.impl))
-                 for i, spec in enumerate(s.nodes)]
+        nodes = [self._node_child(i, stream=NODE_STREAM + i) for i in range(len(s.nodes))]
         for child in nodes:  # registered at once, so a failed start still gets stopped
             self.nodes[child.name] = child
         await asyncio.gather(*(self._launch(c) for c in nodes))
         self.balancer = await self._launch(Child("balancer", balancer_args(s, registry_url=self.registry.url,
                                                                            impl=self.impl)))
         await self._wait_ready()
+
+    def _node_child(self, index: int, *, stream: int, port: int = 0) -> Child:
+        assert self.registry is not None
+        spec = self.scenario.nodes[index]
+        return Child(spec.id, node_args(spec, registry_url=self.registry.url, seed=self.scenario.seed, stream=stream,
+                                        impl=self.impl, port=port))
 
     async def _wait_ready(self) -> None:
         """Until the balancer has every node, healthy."""
@@ -283,12 +283,10 @@ class Cluster:
 
     async def restart(self, node_id: str) -> bool:
         """Start a crashed node again on its old port; False (and a message) if it cannot start."""
-        old = self.nodes[node_id]
         index = [n.id for n in self.scenario.nodes].index(node_id)
-        args = node_args(self.scenario.nodes[index], registry_url=self.registry.url if self.registry else "",
-                         seed=self.scenario.seed, stream=NODE_STREAM + len(self.scenario.nodes) + index,
-                         impl=self.impl, port=old.port)  # a fresh process, fresh random numbers
-        fresh = Child(node_id, args)
+        # A fresh process draws fresh random numbers: a stream no simulated node uses.
+        fresh = self._node_child(index, stream=NODE_STREAM + len(self.scenario.nodes) + index,
+                                 port=self.nodes[node_id].port)
         self.nodes[node_id] = fresh
         try:
             await self._launch(fresh)

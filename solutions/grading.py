@@ -198,8 +198,7 @@ def _live_least_connections(impl: str) -> PropertyResult:
 
     title = (f"live ({LIVE_SECONDS:g} s of the seed scenario at 70% load, in a real balancer) it beats round robin "
              "like in simulation")
-    s = load("seed").with_load(0.7).replace(strategy="least_connections", duration_s=LIVE_SECONDS)
-    s = s.from_mapping({**s.to_dict(), "warmup_s": 2.0}, source="check")
+    s = load("seed").with_load(0.7).replace(strategy="least_connections", duration_s=LIVE_SECONDS, warmup_s=2.0)
     live, why = _live(s, impl)
     if live is None:
         return PropertyResult("live", title, False, why)
@@ -223,8 +222,7 @@ def _live_rate_limiter(impl: str) -> PropertyResult:
     from sim.model import run_scenario
 
     title = f"live ({LIVE_SECONDS:g} s of the rate-limited scenario, in real nodes) it refuses what it refuses in simulation"
-    s = load("rate-limited").replace(duration_s=LIVE_SECONDS)
-    s = s.from_mapping({**s.to_dict(), "warmup_s": 2.0}, source="check")
+    s = load("rate-limited").replace(duration_s=LIVE_SECONDS, warmup_s=2.0)
     live, why = _live(s, impl)
     if live is None:
         return PropertyResult("live", title, False, why)

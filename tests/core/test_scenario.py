@@ -89,6 +89,9 @@ def test_overrides_are_validated() -> None:
     assert s.replace(duration_s=6).warmup_s == 3  # warm-up shrinks to fit
     with pytest.raises(ScenarioError, match="balancer.strategy"):
         s.replace(strategy="nope")
+    assert s.replace(duration_s=12, warmup_s=2).warmup_s == 2
+    with pytest.raises(ScenarioError, match="warmup_s"):
+        s.replace(duration_s=6, warmup_s=6)
 
 
 def test_file_errors(tmp_path: pathlib.Path) -> None:
