@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 
+from core.errors import DataError
+
 __all__ = ["ConfigError", "number", "integer"]
 
 
-class ConfigError(ValueError):
+class ConfigError(DataError, ValueError):
     """A configuration value is outside its allowed range.
 
     ``field`` names the parameter, ``value`` is what was given.

@@ -47,6 +47,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from core._validate import ConfigError, integer, number
+from core.errors import DataError
 from core.events import EventLog
 
 __all__ = [
@@ -89,7 +90,7 @@ TRANSITIONS: Mapping[tuple[State, Signal], State] = MappingProxyType({
 })
 
 
-class InvalidTransition(RuntimeError):
+class InvalidTransition(DataError, RuntimeError):
     """A signal arrived in a state whose row of the table has no entry for it."""
 
     def __init__(self, state: State, signal: Signal) -> None:
@@ -132,7 +133,7 @@ class StateChange:
         return {"from": self.old.name, "to": self.new.name, "signal": self.signal.value, "at": self.at}
 
 
-class CircuitOpen(Exception):
+class CircuitOpen(DataError):
     """A call was refused; ``retry_after_s`` is a hint for when to try again."""
 
     def __init__(self, name: str, state: State, retry_after_s: float) -> None:

@@ -7,10 +7,12 @@ never by inspecting source, so a student may edit the method freely.
 
 from __future__ import annotations
 
+from core.errors import DataError
+
 __all__ = ["ExerciseNotImplemented"]
 
 
-class ExerciseNotImplemented(NotImplementedError):
+class ExerciseNotImplemented(DataError, NotImplementedError):
     """An exercise method is still the shipped stub.
 
     ``exercise`` is its short name (``rate-limiter``), ``method`` the qualified

@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from core.errors import DataError
 from core.strategies import STRATEGIES
 
 __all__ = [
@@ -35,7 +36,7 @@ ARRIVALS = ("poisson", "constant", "closed")
 SERVICES = ("exponential", "deterministic")
 
 
-class ScenarioError(ValueError):
+class ScenarioError(DataError, ValueError):
     """A scenario key has a bad value (or is unknown, or missing); ``key`` is its dotted path."""
 
     def __init__(self, source: str, key: str, value: Any, problem: str) -> None:
@@ -47,7 +48,17 @@ class ScenarioError(ValueError):
         self.problem = problem
 
 
-_MISSING = object()
+class _Missing:
+    """The value of a key that is not there: one instance, which pickling keeps one."""
+
+    def __reduce__(self) -> str:
+        return "_MISSING"
+
+    def __repr__(self) -> str:
+        return "(missing)"
+
+
+_MISSING = _Missing()
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
+from core.errors import DataError
 from core.exercise import ExerciseNotImplemented
 
 __all__ = [
@@ -69,7 +70,7 @@ class Backend:
     latency_ewma_s: float | None = None
 
 
-class NoHealthyBackend(LookupError):
+class NoHealthyBackend(DataError, LookupError):
     """None of the ``total`` backends offered is healthy."""
 
     def __init__(self, total: int) -> None:

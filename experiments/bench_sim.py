@@ -89,8 +89,8 @@ def _timed(fn: Callable[[int, int], float], n: int, seed: int) -> tuple[float, f
 
 def _rep(seed: int) -> float:
     from experiments.scenarios import load
-    from sim.model import run_scenario
-    return run_scenario(load("seed").with_load(0.7).replace(duration_s=60, seed=seed), "solution")["latency_ms"]["p95"]
+    from solutions.impl import simulate
+    return simulate(load("seed").with_load(0.7).replace(duration_s=60, seed=seed), "solution")["latency_ms"]["p95"]
 
 
 def run(requests: int = 200_000, rounds: int = 3, json_path: str | None = None,

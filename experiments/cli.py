@@ -9,15 +9,39 @@ implemented yet, 4 the live load generator could not offer the asked load,
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from experiments.options import EXIT_NOT_IMPLEMENTED, bench_json_option, impl_option
 from solutions.impl import EXERCISES
 
 EXIT_FAILED = 1
+#: Exit status after Ctrl-C (128 + SIGINT, as a shell reports it), for every subcommand.
+EXIT_INTERRUPTED = 130
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class TestbedGroup(click.Group):
+    """The ``testbed`` group: how every subcommand ends when it does not end normally.
+
+    * An exercise forced with ``--impl exercise`` that is still the stub: the stub's
+      own message (what to write, where) and exit status 3, wherever it was met.
+    * Ctrl-C: one line and exit status 130 (click's default is "Aborted!" and 1).
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from core.exercise import ExerciseNotImplemented
+        try:
+            return super().invoke(ctx)
+        except ExerciseNotImplemented as exc:
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(EXIT_NOT_IMPLEMENTED)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+
+
+@click.group(cls=TestbedGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="resilience-testbed")
 def main() -> None:
     """resilience-testbed: rate limiting, backpressure, circuit breaking, discovery and
@@ -112,9 +136,11 @@ def bench_live(seconds: float, connections: int, rounds: int, json_path: str | N
 def _register() -> None:
     from experiments.cli_live import balancer_command, live_group, node_command, registry_command
     from experiments.cli_sim import compare_command, sim_group
+    from experiments.figures import figures_command
     main.add_command(sim_group)
     main.add_command(live_group)
     main.add_command(compare_command)
+    main.add_command(figures_command)
     main.add_command(node_command)
     main.add_command(registry_command)
     main.add_command(balancer_command)

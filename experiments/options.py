@@ -22,13 +22,14 @@ bench_json_option = click.option(
     help="Also write the figures to this JSON file.")
 
 
-def echo_notice(exercise: str, impl: str) -> None:
-    """Say whose code runs for ``exercise``. Forcing ``--impl exercise`` on the stub ends the
-    command here, with the stub's own message (what to write, where) and exit status 3."""
-    from core.exercise import ExerciseNotImplemented
+def echo_notice(exercise: str, impl: str) -> type:
+    """Resolve ``exercise`` under ``impl``, say whose code runs (on stderr, so a process's first
+    line on stdout stays its "listening on" line) and return the class to run.
+
+    Forcing ``--impl exercise`` on the stub raises ExerciseNotImplemented, which the ``testbed``
+    group turns into the stub's own message (what to write, where) and exit status 3.
+    """
     from solutions.impl import resolve
-    try:
-        click.echo(resolve(exercise, impl).notice)
-    except ExerciseNotImplemented as exc:
-        click.echo(f"Error: {exc}", err=True)
-        raise SystemExit(EXIT_NOT_IMPLEMENTED) from None
+    resolution = resolve(exercise, impl)
+    click.echo(resolution.notice, err=True)
+    return resolution.cls

@@ -42,7 +42,7 @@ from multidict import CIMultiDict
 from core.circuit_breaker import CircuitBreaker
 from core.health import HealthTracker, counts_as_failure
 from core.latency import PeakEwma
-from core.strategies import Backend, BaseStrategy, NoHealthyBackend
+from core.strategies import STRATEGIES, Backend, BaseStrategy, NoHealthyBackend
 from live.http import cancel_and_wait, error_response, json_error, metrics_response
 from live.metrics import BalancerMetrics
 from live.upstream import ConnectFailed, UpstreamError, UpstreamPool
@@ -79,7 +79,6 @@ class BalancerConfig:
     nodes: tuple[str, ...] = ()
     registry: str | None = None
     strategy: str = "round_robin"
-    impl: str = "auto"
     health_interval_s: float = 2.0
     unhealthy_after: int = 2
     timeout_s: float = 30.0
@@ -303,12 +302,13 @@ async def _background(app: web.Application) -> Any:
     lb.upstream.close()
 
 
-def make_balancer_app(config: BalancerConfig, *, clock: Callable[[], float] | None = None) -> web.Application:
-    """The balancer's aiohttp application; the strategy comes from ``core`` by name and ``--impl``."""
-    from solutions.impl import strategy_class
+def make_balancer_app(config: BalancerConfig, *, strategy_cls: type[BaseStrategy] | None = None,
+                      clock: Callable[[], float] | None = None) -> web.Application:
+    """The balancer's aiohttp application. ``strategy_cls`` defaults to the class ``core`` registers
+    under ``config.strategy``; whose exercise code runs is the command line's choice."""
     if clock is None:
         clock = time.monotonic  # what the default event loop's loop.time() reads
-    strategy = strategy_class(config.strategy, config.impl)(rng=random.Random(config.seed))
+    strategy = (strategy_cls or STRATEGIES[config.strategy])(rng=random.Random(config.seed))
     # No middleware: aiohttp adds a layer of its own to apps that have any, and the proxy path
     # is hot. Errors become JSON in the handlers (the catch-all route leaves no 404/405).
     app = web.Application(client_max_size=16 * 1024 * 1024)

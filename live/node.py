@@ -77,7 +77,6 @@ class NodeConfig:
     extra_latency_ms: float = 0.0
     seed: int | None = None
     stream: int | None = None
-    impl: str = "auto"
     limiter_cls: type[TokenBucket] | None = field(default=None, compare=False)
 
     @property
@@ -134,14 +133,13 @@ class NodeState:
     """The core objects and counters of one node process."""
 
     def __init__(self, config: NodeConfig, clock: Callable[[], float]) -> None:
-        from solutions.impl import rate_limiter_class
         self.config = config
         self.clock = clock
         rng = (stream(config.seed or 0, config.stream) if config.stream is not None
                else np.random.default_rng(config.seed))
         self._service = service_times(config.service, config.load_factor_ms / 1000.0, rng)
         self._uniform = chunks(rng.random)  # drawn as the simulator draws them (core.workload)
-        limiter_cls = config.limiter_cls or rate_limiter_class(config.impl)
+        limiter_cls = config.limiter_cls or TokenBucket  # whose code runs is the command line's choice
         self.limiter = (limiter_cls(config.rate_limit_per_s, config.rate_limit_burst)
                         if config.rate_limit_per_s else None)
         self.gate = BackpressureGate(config.backpressure) if config.backpressure else None
@@ -220,9 +218,6 @@ def instrumented(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
         state.metrics.observe(request.path, response.status, clock() - started)
         return response
     return endpoint
-
-
-_RATE_LIMITED_PATHS = frozenset({"/health", "/work"})
 
 
 # -- handlers ------------------------------------------------------------------

@@ -194,7 +194,7 @@ def _live_least_connections(impl: str) -> PropertyResult:
     latency far below what round robin gets on the same arrivals, and give node-2 (four
     workers) the largest share."""
     from experiments.scenarios import load
-    from sim.model import run_scenario
+    from solutions.impl import simulate
 
     title = (f"live ({LIVE_SECONDS:g} s of the seed scenario at 70% load, in a real balancer) it beats round robin "
              "like in simulation")
@@ -202,7 +202,7 @@ def _live_least_connections(impl: str) -> PropertyResult:
     live, why = _live(s, impl)
     if live is None:
         return PropertyResult("live", title, False, why)
-    rr = run_scenario(s.replace(strategy="round_robin"), "solution")
+    rr = simulate(s.replace(strategy="round_robin"), "solution")
     if live["requests"]["errors"]:
         return PropertyResult("live", title, False, _failures(live))
     p95, rr_p95 = live["latency_ms"]["p95"], rr["latency_ms"]["p95"]
@@ -219,7 +219,7 @@ def _live_rate_limiter(impl: str) -> PropertyResult:
     """The rate-limited scenario live, with the graded bucket in two real nodes behind the balancer:
     it must refuse about as many requests as it does in simulation on the same arrivals."""
     from experiments.scenarios import load
-    from sim.model import run_scenario
+    from solutions.impl import simulate
 
     title = f"live ({LIVE_SECONDS:g} s of the rate-limited scenario, in real nodes) it refuses what it refuses in simulation"
     s = load("rate-limited").replace(duration_s=LIVE_SECONDS, warmup_s=2.0)
@@ -228,7 +228,7 @@ def _live_rate_limiter(impl: str) -> PropertyResult:
         return PropertyResult("live", title, False, why)
     if live["requests"]["errors"]:
         return PropertyResult("live", title, False, _failures(live))
-    sim = run_scenario(s, impl)
+    sim = simulate(s, impl)
     got, want, sent = live["requests"]["rate_limited"], sim["requests"]["rate_limited"], live["requests"]["sent"]
     figures = f"429s: live {got}, simulated {want}, of {sent} requests"
     passed = want > 0 and abs(got - want) <= LIVE_429_TOLERANCE * sent

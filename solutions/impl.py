@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import random
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from core.exercise import ExerciseNotImplemented
 from core.rate_limiter import TokenBucket
@@ -29,9 +29,13 @@ from core.strategies import STRATEGIES, Backend, BaseStrategy, LeastConnectionsS
 from solutions.least_connections_solution import LeastConnectionsSolution
 from solutions.token_bucket_solution import TokenBucketSolution
 
+if TYPE_CHECKING:
+    from core.scenario import Scenario
+    from sim.model import Simulation
+
 __all__ = [
-    "EXERCISES", "Exercise", "Impl", "Resolution", "is_implemented", "rate_limiter_class", "resolve",
-    "strategy_class",
+    "EXERCISES", "Exercise", "Impl", "Resolution", "ScenarioClasses", "is_implemented", "rate_limiter_class",
+    "resolve", "scenario_classes", "simulate", "simulation", "strategy_class", "uses",
 ]
 
 
@@ -128,3 +132,45 @@ def strategy_class(name: str, impl: Impl | str = Impl.AUTO) -> type[BaseStrategy
         return STRATEGIES[name]
     except KeyError:
         raise ValueError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}") from None
+
+
+def uses(scenario: Scenario) -> list[str]:
+    """The exercises a run of ``scenario`` calls: least connections only as its strategy, the
+    rate limiter only on nodes with a rate limit. Nothing else is resolved, so each exercise
+    can be done, graded and run on its own, in either order."""
+    used = []
+    if any(n.rate_limit_per_s for n in scenario.nodes):
+        used.append("rate-limiter")
+    if scenario.balancer.strategy == LeastConnectionsStrategy.name:
+        used.append("least-connections")
+    return used
+
+
+@dataclass(frozen=True)
+class ScenarioClasses:
+    """The classes a run of a scenario is built from; ``limiter_cls`` is None when no node limits."""
+
+    strategy_cls: type[BaseStrategy]
+    limiter_cls: type[TokenBucket] | None
+
+
+def scenario_classes(scenario: Scenario, impl: Impl | str = Impl.AUTO) -> ScenarioClasses:
+    """Resolve, under ``impl``, only the exercises ``scenario`` uses (see :func:`uses`).
+
+    Raises ExerciseNotImplemented when ``impl`` is ``exercise`` and a used one is a stub.
+    """
+    limiter = rate_limiter_class(impl) if "rate-limiter" in uses(scenario) else None
+    return ScenarioClasses(strategy_class(scenario.balancer.strategy, impl), limiter)
+
+
+def simulation(scenario: Scenario, impl: Impl | str = Impl.AUTO) -> Simulation:
+    """A :class:`sim.model.Simulation` of ``scenario`` built with the exercise classes ``impl`` picks."""
+    from sim.model import Simulation
+
+    classes = scenario_classes(scenario, impl)
+    return Simulation(scenario, strategy_cls=classes.strategy_cls, limiter_cls=classes.limiter_cls)
+
+
+def simulate(scenario: Scenario, impl: Impl | str = Impl.AUTO) -> dict[str, Any]:
+    """Simulate ``scenario`` with the exercise classes ``impl`` picks; return the results dict."""
+    return simulation(scenario, impl).run().results()

@@ -10,17 +10,19 @@ from aiohttp import web
 
 from live.balancer import BalancerConfig, make_balancer_app, parse_node
 from live.node import NodeConfig, make_node_app
+from solutions.impl import strategy_class
+from solutions.token_bucket_solution import TokenBucketSolution
 
 
 async def nodes(aiohttp_server, specs):
-    servers = [await aiohttp_server(make_node_app(NodeConfig(node_id=f"node-{i + 1}", impl="solution", **spec)))
+    servers = [await aiohttp_server(make_node_app(NodeConfig(node_id=f"node-{i + 1}", limiter_cls=TokenBucketSolution, **spec)))
                for i, spec in enumerate(specs)]
     return [str(s.make_url("")).rstrip("/") for s in servers]
 
 
 async def balancer(aiohttp_client, urls, **config):
-    return await aiohttp_client(make_balancer_app(BalancerConfig(nodes=tuple(urls), impl="solution", seed=1,
-                                                                 **config)))
+    config = BalancerConfig(nodes=tuple(urls), seed=1, **config)
+    return await aiohttp_client(make_balancer_app(config, strategy_cls=strategy_class(config.strategy, "solution")))
 
 
 def free_port() -> int:

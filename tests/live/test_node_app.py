@@ -7,10 +7,12 @@ import asyncio
 import pytest
 
 from live.node import NodeConfig, Workers, make_node_app
+from solutions.token_bucket_solution import TokenBucketSolution
 
 
 async def client_for(aiohttp_client, clock, **config):
-    return await aiohttp_client(make_node_app(NodeConfig(node_id="n1", impl="solution", **config), clock=clock))
+    config.setdefault("limiter_cls", TokenBucketSolution)
+    return await aiohttp_client(make_node_app(NodeConfig(node_id="n1", **config), clock=clock))
 
 
 async def test_health_is_cheap_and_tagged(aiohttp_client, clock) -> None:
@@ -198,10 +200,10 @@ def test_a_node_with_seed_and_stream_draws_its_simulated_twins_service_times() -
     from core.workload import NODE_STREAM
     from experiments.scenarios import load
     from live.node import STATE
-    from sim.model import Simulation
+    from tests.sim.helpers import simulation
 
     scenario = load("seed")
-    sim = Simulation(scenario)
+    sim = simulation(scenario)
     for i, spec in enumerate(scenario.nodes):
         app = make_node_app(NodeConfig(node_id=spec.id, load_factor_ms=spec.load_factor_ms, service=spec.service,
                                        seed=scenario.seed, stream=NODE_STREAM + i))

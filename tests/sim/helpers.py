@@ -1,4 +1,4 @@
-"""Scenario builders and batch means for the simulator tests."""
+"""Scenario builders, reference simulations and batch means for the simulator tests."""
 
 from __future__ import annotations
 
@@ -8,6 +8,13 @@ from typing import Any
 import numpy as np
 
 from core.scenario import Scenario
+from sim.model import Simulation
+from solutions import impl
+
+
+def simulation(scenario: Scenario) -> Simulation:
+    """A simulation of ``scenario`` with the reference solutions of the exercises it uses."""
+    return impl.simulation(scenario, "solution")
 
 
 def one_node(*, workers: int, load: float, service: str = "exponential", requests: int = 100_000,

@@ -10,7 +10,8 @@ import pytest
 from core.results import Outcome
 from core.scenario import Scenario
 from experiments.scenarios import load
-from sim.model import Simulation, run_scenario
+from solutions.impl import simulate
+from tests.sim.helpers import simulation
 
 
 def three_nodes(**over) -> Scenario:
@@ -27,16 +28,16 @@ def three_nodes(**over) -> Scenario:
 
 def test_same_seed_same_results_different_seed_different() -> None:
     s = load("seed").replace(duration_s=30)
-    a, b = run_scenario(s, "solution"), run_scenario(s, "solution")
+    a, b = simulate(s, "solution"), simulate(s, "solution")
     assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
-    c = run_scenario(s.replace(seed=s.seed + 1), "solution")
+    c = simulate(s.replace(seed=s.seed + 1), "solution")
     assert c["latency_ms"] != a["latency_ms"]
 
 
 def test_least_connections_beats_round_robin_on_the_seed_scenario_at_70_percent() -> None:
     s = load("seed").with_load(0.7).replace(duration_s=60)
-    rr = run_scenario(s.replace(strategy="round_robin"), "solution")
-    lc = run_scenario(s.replace(strategy="least_connections"), "solution")
+    rr = simulate(s.replace(strategy="round_robin"), "solution")
+    lc = simulate(s.replace(strategy="least_connections"), "solution")
     assert lc["latency_ms"]["p95"] * 10 < rr["latency_ms"]["p95"]
     assert lc["latency_ms"]["mean"] * 10 < rr["latency_ms"]["mean"]
     # Round robin splits evenly; least connections sends the 4-worker node the most.
@@ -45,7 +46,7 @@ def test_least_connections_beats_round_robin_on_the_seed_scenario_at_70_percent(
 
 
 def test_results_schema() -> None:
-    r = run_scenario(three_nodes(duration_s=10.0, warmup_s=1.0), "solution")
+    r = simulate(three_nodes(duration_s=10.0, warmup_s=1.0), "solution")
     assert set(r) >= {"scenario", "mode", "seed", "strategy", "duration_s", "requests", "throughput_rps",
                       "latency_ms", "nodes"}
     assert r["mode"] == "sim" and r["strategy"] == "least_connections"
@@ -58,7 +59,7 @@ def test_results_schema() -> None:
 
 
 def test_warmup_requests_are_not_counted() -> None:
-    sim = Simulation(three_nodes(duration_s=10.0, warmup_s=4.0)).run()
+    sim = simulation(three_nodes(duration_s=10.0, warmup_s=4.0)).run()
     arrivals = sim.log.columns()["arrival"]
     assert sim.results()["requests"]["sent"] == int(((arrivals >= 4.0) & (arrivals < 10.0)).sum())
     assert (arrivals < 4.0).sum() > 300
@@ -67,7 +68,7 @@ def test_warmup_requests_are_not_counted() -> None:
 def test_crashed_node_is_routed_around_and_comes_back() -> None:
     nodes = [{"id": f"node-{i + 1}", "workers": 2, "load_factor_ms": 25} for i in range(3)]
     nodes[0]["faults"] = [{"start_s": 20.0, "end_s": 40.0, "down": True}]
-    sim = Simulation(three_nodes(nodes=nodes, duration_s=60.0, warmup_s=0.0,
+    sim = simulation(three_nodes(nodes=nodes, duration_s=60.0, warmup_s=0.0,
                                  workload={"arrival": "poisson", "rate_per_s": 200.0})).run()
     c = sim.log.columns()
     during = (c["arrival"] > 20.0) & (c["arrival"] < 40.0)
@@ -84,7 +85,7 @@ def test_crashed_node_is_routed_around_and_comes_back() -> None:
 def test_without_retry_a_refused_connection_is_an_error() -> None:
     nodes = [{"id": "a", "workers": 2, "load_factor_ms": 25, "faults": [{"start_s": 5.0, "end_s": 50.0, "down": True}]},
              {"id": "b", "workers": 2, "load_factor_ms": 25}]
-    r = run_scenario(three_nodes(nodes=nodes, balancer={"strategy": "round_robin", "retry_connect_failures": False,
+    r = simulate(three_nodes(nodes=nodes, balancer={"strategy": "round_robin", "retry_connect_failures": False,
                                                         "health_check_interval_s": 2.0},
                                  workload={"arrival": "poisson", "rate_per_s": 40.0}, warmup_s=0.0), "solution")
     assert r["errors_detail"]["connect"] >= 1
@@ -92,7 +93,7 @@ def test_without_retry_a_refused_connection_is_an_error() -> None:
 
 def test_all_nodes_down_is_no_backend() -> None:
     nodes = [{"id": "a", "workers": 1, "load_factor_ms": 25, "faults": [{"start_s": 5.0, "end_s": 10.0, "down": True}]}]
-    r = run_scenario(three_nodes(nodes=nodes, duration_s=15.0, warmup_s=0.0,
+    r = simulate(three_nodes(nodes=nodes, duration_s=15.0, warmup_s=0.0,
                                  workload={"arrival": "poisson", "rate_per_s": 20.0}), "solution")
     assert r["errors_detail"]["no_backend"] > 50
 
@@ -101,7 +102,7 @@ def test_circuit_breaker_opens_during_an_error_burst_and_closes_after() -> None:
     nodes = [{"id": "a", "workers": 4, "load_factor_ms": 10,
               "circuit_breaker": {"failure_threshold": 3, "recovery_timeout_s": 1.0},
               "faults": [{"start_s": 10.0, "end_s": 20.0, "error_rate": 1.0}]}]
-    sim = Simulation(three_nodes(nodes=nodes, duration_s=30.0, warmup_s=0.0,
+    sim = simulation(three_nodes(nodes=nodes, duration_s=30.0, warmup_s=0.0,
                                  balancer={"eject_after_failures": 0},  # only the node's own breaker
                                  workload={"arrival": "poisson", "rate_per_s": 50.0})).run()
     c = sim.log.columns()
@@ -120,7 +121,7 @@ def test_balancer_ejects_a_node_that_fails_fast(eject: int) -> None:
     pour traffic into it; the balancer's ejector takes it out instead."""
     nodes = [{"id": f"node-{i + 1}", "workers": 2, "load_factor_ms": 25, "circuit_breaker": True} for i in range(3)]
     nodes[0]["faults"] = [{"start_s": 10.0, "end_s": 40.0, "error_rate": 1.0}]
-    r = run_scenario(three_nodes(nodes=nodes, warmup_s=0.0, balancer={"strategy": "least_connections",
+    r = simulate(three_nodes(nodes=nodes, warmup_s=0.0, balancer={"strategy": "least_connections",
                                                                       "eject_after_failures": eject}), "solution")
     failed = r["requests"]["errors"] + r["requests"]["circuit_open"]
     if eject:
@@ -132,7 +133,7 @@ def test_balancer_ejects_a_node_that_fails_fast(eject: int) -> None:
 def test_extra_latency_fault_slows_responses() -> None:
     nodes = [{"id": "a", "workers": 8, "load_factor_ms": 10, "service": "deterministic",
               "faults": [{"start_s": 5.0, "end_s": 10.0, "extra_latency_ms": 100}]}]
-    sim = Simulation(three_nodes(nodes=nodes, duration_s=15.0, warmup_s=0.0,
+    sim = simulation(three_nodes(nodes=nodes, duration_s=15.0, warmup_s=0.0,
                                  workload={"arrival": "constant", "rate_per_s": 20.0})).run()
     c = sim.log.columns()
     response = c["end"] - c["arrival"]
@@ -143,7 +144,7 @@ def test_extra_latency_fault_slows_responses() -> None:
 def test_per_client_rate_limit_behind_the_balancer() -> None:
     """20 clients at 4/s each through a node limited to 2/s per client: about half refused."""
     nodes = [{"id": "a", "workers": 8, "load_factor_ms": 5, "rate_limit_per_s": 2.0, "rate_limit_burst": 2.0}]
-    r = run_scenario(three_nodes(nodes=nodes, duration_s=60.0, warmup_s=10.0,
+    r = simulate(three_nodes(nodes=nodes, duration_s=60.0, warmup_s=10.0,
                                  workload={"arrival": "poisson", "rate_per_s": 80.0, "clients": 20}), "solution")
     q = r["requests"]
     assert 0.4 < q["rate_limited"] / q["sent"] < 0.6
@@ -154,13 +155,13 @@ def test_closed_loop_obeys_littles_law() -> None:
     """N clients, think time Z: throughput X = N / (R + Z)."""
     s = three_nodes(workload={"arrival": "closed", "clients": 12, "think_time_ms": 100.0},
                     duration_s=120.0, warmup_s=10.0)
-    r = run_scenario(s, "solution")
+    r = simulate(s, "solution")
     response_s = r["latency_ms"]["mean"] / 1000
     assert r["throughput_rps"] == pytest.approx(12 / (response_s + 0.100), rel=0.03)
 
 
 def test_constant_arrivals_are_evenly_spaced() -> None:
-    sim = Simulation(three_nodes(workload={"arrival": "constant", "rate_per_s": 50.0}, duration_s=2.0,
+    sim = simulation(three_nodes(workload={"arrival": "constant", "rate_per_s": 50.0}, duration_s=2.0,
                                  warmup_s=0.0)).run()
     arrivals = np.sort(sim.log.columns()["arrival"])
     assert np.allclose(np.diff(arrivals), 0.02)
@@ -168,7 +169,7 @@ def test_constant_arrivals_are_evenly_spaced() -> None:
 
 @pytest.mark.parametrize("name", ["seed", "faults", "rate-limited", "closed-loop", "mm4"])
 def test_shipped_scenarios_run(name: str) -> None:
-    r = run_scenario(load(name).replace(duration_s=5), "solution")
+    r = simulate(load(name).replace(duration_s=5), "solution")
     assert r["requests"]["sent"] > 0
 
 
@@ -177,7 +178,7 @@ def test_a_response_slower_than_the_balancer_timeout_is_a_504_at_the_timeout() -
     # grow without bound, so late requests wait far longer than the 2 s timeout.
     s = three_nodes(balancer={"strategy": "round_robin", "timeout_s": 2.0},
                     workload={"arrival": "poisson", "rate_per_s": 168.0, "clients": 10})
-    sim = Simulation(s).run()
+    sim = simulation(s).run()
     r = sim.results()
     assert r["errors_detail"]["timeout"] > 500
     c = sim.log.columns()
@@ -185,5 +186,5 @@ def test_a_response_slower_than_the_balancer_timeout_is_a_504_at_the_timeout() -
     assert np.allclose(c["end"][late] - c["arrival"][late], 2.0)
     assert (c["end"][~late] - c["arrival"][~late]).max() <= 2.0
     assert set(c["node"][late]) <= {0, 2}  # only the overloaded one-worker nodes
-    untimed = run_scenario(s.replace(strategy="least_connections"), "solution")
+    untimed = simulate(s.replace(strategy="least_connections"), "solution")
     assert untimed["errors_detail"]["timeout"] == 0

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 from core.results import Outcome
-from sim.model import Simulation
 from experiments.theory import erlang_c_response_s, md1_response_s, mmck_blocking
-from tests.sim.helpers import batch_means, one_node
+from tests.sim.helpers import batch_means, one_node, simulation
 
 MU = 40.0  # 25 ms per request
 
@@ -31,7 +30,7 @@ def window(sim: Simulation) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("workers", [1, 2, 4])
 @pytest.mark.parametrize("load", [0.5, 0.8])
 def test_mmc_mean_response_matches_erlang_c(workers: int, load: float) -> None:
-    sim = Simulation(one_node(workers=workers, load=load)).run()
+    sim = simulation(one_node(workers=workers, load=load)).run()
     cols = window(sim)
     assert (cols["outcome"] == Outcome.OK).all()
     mean, half = batch_means(cols["end"] - cols["arrival"])
@@ -43,7 +42,7 @@ def test_mmc_mean_response_matches_erlang_c(workers: int, load: float) -> None:
 
 @pytest.mark.parametrize("workers, places, load", [(1, 3, 0.9), (2, 4, 0.9), (4, 6, 1.2)])
 def test_backpressure_rejects_the_mmck_blocking_fraction(workers: int, places: int, load: float) -> None:
-    sim = Simulation(one_node(workers=workers, load=load, backpressure=places)).run()
+    sim = simulation(one_node(workers=workers, load=load, backpressure=places)).run()
     cols = window(sim)
     rejected = (cols["outcome"] == Outcome.BACKPRESSURE).astype(float)
     assert set(np.unique(cols["outcome"])) <= {Outcome.OK, Outcome.BACKPRESSURE}
@@ -54,7 +53,7 @@ def test_backpressure_rejects_the_mmck_blocking_fraction(workers: int, places: i
 
 @pytest.mark.parametrize("load", [0.5, 0.8])
 def test_deterministic_service_matches_md1(load: float) -> None:
-    sim = Simulation(one_node(workers=1, load=load, service="deterministic")).run()
+    sim = simulation(one_node(workers=1, load=load, service="deterministic")).run()
     cols = window(sim)
     served = cols["end"] - cols["start"]
     assert np.allclose(served, 1 / MU)
@@ -66,7 +65,7 @@ def test_deterministic_service_matches_md1(load: float) -> None:
 def test_rate_limiter_in_the_model_admits_exactly_what_the_bucket_allows() -> None:
     """One client asking at 3x the limit: every decision is the exact token bucket's."""
     rate, burst = 10, 5
-    sim = Simulation(one_node(workers=64, load=0.1, load_factor_ms=1.0, requests=3000,
+    sim = simulation(one_node(workers=64, load=0.1, load_factor_ms=1.0, requests=3000,
                               rate_limit_per_s=rate, rate_limit_burst=burst)).run()
     cols = sim.log.columns()
     order = np.argsort(cols["arrival"], kind="stable")
