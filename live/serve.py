@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import sys
-
 from typing import Callable
 
 from aiohttp import web
@@ -27,6 +26,12 @@ def serve(app: web.Application, host: str, port: int, *, name: str, shutdown_tim
           on_listening: Callable[[int], None] | None = None) -> int:
     """Serve ``app`` until a signal; ``on_listening(port)`` learns the bound port (``--port 0``)."""
     async def main() -> int:
+        # Signals are ours before anyone can learn the port: a supervisor that stops us right
+        # after reading the "listening on" line gets a clean shutdown, not a kill.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
         runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout, access_log=None)
         await runner.setup()
         try:
@@ -42,10 +47,6 @@ def serve(app: web.Application, host: str, port: int, *, name: str, shutdown_tim
         if on_listening is not None:
             on_listening(bound)
         print(f"{name} listening on http://{host}:{bound}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         print(f"{name}: shutting down (in-flight requests get up to {shutdown_timeout:g} s)", flush=True)
         await runner.cleanup()
