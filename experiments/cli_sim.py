@@ -118,13 +118,14 @@ def sim_group() -> None:
 def sim_run(scenario: Scenario, strategy: str | None, rate: float | None, load: float | None,
             duration: float | None, seed: int | None, impl: str, json_path: str | None) -> None:
     """Simulate one scenario and print its summary."""
-    from experiments.report import run_summary
+    from experiments.report import run_summary, scheduled_faults
     from sim.model import run_scenario
 
     scenario = apply_overrides(scenario, strategy, rate, load, duration, seed)
     echo_notices(impl, scenario.balancer.strategy, scenario)
     result = run_scenario(scenario, impl)
     result["impl"] = impl
+    result.setdefault("faults", scheduled_faults(scenario))
     click.echo(run_summary(result))
     write_json(json_path, result)
 

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from core.scenario import Scenario
 
-__all__ = ["Job", "aggregate", "run_job", "sweep"]
+__all__ = ["FAILURE_KINDS", "Job", "aggregate", "failed_percent", "failures", "run_job", "sweep"]
 
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom; 1.96 beyond.
 _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -98,8 +98,28 @@ def _mean_ci(values: Iterable[float | None]) -> dict[str, float | None]:
     return {"mean": m, "ci95": t95(len(xs) - 1) * sd / math.sqrt(len(xs))}
 
 
+#: Every outcome but OK, as a results dict counts them: the nodes' refusals, then the errors by kind.
+FAILURE_KINDS = ("rate_limited", "backpressure", "circuit_open", "server", "connect", "no_backend", "timeout")
+
+
+def failures(result: dict[str, Any]) -> dict[str, int]:
+    """One run's failed requests (every outcome but OK) by kind, in :data:`FAILURE_KINDS` order."""
+    q, e = result["requests"], result["errors_detail"]
+    return {k: q[k] if k in q else e[k] for k in FAILURE_KINDS}
+
+
+def failed_percent(result: dict[str, Any]) -> float:
+    """The failed requests of one run as a percentage of those sent (0 when none were sent)."""
+    q = result["requests"]
+    return 100.0 * (q["sent"] - q["ok"]) / q["sent"] if q["sent"] else 0.0
+
+
 def aggregate(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (strategy, load): mean and 95% CI over repetitions of each metric."""
+    """One row per (strategy, load): mean and 95% CI over repetitions of each metric.
+
+    Latency covers OK requests only, so a row also counts the ones that failed (``failed``:
+    count, percent of sent, and count by kind); ``share`` is of every request the balancer
+    sent to a node, failed ones included."""
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for r in results:
         groups.setdefault((r["strategy"], round(r["load"], 6)), []).append(r)
@@ -112,7 +132,9 @@ def aggregate(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "reps": len(runs),
             "latency_ms": {k: _mean_ci(r["latency_ms"][k] for r in runs) for k in ("mean", "p50", "p95", "p99")},
             "throughput_rps": _mean_ci(r["throughput_rps"] for r in runs),
-            "rejected": _mean_ci(r["requests"]["sent"] - r["requests"]["ok"] for r in runs),
+            "failed": {"count": _mean_ci(r["requests"]["sent"] - r["requests"]["ok"] for r in runs),
+                       "percent": _mean_ci(failed_percent(r) for r in runs),
+                       "by_kind": {k: _mean_ci(failures(r)[k] for r in runs) for k in FAILURE_KINDS}},
             "requests": {k: _mean_ci(r["requests"][k] for r in runs)
                          for k in ("sent", "ok", "rate_limited", "backpressure", "circuit_open", "errors")},
             "share": {n: _mean_ci(r["nodes"][n]["share"] for r in runs) for n in node_ids},

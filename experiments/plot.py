@@ -1,50 +1,137 @@
-"""The comparison picture: latency percentiles against offered load, one line per strategy."""
+"""The comparison picture: latency percentiles against offered load, one line per strategy,
+and the requests that failed, which the latency panels cannot show.
+
+Latency is that of OK requests only, so a point where requests failed (timed out, say)
+can look *faster* than one where none did. Such points are drawn hollow on the latency
+panels, and a fourth panel gives the failed requests as a percentage of those sent, with
+each non-zero point annotated. Error bars are 95% confidence intervals over the sweep's
+seeds, and the caption under the title says so; the legend sits below the panels, where
+it cannot cover data. A sweep of one load is drawn as points on a short axis around it.
+"""
 
 from __future__ import annotations
 
 import pathlib
 from typing import Any, Sequence
 
-__all__ = ["plot_sweep"]
+from experiments.compare import failed_percent
+
+__all__ = ["draw_sweep", "plot_sweep"]
+
+_PANELS = ("p50", "p95", "p99")
+
+
+def _caption(rows: Sequence[dict[str, Any]], live: Sequence[dict[str, Any]]) -> str:
+    reps = rows[0]["reps"] if rows else 0
+    bars = (f"error bars: 95% CI over {reps} seeds (Student's t)" if reps > 1
+            else "one seed per point, no error bars" if reps == 1 else "one live run per point")
+    parts = [bars, "latency of OK requests only", "hollow markers: some requests failed (right panel)"]
+    if live and rows:
+        parts.insert(1, "crosses: live runs")
+    return "; ".join(parts)
 
 
 def plot_sweep(rows: Sequence[dict[str, Any]], path: str | pathlib.Path, *, title: str,
                live: Sequence[dict[str, Any]] = ()) -> pathlib.Path:
-    """Write a PNG with p50, p95 and p99 (mean and 95% CI over repetitions) per strategy;
-    ``live`` runs (results dicts) are drawn as crosses in their strategy's colour."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display needed
+    """Write :func:`draw_sweep`'s figure to ``path`` as a PNG (parent directories created)."""
     import matplotlib.pyplot as plt
 
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    strategies = sorted({r["strategy"] for r in [*rows, *live]})
-    colours = {strategy: f"C{i}" for i, strategy in enumerate(strategies)}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), sharey=True)
-    for ax, key in zip(axes, ("p50", "p95", "p99")):
-        for strategy in strategies:
-            mine = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: r["load"])
-            xs = [r["load"] for r in mine if r["latency_ms"][key]["mean"] is not None]
-            ys = [r["latency_ms"][key]["mean"] for r in mine if r["latency_ms"][key]["mean"] is not None]
-            errs = [r["latency_ms"][key]["ci95"] or 0.0 for r in mine if r["latency_ms"][key]["mean"] is not None]
-            # On a log axis a lower bar must stay above zero.
-            lower = [min(e, 0.9 * y) for e, y in zip(errs, ys)]
-            if xs:
-                ax.errorbar(xs, ys, yerr=[lower, errs], marker="o", capsize=3, color=colours[strategy],
-                            label=f"{strategy} (sim)" if live else strategy)
-            points = sorted((r["load"], r["latency_ms"][key]) for r in live
-                            if r["strategy"] == strategy and r["latency_ms"][key] is not None)
-            if points:
-                ax.plot([x for x, _ in points], [y for _, y in points], "x", markersize=10, mew=2,
-                        color=colours[strategy], label=f"{strategy} (live)")
-        ax.set_title(f"{key} response time")
-        ax.set_xlabel("offered load (fraction of total capacity)")
-        ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("milliseconds (log scale)")
-    axes[0].legend()
-    fig.suptitle(title)
-    fig.tight_layout()
+    fig = draw_sweep(rows, title=title, live=live)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def draw_sweep(rows: Sequence[dict[str, Any]], *, title: str, live: Sequence[dict[str, Any]] = ()) -> Any:
+    """A matplotlib figure of p50, p95 and p99 (mean and 95% CI over repetitions, from
+    :func:`experiments.compare.aggregate` rows) per strategy, and the failed requests in % of
+    those sent; ``live`` runs (results dicts) are drawn as crosses in their strategy's colour."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    strategies = sorted({r["strategy"] for r in [*rows, *live]})
+    colours = {strategy: f"C{i}" for i, strategy in enumerate(strategies)}
+    fig, axes = plt.subplots(1, 4, figsize=(18, 5.2), gridspec_kw={"width_ratios": [1, 1, 1, 0.8]})
+    latency_axes, failed_ax = axes[:3], axes[3]
+    for ax in latency_axes[1:]:
+        ax.sharey(latency_axes[0])
+    loads = sorted({r["load"] for r in [*rows, *live]})
+    pad = max(0.05, 0.08 * (loads[-1] - loads[0])) if loads else 0.05
+    for i, strategy in enumerate(strategies):
+        colour = colours[strategy]
+        # Each strategy a little apart, so that equal values and error bars do not hide each other.
+        dodge = (i - (len(strategies) - 1) / 2) * 0.15 * pad
+        mine = [{**r, "load": r["load"] + dodge}
+                for r in sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: r["load"])]
+        failed = [r["failed"]["percent"]["mean"] or 0.0 for r in mine]
+        for ax, key in zip(latency_axes, _PANELS):
+            points = [(r["load"], r["latency_ms"][key], f) for r, f in zip(mine, failed)
+                      if r["latency_ms"][key]["mean"] is not None]
+            _curve(ax, [x for x, _, _ in points], [c for _, c, _ in points], [f > 0 for _, _, f in points], colour)
+            mine_live = sorted((r["load"] + dodge, r["latency_ms"][key], failed_percent(r) > 0) for r in live
+                               if r["strategy"] == strategy and r["latency_ms"][key] is not None)
+            _crosses(ax, mine_live, colour)
+        _curve(failed_ax, [r["load"] for r in mine], [r["failed"]["percent"] for r in mine], [False] * len(mine),
+               colour, log=False)
+        for r, f in zip(mine, failed):
+            if f > 0:
+                failed_ax.annotate(f"{f:.1f}%", (r["load"], f), textcoords="offset points", xytext=(0, 9),
+                                   ha="center", fontsize=8, color=colour)
+        _crosses(failed_ax, sorted((r["load"] + dodge, failed_percent(r), False) for r in live
+                                   if r["strategy"] == strategy), colour)
+    for ax, key in zip(latency_axes, _PANELS):
+        ax.set_title(f"{key} response time (OK requests)")
+        ax.set_yscale("log")
+    latency_axes[0].set_ylabel("milliseconds (log scale)")
+    failed_ax.set_title("failed requests")
+    failed_ax.set_ylabel("% of requests sent")
+    top = max(1.0, 1.2 * failed_ax.get_ylim()[1])
+    failed_ax.set_ylim(-0.04 * top, top)  # a little below 0, so that markers at 0 show whole
+    for ax in axes:
+        ax.set_xlabel("offered load (fraction of total capacity)")
+        ax.grid(True, which="both", alpha=0.3)
+        if loads:
+            ax.set_xlim(loads[0] - pad, loads[-1] + pad)
+            if len(loads) <= 8:
+                ax.set_xticks(loads)
+    handles = [plt.Line2D([], [], color=colours[s], marker="o", label=f"{s} (sim)" if live and rows else s)
+               for s in strategies if any(r["strategy"] == s for r in rows)]
+    handles += [plt.Line2D([], [], color=colours[s], marker="x", linestyle="none", markersize=9, mew=2,
+                           label=f"{s} (live)") for s in strategies if any(r["strategy"] == s for r in live)]
+    handles.append(plt.Line2D([], [], color="grey", marker="o", markerfacecolor="white", linestyle="none",
+                              label="some requests failed"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), frameon=False)
+    fig.suptitle(f"{title}\n{_caption(rows, live)}", fontsize=11)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
+
+
+def _curve(ax: Any, xs: list[float], cells: list[dict[str, float | None]], hollow: list[bool], colour: str, *,
+           log: bool = True) -> None:
+    """Means joined by a line with 95% CI bars; a point where requests failed is drawn hollow."""
+    if not xs:
+        return
+    ys = [c["mean"] for c in cells]
+    errs = [c["ci95"] or 0.0 for c in cells]
+    # On a log axis a lower bar must stay above zero.
+    lower = [min(e, 0.9 * y) for e, y in zip(errs, ys)] if log else [min(e, y) for e, y in zip(errs, ys)]
+    ax.errorbar(xs, ys, yerr=[lower, errs], capsize=3, color=colour, marker="none")
+    for fill in (False, True):
+        pts = [(x, y) for x, y, h in zip(xs, ys, hollow) if h != fill]
+        if pts:
+            ax.plot([x for x, _ in pts], [y for _, y in pts], "o", color=colour, markersize=7, mew=1.5,
+                    markerfacecolor=colour if fill else "white", zorder=3)
+
+
+def _crosses(ax: Any, points: list[tuple[float, float, bool]], colour: str) -> None:
+    """Live runs as crosses; one where requests failed gets a hollow ring around its cross."""
+    if not points:
+        return
+    ax.plot([x for x, _, _ in points], [y for _, y, _ in points], "x", markersize=10, mew=2, color=colour, zorder=4)
+    ringed = [(x, y) for x, y, failed in points if failed]
+    if ringed:
+        ax.plot([x for x, _ in ringed], [y for _, y in ringed], "o", markersize=14, mew=1.5, color=colour,
+                markerfacecolor="none", zorder=4)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-__all__ = ["differences", "run_summary", "side_by_side", "sweep_table"]
+from experiments.compare import FAILURE_KINDS, failed_percent, failures
+
+if TYPE_CHECKING:
+    from core.scenario import Scenario
+
+__all__ = ["differences", "run_summary", "scheduled_faults", "side_by_side", "sweep_table"]
 
 
 def _ms(v: float | None) -> str:
@@ -43,6 +48,19 @@ def run_summary(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def scheduled_faults(scenario: Scenario) -> list[dict[str, Any]]:
+    """The scenario's faults as a run's ``"faults"`` log (the live runner's schema: node, at_s, action,
+    result), in time order. The simulator plays each one exactly at its ``start_s`` and ``end_s``."""
+    log = []
+    for spec in scenario.nodes:
+        for f in spec.faults:
+            on, off = (("crash", "restart") if f.down else
+                       (f"faults on: error_rate={f.error_rate:g} extra_latency_ms={f.extra_latency_ms:g}", "faults off"))
+            log += [{"node": spec.id, "at_s": f.start_s, "action": on, "result": "simulated"},
+                    {"node": spec.id, "at_s": f.end_s, "action": off, "result": "simulated"}]
+    return sorted(log, key=lambda e: e["at_s"])
+
+
 def _overhead_line(o: dict[str, Any]) -> str:
     return (f"  overhead: GET /health through the balancer takes p50 {o['p50']:.2f} ms, mean {o['mean']:.2f} ms "
             "(in every live response time; not in the simulator's)")
@@ -67,34 +85,55 @@ def _ci(cell: dict[str, float | None], fmt=_ms) -> str:
     return fmt(cell["mean"]) + (f" ±{fmt(cell['ci95'])}" if cell["ci95"] is not None else "")
 
 
+def _count(v: float) -> str:
+    return f"{v:,.0f}" if v >= 10 or v == int(v) else f"{v:.1f}"
+
+
+def _failed(cell: dict[str, Any]) -> str:
+    """Mean failed requests per run, their share of those sent (±95% CI) and the count by kind."""
+    count = cell["count"]["mean"]
+    if not count:
+        return "0"
+    kinds = {k.replace("_", "-"): c["mean"] for k, c in cell["by_kind"].items() if c["mean"]}
+    by_kind = (next(iter(kinds)) if len(kinds) == 1
+               else ", ".join(f"{k} {_count(v)}" for k, v in kinds.items()))
+    return f"{_count(count)} ({_ci(cell['percent'], lambda v: f'{v:.1f}')}%) {by_kind}"
+
+
 def sweep_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Per strategy and load: latency percentiles and node shares, mean ±95% CI over repetitions."""
+    """Per strategy and load: latency percentiles of OK requests, node shares and failed requests,
+    mean ±95% CI over repetitions."""
     if not rows:
         return "(no runs)"
     nodes = list(rows[0]["share"])
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    shares = [" / ".join(_ci(row["share"][n], pct) for n in nodes) for row in rows]
+    width = max(len(s) for s in [*shares, f"share % ({' / '.join(nodes)})"])
     head = (f"{'strategy':<28}{'load':>5}  {'p50 ms':>14}{'p95 ms':>16}{'p99 ms':>16}   "
-            f"share % ({' / '.join(nodes)})")
+            f"{'share % (' + ' / '.join(nodes) + ')':<{width}}   failed (% of sent) by kind")
     lines = [head, "-" * len(head)]
-    for row in sorted(rows, key=lambda r: (r["strategy"], r["load"])):
+    for row, share in sorted(zip(rows, shares), key=lambda rs: (rs[0]["strategy"], rs[0]["load"])):
         lat = row["latency_ms"]
-        shares = " / ".join(_ci(row["share"][n], pct) for n in nodes)
         lines.append(f"{row['strategy']:<28}{row['load']:>5.2f}  {_ci(lat['p50']):>14}{_ci(lat['p95']):>16}"
-                     f"{_ci(lat['p99']):>16}   {shares}")
+                     f"{_ci(lat['p99']):>16}   {share:<{width}}   {_failed(row['failed'])}")
     if rows[0]["reps"] > 1:
         lines.append(f"(mean ±95% CI over {rows[0]['reps']} repetitions; the same seeds for every strategy)")
     else:
         lines.append("(one run each; the same seed for every strategy)")
+    lines.append("latency: of OK requests only. failed: mean per run of every other outcome (rate-limited, "
+                 "backpressure, circuit-open;\n  errors: server, connect, no-backend, timeout), with its % of the "
+                 "requests sent.")
+    lines.append("share: of every request the balancer sent to the node, failed ones included.")
+    if any(row["failed"]["count"]["mean"] for row in rows):
+        lines.append("  The balancer ejects a node after consecutive failures for a while (eject_after_failures, "
+                     "ejection_time_s),\n  so where requests fail, shares move away from the failing nodes.")
     return "\n".join(lines)
-
-
-_COUNTS = ("rate_limited", "backpressure", "circuit_open", "errors")
 
 
 def differences(sim: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
     """A live run against the simulated run of the same scenario and seed (the same arrivals):
     latency as a relative difference ((live - sim) / sim), per-node shares in percentage points,
-    counts side by side."""
+    failed requests by kind side by side."""
     overhead = (live.get("overhead_ms") or {}).get("p50")
 
     def relative(got: float | None, want: float | None) -> float | None:
@@ -106,8 +145,9 @@ def differences(sim: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
         latency[key] = relative(got, want)
         net[key] = relative(None if got is None or overhead is None else got - overhead, want)
     shares = {n: 100 * (live["nodes"][n]["share"] - node["share"]) for n, node in sim["nodes"].items()}
-    counts = {k: {"sim": sim["requests"][k], "live": live["requests"][k],
-                  "relative": relative(live["requests"][k], sim["requests"][k])} for k in _COUNTS}
+    sim_failed, live_failed = failures(sim), failures(live)
+    counts = {k: {"sim": sim_failed[k], "live": live_failed[k], "relative": relative(live_failed[k], sim_failed[k])}
+              for k in FAILURE_KINDS}
     return {"strategy": sim["strategy"], "load": sim["load"], "seed": sim["seed"], "latency_relative": latency,
             "latency_relative_net_of_overhead": net, "overhead_ms": overhead, "share_pp": shares, "counts": counts}
 
@@ -129,11 +169,15 @@ def side_by_side(same: dict[str, Any], row: dict[str, Any], live: dict[str, Any]
     for node, pp in d["share_pp"].items():
         lines.append(f"  {'share ' + node:<32}{pct(same['nodes'][node]['share']):>16}"
                      f"{_ci(row['share'][node], pct):>20}{pct(live['nodes'][node]['share']):>11}{f'{pp:+.1f} pp':>13}")
+    failed = row["failed"]
+    lines.append(f"  {'failed, % of sent':<32}{failed_percent(same):>15.1f}%{_ci(failed['percent'], _ms) + '%':>20}"
+                 f"{failed_percent(live):>10.1f}%")
     for key, c in d["counts"].items():
-        mean = row["requests"][key]["mean"]
-        same_count = c["sim"] == c["live"]
-        lines.append(f"  {key.replace('_', ' '):<32}{c['sim']:>16,}{'-' if mean is None else f'{mean:,.1f}':>20}"
-                     f"{c['live']:>11,}{'same' if same_count else signed(c['relative']):>13}")
+        mean = failed["by_kind"][key]["mean"]
+        if c["sim"] or c["live"] or mean:  # the kinds that happened, in either
+            lines.append(f"  {'  ' + key.replace('_', ' '):<32}{c['sim']:>16,}"
+                         f"{'-' if mean is None else f'{mean:,.1f}':>20}{c['live']:>11,}"
+                         f"{'same' if c['sim'] == c['live'] else signed(c['relative']):>13}")
     if d["overhead_ms"] is not None:
         lines.append(f"  (overhead: a /health round trip through the live balancer took {d['overhead_ms']:.1f} ms at p50 "
                      "before the load; 'net of overhead' takes it off every live latency)")
