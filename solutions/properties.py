@@ -143,6 +143,70 @@ def _replay(cls: type, rate: Fraction, capacity: Fraction | None, requests: Sequ
     return out
 
 
+@dataclass(frozen=True)
+class _Mistake:
+    """A token bucket with one thing done wrong, replayed in exact arithmetic to see whether it
+    explains what the implementation decided. ``why`` is what a student would change."""
+
+    why: str
+    cap: bool = True          # refill stops at the capacity
+    clamp: bool = True        # a step back in time adds nothing (elapsed = max(0, now - last))
+    keep_latest: bool = True  # the bucket's time never moves back (last = max(last, now))
+    threshold: int = 1        # tokens needed to allow a request
+    refill: bool = True
+    shared: bool = False      # one bucket for every client
+
+    def decisions(self, rate: Fraction, capacity: Fraction, requests: Sequence[tuple[str, int]],
+                  actual: Sequence[bool]) -> list[bool]:
+        """What this bucket decides; where its count is a floating-point coin toss, what ``actual`` did."""
+        rate_per_ms = rate / 1000 if self.refill else Fraction(0)
+        state: dict[str, list] = {}
+        out = []
+        for (client, ms), got in zip(requests, actual):
+            tokens, last = state.setdefault("*" if self.shared else client, [capacity, ms])
+            elapsed = max(0, ms - last) if self.clamp else abs(ms - last)
+            tokens = tokens + elapsed * rate_per_ms
+            if self.cap:
+                tokens = min(capacity, tokens)
+            last = max(last, ms) if self.keep_latest else ms
+            allowed = got if abs(tokens - self.threshold) < TOLERANCE else tokens >= self.threshold
+            state["*" if self.shared else client] = [tokens - 1 if allowed else tokens, last]
+            out.append(allowed)
+        return out
+
+
+MISTAKES = [
+    _Mistake("tokens are not capped at the capacity: refill with min(capacity, tokens + elapsed * rate)",
+             cap=False),
+    _Mistake("a clock that went backwards added tokens: the elapsed time must be max(0, now - updated_at)",
+             clamp=False),
+    _Mistake("a clock that went backwards moved the bucket's time back, so that time was refilled twice: "
+             "keep updated_at = max(updated_at, now)", keep_latest=False),
+    _Mistake("a request was allowed with less than one token: allow only when tokens >= 1", threshold=0),
+    _Mistake("the bucket never refills: add elapsed * rate_per_s before deciding", refill=False),
+    _Mistake("all clients share one bucket: each client id needs its own (self._bucket(client_id, now=now))",
+             shared=True),
+]
+
+
+def likely_causes(rate: Fraction, capacity: Fraction | None, steps: Sequence[_Step]) -> str:
+    """Which of the usual mistakes reproduce every decision of ``steps``: one line for the report.
+
+    Only what the trace can tell apart is named; when several mistakes decide alike on it, all
+    of them are, since the grader cannot know which one was made.
+    """
+    cap = _capacity(rate, capacity)
+    requests = [(s.client, s.ms) for s in steps]
+    actual = [s.allowed for s in steps]
+    fits = [m.why for m in MISTAKES if m.decisions(rate, cap, requests, actual) == actual]
+    if not fits:
+        return ""
+    if len(fits) == 1:
+        return f"\nlikely cause: {fits[0]}"
+    return ("\nlikely causes (on this input they decide alike): "
+            + "; or ".join(fits))
+
+
 def _absolute(trace: Sequence[tuple[str, int]], start_ms: int = 0) -> list[tuple[str, int]]:
     out, ms = [], start_ms
     for client, step in trace:
@@ -163,14 +227,17 @@ def _window_bound(cls: type) -> Callable[[], None]:
                     count = j - i + 1
                     bound = cap + rate * Fraction(allowed[j] - first, 1000)
                     if count > bound + TOLERANCE:
+                        cause = likely_causes(rate, capacity, steps)
                         if allowed[j] == first:
                             raise Counterexample(
                                 f"client {client!r}: after {_requests(count - 1)} at {_t(first)}, "
-                                f"request {count} at the same instant was allowed too; the capacity is {_n(cap)}")
+                                f"request {count} at the same instant was allowed too; the capacity is "
+                                f"{_n(cap)}{cause}")
                         raise Counterexample(
                             f"client {client!r}: {count} requests were allowed between {_t(first)} and "
                             f"{_t(allowed[j])}; in {(allowed[j] - first) / 1000:.3f} s a bucket of capacity "
-                            f"{_n(cap)} refilling at {_n(rate)}/s allows at most {math.floor(bound + TOLERANCE)}")
+                            f"{_n(cap)} refilling at {_n(rate)}/s allows at most {math.floor(bound + TOLERANCE)}"
+                            f"{cause}")
     return test
 
 
@@ -205,7 +272,7 @@ def _matches_ideal(cls: type) -> Callable[[], None]:
                     f"request {seen[s.client]} of client {s.client!r} at {_t(s.ms)} was {verdict}, but a "
                     f"token bucket (rate {_n(rate)}/s, capacity {_n(cap)}) held {float(s.ideal_tokens):.3f} tokens "
                     f"then, so it should have been {'allowed' if s.ideal else 'refused'}; "
-                    f"earlier requests: {history}")
+                    f"earlier requests: {history}{likely_causes(rate, capacity, steps)}")
     return test
 
 
@@ -232,14 +299,20 @@ def _backwards_clock(cls: type) -> Callable[[], None]:
     @given(rate=rates, capacity=capacities, steps=st.lists(back_steps, min_size=2, max_size=30))
     def test(rate: Fraction, capacity: Fraction | None, steps: list[int]) -> None:
         cap = _capacity(rate, capacity)
-        for s in _replay(cls, rate, capacity, _absolute([("a", d) for d in steps], start_ms=10_000)):
+        replayed = _replay(cls, rate, capacity, _absolute([("a", d) for d in steps], start_ms=10_000))
+        for n, s in enumerate(replayed, start=1):
             if s.ideal is not None and s.ideal != s.allowed:
-                went_back = s.ms < s.clock_ms
+                times = ", ".join(_t(x.ms) for x in replayed[:n])
+                went_back = any(x.ms < x.clock_ms for x in replayed[:n])
                 raise Counterexample(
-                    f"at {_t(s.ms)}{f' (after the clock had already reached {_t(s.clock_ms)})' if went_back else ''} "
-                    f"the request was {'allowed' if s.allowed else 'refused'}; a clock going backwards counts "
-                    f"as no time passing, so a bucket of capacity {_n(cap)} at {_n(rate)}/s held "
-                    f"{float(s.ideal_tokens):.3f} tokens and should have {'allowed' if s.ideal else 'refused'} it")
+                    f"requests at {times}: the last was {'allowed' if s.allowed else 'refused'}, but a bucket of "
+                    f"capacity {_n(cap)} at {_n(rate)}/s "
+                    + ("(a clock going backwards counts as no time passing) " if went_back else "")
+                    + f"held {float(s.ideal_tokens):.3f} tokens then and should have "
+                    f"{'allowed' if s.ideal else 'refused'} it"
+                    + (likely_causes(rate, capacity, replayed[:n])
+                       or ("" if went_back else "; the clock had not gone backwards yet, so the cause is elsewhere "
+                           "(the ideal-bucket property shows it too)")))
     return test
 
 

@@ -15,6 +15,7 @@ from hypothesis import settings
 from solutions.impl import EXERCISES, is_implemented
 from solutions.properties import SUITES, Counterexample
 from tests.conftest import impl_classes
+from tests.solutions import mutants
 from tests.solutions.mutants import CAUGHT_BY
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -99,3 +100,34 @@ def test_pasting_the_solution_method_makes_the_exercise_pass(exercise: str, tmp_
     assert is_implemented(EXERCISES[exercise], cls)
     for prop in SUITES[exercise]:
         prop.check(cls)
+
+
+# mutant -> the words its failure text must contain: the cause, not a neighbouring one
+NAMED_CAUSE = {
+    "NoCap": "not capped at the capacity",
+    "BackwardsMints": "went backwards added tokens",
+    "OffByOne": "less than one token",
+    "SharedBucket": "share one bucket",
+    "NeverRefills": "never refills",
+}
+# (property, mutant) pairs where the property fails and must name the cause
+DIAGNOSED = [("window-bound", "NoCap"), ("window-bound", "OffByOne"), ("ideal-bucket", "OffByOne"),
+             ("ideal-bucket", "SharedBucket"), ("ideal-bucket", "NeverRefills"), ("backwards-clock", "NoCap"),
+             ("backwards-clock", "BackwardsMints"), ("backwards-clock", "OffByOne"),
+             ("backwards-clock", "NeverRefills")]
+RATE_LIMITER = {p.name: p for p in SUITES["rate-limiter"]}
+
+
+@pytest.mark.parametrize("prop, mutant", DIAGNOSED)
+def test_failure_text_names_the_likely_cause(prop: str, mutant: str) -> None:
+    with pytest.raises(Counterexample) as info:
+        RATE_LIMITER[prop].check(getattr(mutants, mutant), MUTANT_SETTINGS)
+    assert NAMED_CAUSE[mutant] in str(info.value), str(info.value)
+
+
+def test_a_bucket_without_the_cap_is_not_blamed_on_the_clock() -> None:
+    """The issue's case: NoCap handles a backwards clock right, yet fails backwards-clock."""
+    with pytest.raises(Counterexample) as info:
+        RATE_LIMITER["backwards-clock"].check(mutants.NoCap, MUTANT_SETTINGS)
+    text = str(info.value)
+    assert NAMED_CAUSE["NoCap"] in text and NAMED_CAUSE["BackwardsMints"] not in text, text
