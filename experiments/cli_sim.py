@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any
+from typing import Any, Sequence
 
 import click
 
@@ -119,23 +119,25 @@ def sim_run(scenario: Scenario, strategy: str | None, rate: float | None, load: 
             duration: float | None, seed: int | None, impl: str, json_path: str | None) -> None:
     """Simulate one scenario and print its summary."""
     from experiments.report import run_summary, scheduled_faults
-    from sim.model import run_scenario
+    from solutions.impl import simulate
 
     scenario = apply_overrides(scenario, strategy, rate, load, duration, seed)
-    echo_notices(impl, scenario.balancer.strategy, scenario)
-    result = run_scenario(scenario, impl)
+    echo_notices(impl, scenario)
+    result = simulate(scenario, impl)
     result["impl"] = impl
     result.setdefault("faults", scheduled_faults(scenario))
     click.echo(run_summary(result))
     write_json(json_path, result)
 
 
-def echo_notices(impl: str, strategy: str | None, scenario: Scenario) -> None:
-    """Say whose exercise code runs, where it matters to this run."""
-    if strategy == "least_connections":
-        echo_notice("least-connections", impl)
-    if any(n.rate_limit_per_s for n in scenario.nodes):
-        echo_notice("rate-limiter", impl)
+def echo_notices(impl: str, scenario: Scenario, strategies: Sequence[str] = ()) -> None:
+    """Say whose exercise code runs, for the exercises that ``scenario`` (under each of
+    ``strategies``, or its own) uses; a stub forced with ``--impl exercise`` ends the command (exit 3)."""
+    from solutions.impl import uses
+    used = {name for strategy in (strategies or [scenario.balancer.strategy])
+            for name in uses(scenario.replace(strategy=strategy))}
+    for name in sorted(used):
+        echo_notice(name, impl)
 
 
 def _sweep(scenario: Scenario, strategies: list[str], loads: list[float], reps: int, workers: int | None,
@@ -145,8 +147,7 @@ def _sweep(scenario: Scenario, strategies: list[str], loads: list[float], reps: 
 
     if scenario.workload.arrival == "closed":
         raise click.UsageError(f"{scenario.name}: a load sweep needs an open-loop workload (poisson or constant)")
-    if "least_connections" in strategies or any(n.rate_limit_per_s for n in scenario.nodes):
-        echo_notices(impl, "least_connections" if "least_connections" in strategies else None, scenario)
+    echo_notices(impl, scenario, strategies)
     total = len(strategies) * len(loads) * reps
     click.echo(f"{scenario.name}: {len(strategies)} strategies x {len(loads)} loads x {reps} repetitions "
                f"(seeds {scenario.seed}..{scenario.seed + reps - 1}), capacity {scenario.capacity_per_s:.1f} req/s")
@@ -234,7 +235,7 @@ def _compare_live(scenario: Scenario, mode: str, strategies: list[str], loads: l
 
     if scenario.workload.arrival == "closed":
         raise click.UsageError(f"{scenario.name}: a load sweep needs an open-loop workload (poisson or constant)")
-    echo_notices(impl, "least_connections" if "least_connections" in strategies else None, scenario)
+    echo_notices(impl, scenario, strategies)
     points = [(strategy, load) for strategy in strategies for load in loads]
     click.echo(f"{scenario.name}: {len(points)} live run{'s' * (len(points) > 1)} of {scenario.duration_s:g} s "
                f"(capacity {scenario.capacity_per_s:.1f} req/s)"

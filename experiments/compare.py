@@ -54,8 +54,8 @@ class Job:
 
 def run_job(job: Job) -> dict[str, Any]:
     """One simulation run (a top-level function, so process pools can pickle it)."""
-    from sim.model import run_scenario
-    result = run_scenario(job.scenario_to_run(), job.impl)
+    from solutions.impl import simulate
+    result = simulate(job.scenario_to_run(), job.impl)
     result["rep"] = job.rep
     return result
 
