@@ -10,13 +10,16 @@ rows into the results JSON both modes share::
 
     {"scenario", "mode", "seed", "strategy", "duration_s",
      "requests": {"sent", "ok", "rate_limited", "backpressure", "circuit_open", "errors"},
-     "errors_detail": {"server", "connect", "no_backend", "timeout"},
+     "errors_detail": {"server", "connect", "no_backend", "timeout", "not_sent"},
      "throughput_rps", "latency_ms": {mean, p50, p90, p95, p99, max},
      "nodes": {id: {"requests", "share", "utilization", "latency_ms": {...}}}}
 
 Only requests that arrived inside the measurement window ``[warmup_s,
 duration_s)`` count; latency is the response time (arrival to complete
-response) of requests that ended OK.
+response) of requests that ended OK. ``not_sent`` are the arrival times of
+requests a live load generator had scheduled but never sent (too many
+outstanding, or the run's time was up): they count as sent and failed, so the
+counts still add up to the simulator's for the same arrivals.
 
 Rows go into ``array.array`` columns: appending costs about as much as a list
 append, memory is 8 bytes a value rather than a boxed float, and
@@ -123,10 +126,12 @@ def latency_stats(seconds: np.ndarray) -> dict[str, float | None]:
 
 def summarize(log: RequestLog, *, scenario: str, mode: str, seed: int, strategy: str, duration_s: float,
               warmup_s: float, node_ids: Sequence[str], node_workers: Sequence[int],
-              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+              extra: dict[str, Any] | None = None, not_sent: Sequence[float] = ()) -> dict[str, Any]:
     """The results JSON of one run (see the module docstring)."""
     c = log.columns()
     window = (c["arrival"] >= warmup_s) & (c["arrival"] < duration_s)
+    unsent = np.asarray(not_sent, dtype=np.float64)
+    unsent = int(((unsent >= warmup_s) & (unsent < duration_s)).sum())
     outcome, node = c["outcome"][window], c["node"][window]
     response = (c["end"] - c["arrival"])[window]
     ok = outcome == Outcome.OK
@@ -158,19 +163,20 @@ def summarize(log: RequestLog, *, scenario: str, mode: str, seed: int, strategy:
         "duration_s": duration_s,
         "warmup_s": warmup_s,
         "requests": {
-            "sent": int(window.sum()),
+            "sent": int(window.sum()) + unsent,
             "ok": int(counts[Outcome.OK]),
             "rate_limited": int(counts[Outcome.RATE_LIMITED]),
             "backpressure": int(counts[Outcome.BACKPRESSURE]),
             "circuit_open": int(counts[Outcome.CIRCUIT_OPEN]),
             "errors": int(counts[Outcome.SERVER_ERROR] + counts[Outcome.CONNECT_ERROR] + counts[Outcome.NO_BACKEND]
-                          + counts[Outcome.TIMEOUT]),
+                          + counts[Outcome.TIMEOUT] + unsent),
         },
         "errors_detail": {
             "server": int(counts[Outcome.SERVER_ERROR]),
             "connect": int(counts[Outcome.CONNECT_ERROR]),
             "no_backend": int(counts[Outcome.NO_BACKEND]),
             "timeout": int(counts[Outcome.TIMEOUT]),
+            "not_sent": unsent,
         },
         "throughput_rps": int(counts[Outcome.OK]) / measured_s,
         "latency_ms": latency_stats(response[ok]),
@@ -181,12 +187,14 @@ def summarize(log: RequestLog, *, scenario: str, mode: str, seed: int, strategy:
     return result
 
 
-def scenario_results(log: RequestLog, scenario: Scenario, *, mode: str, **extra: Any) -> dict[str, Any]:
+def scenario_results(log: RequestLog, scenario: Scenario, *, mode: str, not_sent: Sequence[float] = (),
+                     **extra: Any) -> dict[str, Any]:
     """:func:`summarize` for a run of ``scenario`` (its window, nodes and offered load), plus ``extra`` keys."""
     s = scenario
     open_loop = s.workload.arrival != "closed"
     return summarize(
         log, scenario=s.name, mode=mode, seed=s.seed, strategy=s.balancer.strategy, duration_s=s.duration_s,
         warmup_s=s.warmup_s, node_ids=[n.id for n in s.nodes], node_workers=[n.workers for n in s.nodes],
+        not_sent=not_sent,
         extra={"offered_rate_per_s": s.workload.rate_per_s if open_loop else None,
                "load": s.workload.rate_per_s / s.capacity_per_s if open_loop else None, **extra})

@@ -10,6 +10,7 @@ import click
 from core.strategies import STRATEGIES
 from experiments.cli_sim import ScenarioParam, run_options
 from experiments.options import echo_notice, impl_option
+from live.limits import DEFAULT_DRAIN_S, DEFAULT_MAX_IN_FLIGHT
 
 __all__ = ["EXIT_GENERATOR_BEHIND", "balancer_command", "live_group", "node_command", "registry_command",
            "run_live_scenario"]
@@ -199,14 +200,17 @@ class _Bar:
             self.bar = None
 
 
-def run_live_scenario(scenario: Any, impl: str, *, label: str | None = None, quiet: bool = False) -> dict[str, Any]:
+def run_live_scenario(scenario: Any, impl: str, *, label: str | None = None, quiet: bool = False,
+                      **limits: Any) -> dict[str, Any]:
     """One live run with a progress bar; a process failure or Ctrl-C ends the command with a clear message.
-    ``quiet`` leaves out the lines naming each process started."""
+    ``quiet`` leaves out the lines naming each process started; ``limits`` (``max_in_flight``, ``drain_s``)
+    go to :func:`live.run.run_live`."""
     from live.run import LiveRunError, run_live
 
     bar = _Bar(scenario.duration_s, label or f"live {scenario.balancer.strategy}")
     try:
-        return run_live(scenario, impl=impl, echo=(lambda text: None) if quiet else click.echo, progress=bar)
+        return run_live(scenario, impl=impl, echo=(lambda text: None) if quiet else click.echo, progress=bar,
+                        **limits)
     except KeyboardInterrupt:
         bar.close()
         click.echo("interrupted: every process this run started has been stopped", err=True)
@@ -226,8 +230,17 @@ def live_group() -> None:
 @live_group.command("run")
 @click.argument("scenario", type=ScenarioParam())
 @run_options
+@click.option("--max-in-flight", type=click.IntRange(1, 1_000_000), default=DEFAULT_MAX_IN_FLIGHT,
+              show_default=True,
+              help="Requests the load generator keeps outstanding at most; an arrival due while that many are "
+                   "outstanding is not sent (counted as 'not sent').")
+@click.option("--drain", "drain_s", type=click.FloatRange(0, 3600), default=DEFAULT_DRAIN_S,
+              show_default=True,
+              help="Seconds to wait for outstanding responses after the duration; what is still out then "
+                   "counts as a timeout.")
 def live_run_command(scenario: Any, strategy: str | None, rate: float | None, load: float | None,
-                     duration: float | None, seed: int | None, impl: str, json_path: str | None) -> None:
+                     duration: float | None, seed: int | None, impl: str, json_path: str | None,
+                     max_in_flight: int, drain_s: float) -> None:
     """Run one scenario live: start its processes on free loopback ports, send its workload
     through the balancer, stop everything, and print the same summary as `testbed sim run`.
 
@@ -238,7 +251,7 @@ def live_run_command(scenario: Any, strategy: str | None, rate: float | None, lo
 
     scenario = apply_overrides(scenario, strategy, rate, load, duration, seed)
     echo_notices(impl, scenario.balancer.strategy, scenario)
-    result = run_live_scenario(scenario, impl)
+    result = run_live_scenario(scenario, impl, max_in_flight=max_in_flight, drain_s=drain_s)
     result["impl"] = impl
     click.echo(run_summary(result))
     write_json(json_path, result)

@@ -76,6 +76,7 @@ def _generator_lines(g: dict[str, Any]) -> list[str]:
         lines.append("  WARNING: the load generator could not offer this load on this machine: "
                      + "; ".join(g["problems"]) + ". The latencies above include its own delay; "
                      "lower the rate or run less beside it.")
+    lines.extend(f"  note: {note}" for note in g.get("notes", ()))
     return lines
 
 

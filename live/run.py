@@ -20,6 +20,13 @@ load starts (``"overhead_ms"``): the part of a live response time that is
 neither queueing nor service, which the simulator does not model. However the
 run ends (done, Ctrl-C, SIGTERM, a process dying, an error) the cluster is
 stopped before this returns or raises.
+
+Before the load starts, the runner also measures how many requests per second
+this machine carries through the balancer right now (``GET /health`` from 32
+loops for half a second); an open-loop rate above that is named in a warning
+before the run, which then ends on time anyway (the generator sends for the
+duration only, holds at most ``max_in_flight`` requests, and waits at most
+``drain_s`` for the last responses; see :mod:`live.loadgen`).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from typing import Any, Callable
 from core.results import scenario_results
 from core.scenario import Fault, Scenario
 from live.cluster import ChildFailed, Cluster
+from live.limits import DEFAULT_DRAIN_S, DEFAULT_MAX_IN_FLIGHT
 from live.loadgen import LoadGenerator, clock
 from live.upstream import UpstreamError, UpstreamPool
 
@@ -86,16 +94,25 @@ async def _ticker(gen: LoadGenerator, progress: Progress) -> None:
 
 
 async def live_run(scenario: Scenario, *, impl: str = "auto", echo: Callable[[str], Any] = print,
-                   progress: Progress | None = None) -> dict[str, Any]:
-    """Run ``scenario`` live (see the module docstring) and return its results dict."""
+                   progress: Progress | None = None, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+                   drain_s: float = DEFAULT_DRAIN_S) -> dict[str, Any]:
+    """Run ``scenario`` live (see the module docstring) and return its results dict.
+    ``max_in_flight`` bounds the requests outstanding, ``drain_s`` the wait for them after the duration."""
     s = scenario
     try:
         async with Cluster(s, impl=impl, echo=echo) as cluster:
             assert cluster.balancer is not None
             gen = LoadGenerator(cluster.balancer.url, s.workload, seed=s.seed, duration_s=s.duration_s,
-                                node_ids=[n.id for n in s.nodes], timeout_s=s.balancer.timeout_s + 5.0)
+                                node_ids=[n.id for n in s.nodes], timeout_s=s.balancer.timeout_s + 5.0,
+                                max_in_flight=max_in_flight, drain_s=drain_s)
             fault_log: list[dict[str, Any]] = []
             overhead = await gen.probe_overhead()
+            capacity = await gen.probe_capacity()
+            if s.workload.arrival != "closed" and s.workload.rate_per_s > capacity:
+                echo(f"WARNING: asked {s.workload.rate_per_s:,.0f} requests/s, but this machine carries about "
+                     f"{capacity:,.0f}/s through the balancer right now (measured just now): the generator "
+                     f"cannot offer that; the run ends on time ({s.duration_s:g} s, then at most {drain_s:g} s "
+                     "for the last responses) and counts what it could not send")
             echo(f"sending {_describe(s)} to the balancer for {s.duration_s:g} s")
             run = asyncio.create_task(gen.run())
             await asyncio.sleep(0)  # let the generator fix its time origin first
@@ -119,8 +136,8 @@ async def live_run(scenario: Scenario, *, impl: str = "auto", echo: Callable[[st
             stats = gen.generator_stats(s.warmup_s)
     except ChildFailed as exc:
         raise LiveRunError(str(exc)) from None
-    return scenario_results(gen.log, s, mode="live", live_requests=len(gen.log), generator=stats,
-                            overhead_ms=overhead, faults=fault_log)
+    return scenario_results(gen.log, s, mode="live", not_sent=gen.not_sent, live_requests=len(gen.log),
+                            generator=stats, overhead_ms=overhead, faults=fault_log)
 
 
 def _describe(s: Scenario) -> str:
@@ -131,7 +148,8 @@ def _describe(s: Scenario) -> str:
 
 
 def run_live(scenario: Scenario, *, impl: str = "auto", echo: Callable[[str], Any] = print,
-             progress: Progress | None = None) -> dict[str, Any]:
+             progress: Progress | None = None, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+             drain_s: float = DEFAULT_DRAIN_S) -> dict[str, Any]:
     """:func:`live_run` in a fresh event loop (uvloop unless ``TESTBED_LOOP=asyncio``).
 
     Ctrl-C and SIGTERM cancel the run: the cluster is stopped, then
@@ -143,7 +161,8 @@ def run_live(scenario: Scenario, *, impl: str = "auto", echo: Callable[[str], An
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, task.cancel)
         try:
-            return await live_run(scenario, impl=impl, echo=echo, progress=progress)
+            return await live_run(scenario, impl=impl, echo=echo, progress=progress, max_in_flight=max_in_flight,
+                                  drain_s=drain_s)
         except asyncio.CancelledError:
             raise KeyboardInterrupt from None
         finally:

@@ -47,6 +47,16 @@ def test_summary_counts_timeouts_as_errors_and_only_the_window() -> None:
                   node_ids=["a", "b"], node_workers=[1, 1])
     assert r["requests"] == {"sent": 4, "ok": 2, "rate_limited": 0, "backpressure": 0, "circuit_open": 0,
                              "errors": 2}
-    assert r["errors_detail"] == {"server": 0, "connect": 0, "no_backend": 1, "timeout": 1}
+    assert r["errors_detail"] == {"server": 0, "connect": 0, "no_backend": 1, "timeout": 1, "not_sent": 0}
     assert r["nodes"]["a"]["requests"] == 1 and r["nodes"]["b"]["requests"] == 2
     assert r["latency_ms"]["max"] == pytest.approx(300.0)
+
+
+def test_requests_the_generator_never_sent_count_as_sent_and_failed_in_the_window() -> None:
+    log = RequestLog()
+    log.record(2.0, 0, 2.0, 2.1, Outcome.OK)
+    r = summarize(log, scenario="t", mode="live", seed=0, strategy="round_robin", duration_s=10.0, warmup_s=1.0,
+                  node_ids=["a"], node_workers=[1], not_sent=[0.5, 3.0, 4.0, 9.9, 10.0])
+    assert r["requests"]["sent"] == 4 and r["requests"]["ok"] == 1 and r["requests"]["errors"] == 3
+    assert r["errors_detail"]["not_sent"] == 3
+    assert r["nodes"]["a"]["requests"] == 1 and r["nodes"]["a"]["share"] == 1.0  # the balancer never saw them

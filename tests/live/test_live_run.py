@@ -15,6 +15,7 @@ import pytest
 
 from experiments.scenarios import load
 from sim.model import run_scenario
+from experiments.cli_live import EXIT_GENERATOR_BEHIND
 from tests.live.procs import TESTBED, Proc, wait_until
 
 STARTED = re.compile(r"started (\S+) \(pid (\d+)\) on http://127\.0\.0\.1:(\d+)")
@@ -92,12 +93,21 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def live_run(tmp_path: pathlib.Path, text: str) -> tuple[subprocess.CompletedProcess[str], dict]:
+def finished(done: subprocess.CompletedProcess[str], out: pathlib.Path) -> dict:
+    """The results JSON of a finished ``testbed live run``. A functional test asserts on these results, not on
+    how well the load generator kept up on a busy machine: exit status 4 is fine when the results say so."""
+    assert "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
+    assert out.exists(), done.stdout + done.stderr
+    r = json.loads(out.read_text())
+    assert done.returncode == (0 if r["generator"]["kept_up"] else EXIT_GENERATOR_BEHIND), done.stdout + done.stderr
+    return r
+
+
+def live_run(tmp_path: pathlib.Path, text: str, *args: str) -> tuple[subprocess.CompletedProcess[str], dict]:
     """``testbed live run`` on a scenario given as TOML text: the finished process and its results JSON."""
     out = tmp_path / "results.json"
-    done = run("live", "run", scenario(tmp_path, text), "--json", str(out))
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done, json.loads(out.read_text())
+    done = run("live", "run", scenario(tmp_path, text), "--json", str(out), *args)
+    return done, finished(done, out)
 
 
 def test_live_run_writes_the_results_json_and_stops_everything(tmp_path) -> None:
@@ -116,7 +126,7 @@ def test_live_run_writes_the_results_json_and_stops_everything(tmp_path) -> None
     assert 9 <= r["latency_ms"]["mean"] < 40  # a 10 ms mean service time, not a stub's zero
     g = r["generator"]
     assert g["asked_rate_per_s"] == 40 and set(g["lag_ms"]) == {"p50", "p99", "max"}
-    assert g["kept_up"] is True, g
+    assert g["not_sent"] == {"max_in_flight": 0, "out_of_time": 0} and g["loop_errors"] == {}
     # The same keys as a simulated run of the same file, plus the live run's own.
     sim = run_scenario(load(tmp_path / "scenario.toml"), "solution")
     assert set(sim) - set(r) == {"simulated_requests"}
@@ -207,8 +217,7 @@ def test_sim_and_live_agree_at_low_load(tmp_path) -> None:
     sim = run_scenario(s, "solution")
     done = run("live", "run", "seed", "--load", "0.3", "--strategy", "least_connections", "--duration", "25",
                "--impl", "solution", "--json", str(tmp_path / "live.json"))
-    assert done.returncode == 0, done.stdout + done.stderr
-    live = json.loads((tmp_path / "live.json").read_text())
+    live = finished(done, tmp_path / "live.json")
     assert live["requests"]["sent"] == sim["requests"]["sent"]  # the very same arrivals
     # Live = simulated + what a request costs outside queueing and service (two HTTP hops, processes
     # waking up), which the run measures before the load starts; the rest must be small.
@@ -256,11 +265,29 @@ load_factor_ms = 10
 def test_a_closed_loop_runs_live_and_follows_littles_law(tmp_path) -> None:
     done, r = live_run(tmp_path, CLOSED)
     g = r["generator"]
-    assert g["asked_rate_per_s"] is None and r["offered_rate_per_s"] is None and g["kept_up"] is True
+    assert g["asked_rate_per_s"] is None and r["offered_rate_per_s"] is None and sum(g["not_sent"].values()) == 0
     # Little's law for the clients: throughput = clients / (response time + think time).
     expected = 4 / ((r["latency_ms"]["mean"] + 20) / 1000)
     assert r["throughput_rps"] == pytest.approx(expected, rel=0.1)
     assert "closed loop, sent" in done.stdout
+    assert_nothing_left(started(done.stdout))
+
+
+def test_a_rate_far_above_what_this_machine_sends_is_named_first_and_ends_on_time(tmp_path) -> None:
+    # 20,000 requests/s for 2 s: before, the generator sent all 40,000 late (tens of seconds, with tracebacks).
+    # Now it sends for 2 s only, holds at most 200 outstanding, and waits at most 1 s for the last answers;
+    # every scheduled request is either answered or counted as not sent.
+    done, r = live_run(tmp_path, SMALL.format(duration=2), "--rate", "20000", "--max-in-flight", "200",
+                       "--drain", "1")
+    assert done.returncode == EXIT_GENERATOR_BEHIND
+    warning = re.search(r"WARNING: asked 20,000 requests/s, but this machine carries about ([\d,]+)/s", done.stdout)
+    assert warning and done.stdout.index("WARNING: asked") < done.stdout.index("sending poisson arrivals")
+    g, q = r["generator"], r["requests"]
+    assert g["kept_up"] is False and g["max_in_flight"] == 200 and g["peak_in_flight"] <= 200
+    assert g["not_sent"]["max_in_flight"] > 0 and r["errors_detail"]["not_sent"] == sum(g["not_sent"].values())
+    assert q["sent"] > 25_000  # the 30,000 arrivals of the window (1.5 s at 20,000/s), sent or not
+    assert q["ok"] + q["errors"] == q["sent"] and q["errors"] == sum(r["errors_detail"].values())
+    assert "not sent" in done.stdout and "(--max-in-flight)" in done.stdout
     assert_nothing_left(started(done.stdout))
 
 
