@@ -37,11 +37,14 @@ SERVICES = ("exponential", "deterministic")
 
 
 class ScenarioError(DataError, ValueError):
-    """A scenario key has a bad value (or is unknown, or missing); ``key`` is its dotted path."""
+    """A scenario key has a bad value (or is unknown, or missing); ``key`` is its dotted path.
 
-    def __init__(self, source: str, key: str, value: Any, problem: str) -> None:
+    ``key`` None: the file as a whole is at fault (missing, not TOML, not UTF-8); ``problem`` says where.
+    """
+
+    def __init__(self, source: str, key: str | None, value: Any, problem: str) -> None:
         shown = "(missing)" if value is _MISSING else repr(value)
-        super().__init__(f"{source}: {key} = {shown}: {problem}")
+        super().__init__(f"{source}: {problem}" if key is None else f"{source}: {key} = {shown}: {problem}")
         self.source = source
         self.key = key
         self.value = value

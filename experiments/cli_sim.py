@@ -10,7 +10,7 @@ import click
 
 from core.scenario import Scenario, ScenarioError
 from core.strategies import STRATEGIES
-from experiments.options import echo_notice, impl_option
+from experiments.options import OutputPath, echo_notice, impl_option
 
 __all__ = ["ScenarioParam", "apply_overrides", "compare_command", "echo_notices", "run_options", "sim_group",
            "write_json"]
@@ -101,7 +101,7 @@ def run_options(f):
         click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Override duration_s."),
         click.option("--seed", type=click.IntRange(min=0), help="Override the seed."),
         impl_option,
-        click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the results JSON here."),
+        click.option("--json", "json_path", type=OutputPath(), help="Write the results JSON here."),
     ]):
         f = option(f)
     return f
@@ -176,9 +176,9 @@ def _sweep_options(default_plot: str | None, default_json: str | None, default_r
             click.option("--workers", type=click.IntRange(1, 256), default=None,
                          help="Processes to run repetitions in [default: one per core]."),
             impl_option,
-            click.option("--plot", type=click.Path(dir_okay=False), default=default_plot, show_default=True,
+            click.option("--plot", type=OutputPath(), default=default_plot, show_default=True,
                          help="Write a PNG of latency against load here."),
-            click.option("--json", "json_path", type=click.Path(dir_okay=False), default=default_json,
+            click.option("--json", "json_path", type=OutputPath(), default=default_json,
                          show_default=True, help="Write every run and the summary as JSON here."),
         ]
         for option in reversed(options):

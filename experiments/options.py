@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pathlib
+from typing import Any
+
 import click
 
 from solutions.impl import Impl
 
-__all__ = ["EXIT_NOT_IMPLEMENTED", "bench_json_option", "echo_notice", "impl_option"]
+__all__ = ["EXIT_NOT_IMPLEMENTED", "OutputPath", "bench_json_option", "echo_notice", "impl_option"]
 
 #: Exit status of a command that was told to run an exercise (``--impl exercise``) that is still the stub.
 EXIT_NOT_IMPLEMENTED = 3
@@ -17,8 +20,34 @@ impl_option = click.option(
     help="Whose exercise code runs: auto (yours if implemented, else the reference solution), "
          "exercise (yours), solution (the reference).")
 
+class OutputPath(click.ParamType):
+    """A file the command will write (``--json``, ``--plot``), checked before any work starts.
+
+    Parent folders are created; the file is opened for appending once (and removed again if
+    that created it), so an unwritable place ends the command at once with the reason, not
+    after a long run whose results would then be lost.
+    """
+
+    name = "PATH"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        path = pathlib.Path(value)
+        if path.is_dir():
+            self.fail(f"{value} is a folder; give a file name", param, ctx)
+        existed = path.exists()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a"):
+                pass
+            if not existed:
+                path.unlink()
+        except OSError as exc:
+            self.fail(f"cannot write {value}: {exc.strerror or exc}", param, ctx)
+        return str(value)
+
+
 bench_json_option = click.option(
-    "--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
+    "--json", "json_path", type=OutputPath(), default=None,
     help="Also write the figures to this JSON file.")
 
 

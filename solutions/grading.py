@@ -97,6 +97,8 @@ def grade(exercise: str, impl: Impl | str = Impl.AUTO, settings: Settings = CHEC
         report.not_implemented = str(exc)
         return report
     report.notice = resolution.notice
+    if say is not None:
+        say(f"{exercise}: {len(SUITES[exercise])} properties, {settings.max_examples} examples each ...")
     for prop in SUITES[exercise]:
         try:
             prop.check(resolution.cls, settings)
@@ -207,11 +209,11 @@ def _live_least_connections(impl: str) -> PropertyResult:
         return PropertyResult("live", title, False, _failures(live))
     p95, rr_p95 = live["latency_ms"]["p95"], rr["latency_ms"]["p95"]
     shares = {n: v["share"] for n, v in live["nodes"].items()}
-    figures = (f"p95 {p95:,.0f} ms against round robin's {rr_p95:,.0f} ms; shares "
+    figures = (f"p95 {p95:,.0f} ms against simulated round robin's {rr_p95:,.0f} ms on the same arrivals; shares "
                + " / ".join(f"{n} {v:.0%}" for n, v in shares.items()))
     passed = p95 * 2 < rr_p95 and max(shares, key=shares.get) == "node-2"
     return PropertyResult("live", f"{title} ({figures})", passed, "" if passed else (
-        f"{figures}; the p95 must be under half of round robin's (simulated on the same arrivals) and node-2, "
+        f"{figures}; the p95 must be under half of round robin's and node-2, "
         "with four workers, must get the largest share"))
 
 

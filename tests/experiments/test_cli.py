@@ -4,7 +4,9 @@ and the installed console script end to end."""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -145,3 +147,38 @@ def test_console_script_exercise_flag_exit_status() -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == (EXIT_NOT_IMPLEMENTED if stubs else 0), proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["sim", "run", "seed", "--json", "/proc/testbed-results.json"],
+    ["sim", "compare", "seed", "--plot", "/proc/testbed-plot.png"],
+    ["compare", "--json", "/proc"],
+    ["bench", "core", "--json", "/proc/x/y.json"],
+])
+def test_an_unwritable_output_is_refused_before_any_work(args) -> None:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert ("cannot write /proc/" in result.output or "is a folder" in result.output), result.output
+    assert "Traceback" not in result.output and "simulating" not in result.output
+
+
+@pytest.mark.parametrize("args", [
+    ["sim", "compare", "seed", "--strategies", "least_connections", "--reps", "50", "--workers", "2"],
+    ["check", "--max-examples", "100000", "--no-live"],
+])
+def test_ctrl_c_ends_every_command_with_130(args, tmp_path: pathlib.Path) -> None:
+    """SIGINT to the whole process group, as a terminal sends it; the command says so and exits 130."""
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        # Wait until it is at work: its first line on stderr (whose code runs, or what it grades).
+        assert proc.stderr.readline()
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert proc.returncode == 130, out + err
+    assert "interrupted" in err and "Traceback" not in out + err and "Aborted" not in err, out + err
