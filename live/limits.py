@@ -1,6 +1,7 @@
 """The load generator's default bounds, apart from it so the CLI can show them without loading it.
 
-Every live run ends within its duration plus a bounded drain, whatever rate is asked:
+Every live run ends within its duration (plus ``live.loadgen.SEND_GRACE_S``) and a bounded drain, whatever
+rate is asked:
 
 * ``DEFAULT_MAX_IN_FLIGHT``: requests the generator keeps outstanding at most (``--max-in-flight``; wrk2's
   connections, k6's ``maxVUs``). A balancer that answers every request within its timeout holds at most

@@ -17,8 +17,8 @@ the system's latency.
 waiting for the response, thinking for an exponential time, and so on.
 
 **Bounded, whatever the machine.** The generator sends for ``duration_s`` and
-no longer: arrivals it had not sent when its time was up are recorded as *not
-sent* (``out_of_time``) rather than sent later, so a rate far above what this
+no longer (give or take ``SEND_GRACE_S``): arrivals it had not sent when its
+time was up are recorded as *not sent* (``out_of_time``) rather than sent later, so a rate far above what this
 machine can send ends on time instead of trickling out for minutes. It holds
 at most ``max_in_flight`` requests outstanding (wrk2's connections, k6's
 ``maxVUs``); an arrival due while that many are outstanding is not sent
@@ -83,6 +83,9 @@ LAG_FLOOR_MS = 2.0
 MAX_RATE_SHORTFALL = 0.02
 #: A p99 send delay above this is worth a note even when it did not move the latencies.
 NOTE_LAG_P99_MS = 5.0
+#: Seconds past the duration the generator still sends arrivals that were due before it (a loop a moment
+#: late at the end); arrivals still unsent then are "out of time".
+SEND_GRACE_S = 0.5
 
 
 class LoadGenerator:
@@ -192,7 +195,7 @@ class LoadGenerator:
             if delay > 0:
                 behind = 0
                 await asyncio.sleep(delay)
-            elif clock() - t0 >= end:
+            elif clock() - t0 >= end + SEND_GRACE_S:
                 break  # time is up with arrivals still due: not sent
             else:
                 behind += 1
