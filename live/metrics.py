@@ -94,16 +94,17 @@ class _NodeCollector(Collector):
             return
         for name, doc, value in [
                 ("testbed_node_in_flight", "Requests inside the node", state.active),
-                ("testbed_node_queue_depth", "Requests waiting for a worker", len(state.workers.waiting)),
-                ("testbed_node_busy_workers", "Workers serving a request", state.workers.busy)]:
+                ("testbed_node_queue_depth", "Requests waiting for a worker", state.pipeline.waiting),
+                ("testbed_node_busy_workers", "Workers serving a request", state.pipeline.busy)]:
             g = GaugeMetricFamily(name, doc, labels=["node"])
             g.add_metric([node], value)
             yield g
-        if state.breaker is not None:
+        breaker = state.pipeline.breaker
+        if breaker is not None:
             g = GaugeMetricFamily("testbed_node_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open",
                                   labels=["node"])
             g.add_metric([node], {"CLOSED": 0, "HALF_OPEN": 1, "OPEN": 2}[
-                state.breaker.status(now=state.clock())["state"]])
+                breaker.status(now=state.clock())["state"]])
             yield g
 
 

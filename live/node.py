@@ -1,4 +1,4 @@
-"""``testbed node``: an aiohttp server around the core middleware objects.
+"""``testbed node``: an aiohttp server around the core request path.
 
 Theory of operation
 -------------------
@@ -8,17 +8,14 @@ time drawn with mean ``load_factor_ms`` (exponential or deterministic), spent
 sleeping while holding the worker (``--work-mode sleep``) or burning CPU
 (``cpu``). ``GET /health`` never does the work.
 
-The request path, in the simulator's order:
-
-1. rate limiting (``--rate-limit``): :class:`core.rate_limiter.TokenBucket` per
-   client, on ``/health`` and ``/work``. The client is the peer address, or the
-   ``X-Client-ID`` / first ``X-Forwarded-For`` entry when the peer is a trusted
-   proxy (``--trust-proxy``). 429 with ``Retry-After`` and ``RateLimit-*``.
-2. backpressure (``--backpressure``): :class:`core.backpressure.BackpressureGate`
-   over the requests inside the node (in service plus waiting), on ``/work``. 429.
-3. circuit breaker (``--circuit-breaker``): :class:`core.circuit_breaker.CircuitBreaker`
-   guarding the work (and the ``--downstream`` call); 5xx and exceptions are
-   failures, 4xx are not. 503 with ``Retry-After`` while it refuses.
+The request path (rate limiter, backpressure gate, circuit breaker, FIFO
+workers) is :class:`core.node_pipeline.NodePipeline`, the very object the
+simulator drives: this module asks it to admit a request, waits while it
+queues, does the work, and tells it how the work ended (or that the client
+went away). The client is the peer address, or the ``X-Client-ID`` / first
+``X-Forwarded-For`` entry when the peer is a trusted proxy (``--trust-proxy``).
+The breaker counts 5xx and exceptions of the work (and of the ``--downstream``
+call) as failures; 4xx are not.
 
 Time comes from one clock (``loop.time()`` unless a test injects its own) and
 is handed to the core objects as ``now``. Nothing here decides policy.
@@ -28,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -36,13 +32,13 @@ import aiohttp
 import numpy as np
 from aiohttp import web
 
-from core.backpressure import BackpressureGate
-from core.circuit_breaker import CircuitBreaker
+from core.node_pipeline import NodePipeline, Rejected, Ticket
 from core.rate_limiter import TokenBucket
+from core.scenario import BreakerSpec, NodeSpec
 from core.workload import chunks, service_times, stream
 from live.discovery import DiscoveryClient
 from live.http import (
-    cancel_and_wait, error_response, json_error, metrics_response, read_json, require, retry_after_header,
+    cancel_and_wait, error_response, json_error, metrics_response, read_json, require,
 )
 from live.metrics import NodeMetrics
 
@@ -80,43 +76,20 @@ class NodeConfig:
     limiter_cls: type[TokenBucket] | None = field(default=None, compare=False)
 
     @property
+    def spec(self) -> NodeSpec:
+        """The node as the core request path sees it: the scenario's own node type."""
+        return NodeSpec(
+            self.node_id, self.workers, self.load_factor_ms, self.service, self.rate_limit_per_s,
+            self.rate_limit_burst, self.backpressure,
+            BreakerSpec(self.failure_threshold, self.recovery_timeout_s, self.half_open_max_calls,
+                        self.success_threshold) if self.circuit_breaker else None)
+
+    @property
     def address(self) -> str | None:
         """What the node registers; None until it knows its port when it listens on port 0."""
         if self.advertise:
             return self.advertise
         return f"http://{self.host}:{self.port}" if self.port else None
-
-
-class Workers:
-    """``n`` worker slots handed out first come, first served."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.busy = 0
-        self.waiting: deque[asyncio.Future[None]] = deque()
-
-    async def acquire(self) -> None:
-        if self.busy < self.n and not self.waiting:
-            self.busy += 1
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiting.append(fut)
-        try:
-            await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self.release()  # the slot was handed to us as we were cancelled: pass it on
-            else:
-                self.waiting.remove(fut)
-            raise
-
-    def release(self) -> None:
-        while self.waiting:
-            fut = self.waiting.popleft()
-            if not fut.done():
-                fut.set_result(None)  # the slot passes straight to the next waiter
-                return
-        self.busy -= 1
 
 
 @dataclass
@@ -139,14 +112,8 @@ class NodeState:
                else np.random.default_rng(config.seed))
         self._service = service_times(config.service, config.load_factor_ms / 1000.0, rng)
         self._uniform = chunks(rng.random)  # drawn as the simulator draws them (core.workload)
-        limiter_cls = config.limiter_cls or TokenBucket  # whose code runs is the command line's choice
-        self.limiter = (limiter_cls(config.rate_limit_per_s, config.rate_limit_burst)
-                        if config.rate_limit_per_s else None)
-        self.gate = BackpressureGate(config.backpressure) if config.backpressure else None
-        self.breaker = (CircuitBreaker(config.failure_threshold, config.recovery_timeout_s,
-                                       config.half_open_max_calls, config.success_threshold, name=config.node_id)
-                        if config.circuit_breaker else None)
-        self.workers = Workers(config.workers)
+        # The request path is core's; whose rate limiter runs is the command line's choice.
+        self.pipeline = NodePipeline(config.spec, config.limiter_cls or TokenBucket)
         self.faults = Faults(config.error_rate, config.extra_latency_ms)
         self.discovery: DiscoveryClient | None = None
         self.metrics = NodeMetrics(config.node_id)
@@ -178,13 +145,9 @@ def _burn(seconds: float) -> None:
         pass
 
 
-_RATE_LIMITED_PATHS = frozenset({"/health", "/work"})
-
-
 def instrumented(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Callable[
         [web.Request], Awaitable[web.StreamResponse]]:
-    """Wrap a handler with what every node response gets: X-Node-ID, JSON errors, the counters,
-    and per-client rate limiting on ``/health`` and ``/work``.
+    """Wrap a handler with what every node response gets: X-Node-ID, JSON errors and the counters.
 
     A wrapper per route rather than an aiohttp middleware on purpose: an app with
     middlewares also runs aiohttp's own per-app middleware, and the two layers
@@ -197,19 +160,7 @@ def instrumented(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
         started = clock()
         state.active += 1
         try:
-            limiter = state.limiter
-            if limiter is not None and request.path in _RATE_LIMITED_PATHS:
-                decision = limiter.acquire(state.client_key(request), now=started)
-                if decision.allowed:
-                    response = await handler(request)
-                    response.headers.extend(decision.headers())
-                else:
-                    state.metrics.rejected("rate_limited")
-                    response = json_error(429, "rate_limited", f"rate limit of {limiter.rate_per_s:g} requests/s "
-                                          f"per client exceeded; retry in {decision.retry_after_s:.3f} s",
-                                          headers=decision.headers(), retry_after_s=decision.retry_after_s)
-            else:
-                response = await handler(request)
+            response = await handler(request)
         except Exception as exc:  # noqa: BLE001 - errors become JSON responses that still get counted and tagged
             response = error_response(request, exc)
         finally:
@@ -220,74 +171,72 @@ def instrumented(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     return endpoint
 
 
+def refusal(state: NodeState, rejected: Rejected) -> web.Response:
+    """The response of a request the core request path refused (429 or 503, JSON, with its headers)."""
+    state.metrics.rejected(rejected.code)
+    return json_error(rejected.status, rejected.code, rejected.message, headers=rejected.headers,
+                      retry_after_s=rejected.retry_after_s)
+
+
 # -- handlers ------------------------------------------------------------------
 async def health(request: web.Request) -> web.Response:
+    """Cheap: never does the work, but the rate limiter counts it (the seed's behaviour)."""
     state: NodeState = request.app[STATE]
+    pipeline = state.pipeline
+    limited = pipeline.limit(state.client_key(request), now=state.clock())
+    if isinstance(limited, Rejected):
+        return refusal(state, limited)
     return web.json_response({"status": "ok", "node_id": state.config.node_id, "active_requests": state.active,
-                              "workers": state.config.workers, "busy_workers": state.workers.busy,
-                              "queued": len(state.workers.waiting)})
+                              "workers": state.config.workers, "busy_workers": pipeline.busy,
+                              "queued": pipeline.waiting}, headers=limited)
+
+
+def _wake(ticket: Ticket | None) -> None:
+    """The core request path gave ``ticket`` a worker: let its handler go on."""
+    if ticket is not None and ticket.payload is not None and not ticket.payload.done():
+        ticket.payload.set_result(None)
 
 
 async def work(request: web.Request) -> web.Response:
+    """The request path is core's (:class:`core.node_pipeline.NodePipeline`); this only waits, works and answers."""
     state: NodeState = request.app[STATE]
-    clock = state.clock
-    if state.gate is not None and not state.gate.try_acquire():
-        state.metrics.rejected("backpressure")
-        return json_error(429, "backpressure", f"the node holds its limit of {state.gate.max_in_flight} requests; "
-                          "try again shortly", headers=retry_after_header(1))
-    try:
-        return await _guarded_work(state, clock)
-    finally:
-        if state.gate is not None:
-            state.gate.release()
-
-
-async def _guarded_work(state: NodeState, clock: Callable[[], float]) -> web.Response:
-    breaker = state.breaker
-    permit = None
-    if breaker is not None:
-        permit = breaker.try_acquire(now=clock())
-        if permit is None:
-            retry = breaker.retry_after(now=clock())
-            state.metrics.rejected("circuit_open")
-            return json_error(503, "circuit_open", f"the circuit breaker is {breaker.state.name}; failing fast",
-                              headers=retry_after_header(retry), retry_after_s=retry)
+    clock, pipeline = state.clock, state.pipeline
     arrived = clock()
-    failed, detail = True, "cancelled"
+    admitted = pipeline.admit(state.client_key(request), now=arrived)
+    if isinstance(admitted, Rejected):
+        return refusal(state, admitted)
+    ticket = admitted
+    failed, detail, downstream_status = True, "", None
     try:
-        await state.workers.acquire()
-        try:
-            started = clock()
-            service = state.service_time_s()
-            if state.config.work_mode == "cpu":
-                await asyncio.get_running_loop().run_in_executor(None, _burn, service)
-            else:
-                await asyncio.sleep(service)
-            failed, detail = False, ""
-            if state.injected_error():
-                failed, detail = True, f"injected fault (error rate {state.faults.error_rate:g})"
-            downstream_status = None
-            if not failed and state.downstream is not None:
-                failed, detail, downstream_status = await _call_downstream(state)
-        finally:
-            state.workers.release()
-        finished = clock()
+        if not ticket.started:
+            ticket.payload = asyncio.get_running_loop().create_future()
+            await ticket.payload  # a worker is handed over by _wake
+        started = clock()
+        service = state.service_time_s()
+        if state.config.work_mode == "cpu":
+            await asyncio.get_running_loop().run_in_executor(None, _burn, service)
+        else:
+            await asyncio.sleep(service)
+        failed = False
+        if state.injected_error():
+            failed, detail = True, f"injected fault (error rate {state.faults.error_rate:g})"
+        if not failed and state.downstream is not None:
+            failed, detail, downstream_status = await _call_downstream(state)
     except asyncio.CancelledError:
-        if breaker is not None and permit is not None:
-            breaker.release(permit, now=clock())  # a client that went away says nothing about health
+        _wake(pipeline.abandon(ticket, now=clock()))  # a client that went away says nothing about health
         raise
     except Exception:
-        if breaker is not None and permit is not None:
-            breaker.record_failure(permit, now=clock())
+        _wake(pipeline.complete(ticket, failed=True, now=clock()))
         raise
-    if breaker is not None and permit is not None:
-        (breaker.record_failure if failed else breaker.record_success)(permit, now=clock())
+    finished = clock()
+    _wake(pipeline.complete(ticket, failed=failed, now=finished))
     if failed:
         state.metrics.rejected("server_error")
         return json_error(500 if downstream_status is None else 502, "work_failed", detail,
-                          node_id=state.config.node_id)
+                          node_id=state.config.node_id, headers=ticket.headers or None)
     return web.json_response({"node_id": state.config.node_id, "queue_wait_ms": (started - arrived) * 1000,
-                              "service_ms": (finished - started) * 1000, "downstream_status": downstream_status})
+                              "service_ms": (finished - started) * 1000, "downstream_status": downstream_status},
+                             headers=ticket.headers or None)
 
 
 async def _call_downstream(state: NodeState) -> tuple[bool, str, int | None]:
@@ -307,8 +256,8 @@ async def stats(request: web.Request) -> web.Response:
     config = {k: v for k, v in asdict(state.config).items() if k not in ("limiter_cls", "registry_token")}
     return web.json_response({
         "node_id": state.config.node_id, "uptime_s": state.clock() - state.started_at,
-        "active_requests": state.active, "busy_workers": state.workers.busy,
-        "queued": len(state.workers.waiting), "requests": state.metrics.counts(),
+        "active_requests": state.active, "busy_workers": state.pipeline.busy,
+        "queued": state.pipeline.waiting, "requests": state.metrics.counts(),
         "faults": asdict(state.faults), "config": config})
 
 
@@ -318,19 +267,21 @@ def _disabled(what: str, flag: str) -> web.Response:
 
 async def queue_stats(request: web.Request) -> web.Response:
     state: NodeState = request.app[STATE]
-    if state.gate is None:
+    pipeline = state.pipeline
+    if pipeline.gate is None:
         return _disabled("backpressure", "--backpressure N")
-    data = state.gate.stats().as_dict()
-    data.update({"in_service": state.workers.busy, "waiting_for_worker": len(state.workers.waiting),
+    data = pipeline.gate.stats().as_dict()
+    data.update({"in_service": pipeline.busy, "waiting_for_worker": pipeline.waiting,
                  "workers": state.config.workers})
     return web.json_response(data)
 
 
 async def circuit_status(request: web.Request) -> web.Response:
     state: NodeState = request.app[STATE]
-    if state.breaker is None:
+    breaker = state.pipeline.breaker
+    if breaker is None:
         return _disabled("the circuit breaker", "--circuit-breaker")
-    return web.json_response(state.breaker.status(now=state.clock()))
+    return web.json_response(breaker.status(now=state.clock()))
 
 
 async def discovery_status(request: web.Request) -> web.Response:

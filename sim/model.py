@@ -39,17 +39,16 @@ Nothing here decides policy: admission, breaking, picking and health are all
 from __future__ import annotations
 
 import random
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 import simpy
 
-from core.backpressure import BackpressureGate
 from core.circuit_breaker import CircuitBreaker, Permit
 from core.health import HealthTracker, counts_as_failure
 from core.latency import PeakEwma
+from core.node_pipeline import NodePipeline, Rejected, Ticket
 from core.rate_limiter import TokenBucket
 from core.results import OUTCOME_STATUS, Outcome, RequestLog, scenario_results
 from core.scenario import NodeSpec, Scenario
@@ -68,102 +67,63 @@ _FAILS = [counts_as_failure(OUTCOME_STATUS[o]) for o in Outcome]
 
 
 class Request:
-    __slots__ = ("arrival", "client", "node", "start", "permit", "lb_permit", "life", "done")
+    __slots__ = ("arrival", "client", "node", "start", "lb_permit", "done")
 
     def __init__(self, arrival: float, client: str, done: simpy.Event | None = None) -> None:
         self.arrival = arrival
         self.client = client
         self.node = -1
         self.start = NAN
-        self.permit: Permit | None = None     # from the node's circuit breaker
         self.lb_permit: Permit | None = None  # from the balancer's ejector for that node
-        self.life = 0
         self.done = done
 
 
 class SimNode:
-    """One node: middleware from core, ``workers`` servers, a FIFO queue."""
+    """One node: the core request path (:class:`core.node_pipeline.NodePipeline`) served in simulated time."""
 
     def __init__(self, sim: Simulation, index: int, spec: NodeSpec, rng: np.random.Generator,
                  limiter_cls: type[TokenBucket]) -> None:
         self.sim, self.index, self.spec = sim, index, spec
         self.env = sim.env
-        self.workers = spec.workers
-        self._limiter_cls = limiter_cls
+        self.pipeline = NodePipeline(spec, limiter_cls)
         self.service = service_times(spec.service, spec.load_factor_ms / 1000.0, rng)
         self.uniform = chunks(rng.random)
         self.up = True
         self.error_rate = 0.0
         self.extra_latency_s = 0.0
-        self.life = 0  # bumped by each crash: completions of an earlier life are void
-        self.busy_time = 0.0
-        self._fresh_process()
-
-    def _fresh_process(self) -> None:
-        """State a node process starts with (at start, and after each recovery)."""
-        spec = self.spec
-        self.busy = 0
-        self.queue: deque[Request] = deque()
-        self.in_service: set[Request] = set()
-        self.limiter = (self._limiter_cls(spec.rate_limit_per_s, spec.rate_limit_burst)
-                        if spec.rate_limit_per_s else None)
-        self.gate = BackpressureGate(spec.backpressure) if spec.backpressure else None
-        b = spec.circuit_breaker
-        self.breaker = (CircuitBreaker(b.failure_threshold, b.recovery_timeout_s, b.half_open_max_calls,
-                                       b.success_threshold, name=spec.id) if b else None)
 
     # -- the request path ----------------------------------------------------
     def accept(self, req: Request) -> None:
         now = self.env.now
-        if self.limiter is not None and not self.limiter.is_allowed(req.client, now=now):
-            return self.sim.finish(req, _RATE, now)
-        if self.gate is not None and not self.gate.try_acquire():
-            return self.sim.finish(req, _BP, now)
-        if self.breaker is not None:
-            req.permit = self.breaker.try_acquire(now=now)
-            if req.permit is None:
-                if self.gate is not None:
-                    self.gate.release()
-                return self.sim.finish(req, _OPEN, now)
-        req.life = self.life
-        if self.busy < self.workers:
-            self._serve(req, now)
-        else:
-            self.queue.append(req)
+        admitted = self.pipeline.admit(req.client, now=now, payload=req)
+        if admitted.__class__ is Rejected:
+            return self.sim.finish(req, int(admitted.outcome), now)
+        if admitted.started:
+            self._serve(admitted, now)
 
-    def _serve(self, req: Request, now: float) -> None:
-        self.busy += 1
-        req.start = now
-        self.in_service.add(req)
+    def _serve(self, ticket: Ticket, now: float) -> None:
+        ticket.payload.start = now
         delay = next(self.service) + self.extra_latency_s
-        self.env.timeout(delay, req).callbacks.append(self._complete)
+        self.env.timeout(delay, ticket).callbacks.append(self._complete)
 
     def _complete(self, event: simpy.Event) -> None:
-        req: Request = event.value
-        if req.life != self.life:
+        ticket: Ticket = event.value
+        if ticket.generation != self.pipeline.generation:
             return  # the node crashed meanwhile; the request was already recorded
         now = self.env.now
-        self.busy -= 1
-        self.in_service.discard(req)
-        self.busy_time += now - req.start
         failed = self.error_rate > 0.0 and next(self.uniform) < self.error_rate
-        if self.breaker is not None:
-            (self.breaker.record_failure if failed else self.breaker.record_success)(req.permit, now=now)
-        if self.gate is not None:
-            self.gate.release()
-        self.sim.finish(req, _ERR if failed else _OK, now)
-        if self.queue:
-            self._serve(self.queue.popleft(), now)
+        following = self.pipeline.complete(ticket, failed=failed, now=now)
+        self.sim.finish(ticket.payload, _ERR if failed else _OK, now)
+        if following is not None:
+            self._serve(following, now)
 
     # -- faults --------------------------------------------------------------
     def crash(self) -> None:
-        """Go down: everything held fails now; the process is gone."""
+        """Go down: everything held fails now; the process comes back fresh when it recovers."""
         now = self.env.now
         self.up = False
-        self.life += 1
-        for req in [*self.in_service, *self.queue]:
-            self.sim.finish(req, _ERR, now)
-        self._fresh_process()
+        for ticket in self.pipeline.crash():
+            self.sim.finish(ticket.payload, _ERR, now)
 
     def recover(self) -> None:
         self.up = True
@@ -210,7 +170,7 @@ class Simulation:
     # -- balancer ------------------------------------------------------------
     def dispatch(self, req: Request, exclude: int = -1) -> None:
         now = self.env.now
-        snapshots = [Backend(b.node.spec.id, "", b.active, b.node.workers,
+        snapshots = [Backend(b.node.spec.id, "", b.active, b.node.spec.workers,
                              b.health.healthy and i != exclude
                              and (b.ejector is None or b.ejector.available(now=now)),
                              b.latency.value)

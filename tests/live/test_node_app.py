@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from live.node import NodeConfig, Workers, make_node_app
+from live.node import NodeConfig, make_node_app
 from solutions.token_bucket_solution import TokenBucketSolution
 
 
@@ -155,26 +155,6 @@ async def test_metrics_are_prometheus_text(aiohttp_client, clock) -> None:
     assert 'testbed_node_requests_total{node="n1",path="/health",status="200"} 1.0' in text
     assert 'testbed_node_rejections_total{node="n1",reason="rate_limited"} 1.0' in text
     assert "testbed_node_latency_seconds_bucket" in text and "testbed_node_circuit_state" in text
-
-
-async def test_workers_are_fifo_and_cancellation_safe() -> None:
-    workers = Workers(1)
-    await workers.acquire()
-    order: list[int] = []
-
-    async def job(i: int) -> None:
-        await workers.acquire()
-        order.append(i)
-        workers.release()
-
-    tasks = [asyncio.create_task(job(i)) for i in range(4)]
-    await asyncio.sleep(0)
-    tasks[1].cancel()
-    await asyncio.sleep(0)
-    workers.release()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    assert order == [0, 2, 3]
-    assert workers.busy == 0 and not workers.waiting
 
 
 async def test_downstream_failures_trip_the_breaker(aiohttp_client, aiohttp_server, clock) -> None:
