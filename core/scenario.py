@@ -24,6 +24,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from core._validate import ConfigError
+from core.circuit_breaker import CircuitBreaker
 from core.errors import DataError
 from core.strategies import STRATEGIES
 
@@ -90,12 +92,17 @@ class Fault:
 
 @dataclass(frozen=True)
 class BreakerSpec:
-    """Parameters of a :class:`core.circuit_breaker.CircuitBreaker`."""
+    """Parameters of a :class:`core.circuit_breaker.CircuitBreaker`, checked by the breaker's own
+    rules on construction (ConfigError naming the field), so no caller checks them again."""
 
     failure_threshold: int = 3
     recovery_timeout_s: float = 5.0
     half_open_max_calls: int = 1
     success_threshold: int = 1
+
+    def __post_init__(self) -> None:
+        CircuitBreaker(self.failure_threshold, self.recovery_timeout_s, self.half_open_max_calls,
+                       self.success_threshold)
 
 
 @dataclass(frozen=True)
@@ -245,14 +252,15 @@ def _node(r: _Reader, duration: float) -> NodeSpec:
         breaker = BreakerSpec()
     elif isinstance(raw, Mapping):
         br = r.table("circuit_breaker")
-        breaker = BreakerSpec(
-            failure_threshold=br.integer("failure_threshold", 3, ge=1),
-            recovery_timeout_s=br.number("recovery_timeout_s", 5.0, gt=0),
-            half_open_max_calls=br.integer("half_open_max_calls", 1, ge=1),
-            success_threshold=br.integer("success_threshold", 1, ge=1),
-        )
-        if breaker.success_threshold > breaker.half_open_max_calls:
-            br.fail("success_threshold", breaker.success_threshold, "must be <= half_open_max_calls")
+        try:
+            breaker = BreakerSpec(
+                failure_threshold=br.integer("failure_threshold", 3, ge=1),
+                recovery_timeout_s=br.number("recovery_timeout_s", 5.0, gt=0),
+                half_open_max_calls=br.integer("half_open_max_calls", 1, ge=1),
+                success_threshold=br.integer("success_threshold", 1, ge=1),
+            )
+        except ConfigError as exc:
+            br.fail(exc.field, exc.value, f"must be {exc.allowed}")
         br.finish()
     elif raw is not False:
         r.fail("circuit_breaker", raw, "must be true, false or a table of breaker settings")

@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from core._validate import ConfigError
+from core.scenario import BalancerSpec, BreakerSpec
 from core.strategies import STRATEGIES
 from experiments.cli_sim import ScenarioParam, run_options
 from experiments.options import echo_notice, impl_option
@@ -76,12 +78,15 @@ def _common(f):
 @click.option("--backpressure", type=click.IntRange(1), default=None,
               help="At most N requests inside the node (in service plus waiting).")
 @click.option("--circuit-breaker", is_flag=True, help="Guard the work with a circuit breaker.")
-@click.option("--failure-threshold", type=click.IntRange(1), default=3, show_default=True)
-@click.option("--recovery-timeout", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True,
+@click.option("--failure-threshold", type=click.IntRange(1), default=BreakerSpec.failure_threshold, show_default=True)
+@click.option("--recovery-timeout", type=click.FloatRange(0, min_open=True), default=BreakerSpec.recovery_timeout_s,
+              show_default=True,
               help="Seconds the breaker stays open before probing.")
-@click.option("--half-open-max-calls", type=click.IntRange(1), default=1, show_default=True,
+@click.option("--half-open-max-calls", type=click.IntRange(1), default=BreakerSpec.half_open_max_calls,
+              show_default=True,
               help="Probe requests the breaker lets through when half-open.")
-@click.option("--success-threshold", type=click.IntRange(1), default=1, show_default=True,
+@click.option("--success-threshold", type=click.IntRange(1), default=BreakerSpec.success_threshold,
+              show_default=True,
               help="Successful probes that close the breaker again.")
 @click.option("--downstream", type=URL(), default=None, help="Call this URL as part of the work (breaker-guarded).")
 @click.option("--registry", type=URL(), default=None,
@@ -104,19 +109,21 @@ def node_command(port: int, node_id: str | None, host: str, shutdown_timeout: fl
     from live.serve import serve
 
     impl = options.pop("impl")
-    if options["rate_limit"] is not None:
-        echo_notice("rate-limiter", impl)
+    # The rate limiter is the only exercise a node runs, and only with --rate-limit.
+    limiter_cls = echo_notice("rate-limiter", impl) if options["rate_limit"] is not None else None
     load_factor = options.pop("load_factor")
     config = NodeConfig(
         node_id=node_id or f"node-{port}", host=host, port=port, load_factor_ms=load_factor,
         rate_limit_per_s=options.pop("rate_limit"), rate_limit_burst=options.pop("burst"),
         recovery_timeout_s=options.pop("recovery_timeout"), heartbeat_interval_s=options.pop("heartbeat_interval"),
-        trust_proxy=tuple(ip.strip() for ip in trust_proxy.split(",") if ip.strip()), impl=impl, **options)
+        trust_proxy=tuple(ip.strip() for ip in trust_proxy.split(",") if ip.strip()), limiter_cls=limiter_cls,
+        **options)
     if config.stream is not None and config.seed is None:
         raise click.UsageError("--stream picks a child stream of --seed; give --seed too")
-    if config.success_threshold > config.half_open_max_calls:
-        raise click.UsageError(f"--success-threshold {config.success_threshold} needs at least as many half-open "
-                               f"probes; --half-open-max-calls is {config.half_open_max_calls}")
+    try:
+        config.spec  # the scenario's node type checks every value, the breaker's rules included
+    except ConfigError as exc:
+        raise click.UsageError(f"--{exc.field.replace('_', '-')} {exc.value}: must be {exc.allowed}") from None
     app = make_node_app(config)
     raise SystemExit(serve(app, host, port, name=config.node_id, shutdown_timeout=shutdown_timeout,
                            on_listening=lambda bound: listening(app, bound)))
@@ -143,17 +150,20 @@ def registry_command(port: int, host: str, shutdown_timeout: float, ttl: float, 
 @click.option("--nodes", type=NodeList(), default=None, help="Backends: ports, host:port or URLs, comma-separated.")
 @click.option("--registry", type=URL(), default=None, help="Take the backends from this registry.")
 @click.option("--strategy", type=click.Choice(list(STRATEGIES)), default="round_robin", show_default=True)
-@click.option("--health-interval", type=click.FloatRange(0.05, 60), default=2.0, show_default=True,
+@click.option("--health-interval", type=click.FloatRange(0.05, 60), default=BalancerSpec.health_check_interval_s,
+              show_default=True,
               help="Seconds between active /health checks of each backend.")
-@click.option("--unhealthy-after", type=click.IntRange(1, 100), default=2, show_default=True,
+@click.option("--unhealthy-after", type=click.IntRange(1, 100), default=BalancerSpec.unhealthy_after,
+              show_default=True,
               help="Failed checks in a row that take a backend out (a refused connection counts as one).")
 @click.option("--refresh-interval", type=click.FloatRange(0.05, 60), default=2.0, show_default=True,
               help="Seconds between polls of the registry's node list (with --registry).")
-@click.option("--timeout", type=click.FloatRange(0.01, 3600), default=30.0, show_default=True,
+@click.option("--timeout", type=click.FloatRange(0.01, 3600), default=BalancerSpec.timeout_s, show_default=True,
               help="Per-request timeout in seconds (504 past it).")
-@click.option("--eject-after", type=click.IntRange(0), default=5, show_default=True,
+@click.option("--eject-after", type=click.IntRange(0), default=BalancerSpec.eject_after_failures, show_default=True,
               help="Consecutive 5xx/connection failures that take a backend out (0: never).")
-@click.option("--ejection-time", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True)
+@click.option("--ejection-time", type=click.FloatRange(0, min_open=True), default=BalancerSpec.ejection_time_s,
+              show_default=True)
 @click.option("--no-retry", is_flag=True, help="Do not retry refused connections on another backend.")
 @click.option("--seed", type=click.IntRange(0), default=None, help="Seed of the strategy's generator.")
 @impl_option
@@ -167,13 +177,17 @@ def balancer_command(port: int, host: str, shutdown_timeout: float, nodes: tuple
 
     if not nodes and not registry:
         raise click.UsageError("give --nodes (e.g. 5001,5002,5003) or --registry URL")
-    if strategy == "least_connections":
-        echo_notice("least-connections", impl)
-    config = BalancerConfig(host=host, port=port, nodes=nodes or (), registry=registry, strategy=strategy, impl=impl,
+    from solutions.impl import strategy_class
+
+    # Least connections is the only exercise a balancer runs, and only as its strategy.
+    strategy_cls = (echo_notice("least-connections", impl) if strategy == "least_connections"
+                    else strategy_class(strategy))
+    config = BalancerConfig(host=host, port=port, nodes=nodes or (), registry=registry, strategy=strategy,
                             health_interval_s=health_interval, unhealthy_after=unhealthy_after,
                             refresh_s=refresh_interval, timeout_s=timeout, eject_after_failures=eject_after,
                             ejection_time_s=ejection_time, retry_connect_failures=not no_retry, seed=seed)
-    raise SystemExit(serve(make_balancer_app(config), host, port, name="balancer", shutdown_timeout=shutdown_timeout))
+    raise SystemExit(serve(make_balancer_app(config, strategy_cls=strategy_cls), host, port, name="balancer",
+                           shutdown_timeout=shutdown_timeout))
 
 
 class _Bar:
@@ -250,7 +264,7 @@ def live_run_command(scenario: Any, strategy: str | None, rate: float | None, lo
     from experiments.report import run_summary
 
     scenario = apply_overrides(scenario, strategy, rate, load, duration, seed)
-    echo_notices(impl, scenario.balancer.strategy, scenario)
+    echo_notices(impl, scenario)
     result = run_live_scenario(scenario, impl, max_in_flight=max_in_flight, drain_s=drain_s)
     result["impl"] = impl
     click.echo(run_summary(result))

@@ -99,13 +99,14 @@ def _mean_ci(values: Iterable[float | None]) -> dict[str, float | None]:
 
 
 #: Every outcome but OK, as a results dict counts them: the nodes' refusals, then the errors by kind.
-FAILURE_KINDS = ("rate_limited", "backpressure", "circuit_open", "server", "connect", "no_backend", "timeout")
+FAILURE_KINDS = ("rate_limited", "backpressure", "circuit_open", "server", "connect", "no_backend", "timeout",
+                 "not_sent")
 
 
 def failures(result: dict[str, Any]) -> dict[str, int]:
     """One run's failed requests (every outcome but OK) by kind, in :data:`FAILURE_KINDS` order."""
     q, e = result["requests"], result["errors_detail"]
-    return {k: q[k] if k in q else e[k] for k in FAILURE_KINDS}
+    return {k: q[k] if k in q else e.get(k, 0) for k in FAILURE_KINDS}  # not_sent: live runs only
 
 
 def failed_percent(result: dict[str, Any]) -> float:

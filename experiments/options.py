@@ -30,7 +30,9 @@ class OutputPath(click.ParamType):
 
     name = "PATH"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str | None:
+        if value is None or str(value) == "":
+            return None  # "--plot ''": no output
         path = pathlib.Path(value)
         if path.is_dir():
             self.fail(f"{value} is a folder; give a file name", param, ctx)

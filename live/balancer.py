@@ -8,18 +8,20 @@ one backend, and the backend's status, headers and body come back unchanged
 on pooled keep-alive connections (:mod:`live.upstream`); health checks and
 registry polls use an aiohttp ``ClientSession``.
 
-The pick: the core strategy gets one immutable ``Backend`` snapshot per
-backend (requests in flight through this balancer, workers as weight, health,
-latency EWMA). Health is the conjunction of two core objects per backend:
-
-* a :class:`core.health.HealthTracker` fed by active checks of ``/health``
-  every ``health_interval_s`` and by refused connections;
-* an *ejector*, a :class:`core.circuit_breaker.CircuitBreaker` fed by every
-  proxied response: ``eject_after_failures`` consecutive 5xx or connection
-  failures take the backend out for ``ejection_time_s``, then a probe decides.
+The books are core's: :class:`core.balancer_state.BalancerState`, the very
+object the simulator drives, picks through the strategy (immutable ``Backend``
+snapshots: requests in flight through this balancer, workers as weight,
+health, latency EWMA) and keeps each backend's health tracker (active checks
+of ``/health`` every ``health_interval_s``, and refused connections), latency
+EWMA and *ejector* (``eject_after_failures`` consecutive 5xx or connection
+failures take the backend out for ``ejection_time_s``, then a probe decides).
+This module sends the bytes and tells the books how each attempt ended: refused,
+answered (a timeout is a 504, a broken exchange a 502), or abandoned (the
+client went away, or a local error: the ejector's permit goes back unjudged,
+on every way out).
 
 A connection that fails before anything was sent is retried once on another
-backend for idempotent methods. No healthy backend: 503. A backend slower than
+backend for idempotent methods (core's rule, :meth:`BalancerState.may_retry`). No healthy backend: 503. A backend slower than
 ``timeout_s``: 504. Membership comes from ``--nodes`` or, with ``--registry``,
 from the registry's ``GET /nodes``, refreshed every ``refresh_s``.
 """
@@ -39,10 +41,10 @@ import numpy as np
 from aiohttp import web
 from multidict import CIMultiDict
 
-from core.circuit_breaker import CircuitBreaker
-from core.health import HealthTracker, counts_as_failure
-from core.latency import PeakEwma
-from core.strategies import STRATEGIES, Backend, BaseStrategy, NoHealthyBackend
+from core.balancer_state import BackendEntry, BalancerState, feeds_latency
+from core.health import counts_as_failure
+from core.scenario import BalancerSpec
+from core.strategies import STRATEGIES, BaseStrategy, NoHealthyBackend
 from live.http import cancel_and_wait, error_response, json_error, metrics_response
 from live.metrics import BalancerMetrics
 from live.upstream import ConnectFailed, UpstreamError, UpstreamPool
@@ -53,7 +55,6 @@ log = logging.getLogger("testbed.balancer")
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
               "transfer-encoding", "upgrade", "host", "content-length"}
-IDEMPOTENT = {"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"}
 
 
 def parse_node(spec: str) -> str:
@@ -78,145 +79,134 @@ class BalancerConfig:
     port: int = 8080
     nodes: tuple[str, ...] = ()
     registry: str | None = None
-    strategy: str = "round_robin"
-    health_interval_s: float = 2.0
-    unhealthy_after: int = 2
-    timeout_s: float = 30.0
-    retry_connect_failures: bool = True
-    eject_after_failures: int = 5
-    ejection_time_s: float = 5.0
+    # One set of defaults: the scenario's balancer type's.
+    strategy: str = BalancerSpec.strategy
+    health_interval_s: float = BalancerSpec.health_check_interval_s
+    unhealthy_after: int = BalancerSpec.unhealthy_after
+    timeout_s: float = BalancerSpec.timeout_s
+    retry_connect_failures: bool = BalancerSpec.retry_connect_failures
+    eject_after_failures: int = BalancerSpec.eject_after_failures
+    ejection_time_s: float = BalancerSpec.ejection_time_s
     refresh_s: float = 2.0
     seed: int | None = None
 
+    @property
+    def spec(self) -> BalancerSpec:
+        """The balancer as core's books see it: the scenario's own balancer type."""
+        return BalancerSpec(self.strategy, self.health_interval_s, self.unhealthy_after, self.retry_connect_failures,
+                            self.eject_after_failures, self.ejection_time_s, self.timeout_s)
 
-class BackendState:
-    """The balancer's truth about one backend."""
 
-    def __init__(self, backend_id: str, url: str, weight: int, config: BalancerConfig) -> None:
-        self.id, self.url, self.weight = backend_id, url, weight
-        self.active = 0
-        self.requests = 0
-        self.errors = 0
-        self.health = HealthTracker(config.unhealthy_after)
-        self.latency = PeakEwma()
-        self.recent: deque[float] = deque(maxlen=10_000)
-        self.ejector = (CircuitBreaker(config.eject_after_failures, config.ejection_time_s, name=f"lb:{backend_id}")
-                        if config.eject_after_failures else None)
-        self.last_check: str = "not checked yet"
+class Seen:
+    """What the live balancer keeps beside core's books for one backend: for ``/lb-stats`` only."""
 
-    def snapshot(self, now: float, excluded: set[str]) -> Backend:
-        healthy = (self.health.healthy and self.id not in excluded
-                   and (self.ejector is None or self.ejector.available(now=now)))
-        return Backend(self.id, self.url, self.active, self.weight, healthy, self.latency.value)
+    __slots__ = ("recent", "last_check")
 
-    def stats(self, now: float, total: int) -> dict[str, Any]:
-        lat = np.fromiter(self.recent, float) * 1000 if self.recent else None
-        return {
-            "url": self.url, "weight": self.weight, "requests": self.requests, "active": self.active,
-            "errors": self.errors, "share": self.requests / total if total else 0.0,
-            "healthy": self.health.healthy, "last_check": self.last_check,
-            "ejector": None if self.ejector is None else self.ejector.status(now=now)["state"],
-            "latency_ms": None if lat is None else {
-                "p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
-                "p99": float(np.percentile(lat, 99)), "ewma": (self.latency.value or 0.0) * 1000},
-        }
+    def __init__(self) -> None:
+        self.recent: deque[float] = deque(maxlen=10_000)  # elapsed s of answers that feed the latency EWMA
+        self.last_check = "not checked yet"
+
+
+def _entry_stats(entry: BackendEntry, now: float, total: int) -> dict[str, Any]:
+    seen: Seen = entry.driver
+    lat = np.fromiter(seen.recent, float) * 1000 if seen.recent else None
+    return {
+        "url": entry.url, "weight": entry.weight, "requests": entry.requests, "active": entry.active,
+        "errors": entry.errors, "share": entry.requests / total if total else 0.0,
+        "healthy": entry.health.healthy, "last_check": seen.last_check,
+        "ejector": None if entry.ejector is None else entry.ejector.status(now=now)["state"],
+        "latency_ms": None if lat is None else {
+            "p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
+            "p99": float(np.percentile(lat, 99)), "ewma": (entry.latency.value or 0.0) * 1000},
+    }
 
 
 STATE = web.AppKey("balancer", object)
 
 
 class Balancer:
+    """The proxy and its background work around core's books (:class:`core.balancer_state.BalancerState`)."""
+
     def __init__(self, config: BalancerConfig, strategy: BaseStrategy, clock: Callable[[], float]) -> None:
         self.config = config
-        self.strategy = strategy
         self.clock = clock
-        self.backends: dict[str, BackendState] = {}
+        self.state = BalancerState(config.spec, strategy)
         for url in config.nodes:
-            self.backends[url] = BackendState(url, url, 1, config)
+            self._join(url, url, 1)
         self.metrics = BalancerMetrics()
         self.session: aiohttp.ClientSession | None = None  # health checks and the registry
         self.upstream: UpstreamPool | None = None         # proxied requests
         self.no_backend = 0
 
+    def _join(self, backend_id: str, url: str, weight: int) -> BackendEntry:
+        entry = self.state.add(backend_id, url, weight)
+        entry.driver = Seen()
+        return entry
+
     # -- the proxy -----------------------------------------------------------
     async def proxy(self, request: web.Request) -> web.StreamResponse:
+        """Send ``request`` where core's books say, and settle the attempt however it ends."""
         body = await request.read()
         headers = [(k, v) for k, v in request.headers.items()
                    if k.lower() not in HOP_BY_HOP and k.lower() != "x-forwarded-for"]
         peer = request.remote or "unknown"
         prior = request.headers.get("X-Forwarded-For")
         headers.append(("X-Forwarded-For", f"{prior}, {peer}" if prior else peer))
-        excluded: set[str] = set()
-        retry = self.config.retry_connect_failures and request.method in IDEMPOTENT
+        state, clock = self.state, self.clock
+        excluded: tuple[str, ...] = ()
         while True:
-            now = self.clock()
             try:
-                chosen = self.strategy.select_node([b.snapshot(now, excluded) for b in self.backends.values()])
+                attempt = state.pick(now=clock(), exclude=excluded, number=len(excluded) + 1)
             except NoHealthyBackend:
                 if excluded:  # the retry found nowhere else to go: report the refusal itself
                     return json_error(502, "backend_unreachable",
-                                      f"backend {next(iter(excluded))} refused the connection and no other "
-                                      "backend is healthy", backend=next(iter(excluded)))
+                                      f"backend {excluded[0]} refused the connection and no other "
+                                      "backend is healthy", backend=excluded[0])
                 self.no_backend += 1
                 return json_error(503, "no_healthy_backend",
-                                  f"none of the {len(self.backends)} backends is healthy", backends=len(self.backends))
-            backend = self.backends[chosen.id]
-            permit = backend.ejector.try_acquire(now=now) if backend.ejector else None
-            backend.active += 1
-            backend.requests += 1
-            started = self.clock()
+                                  f"none of the {len(state.backends)} backends is healthy",
+                                  backends=len(state.backends))
+            backend = attempt.backend
+            started = clock()
             try:
                 assert self.upstream is not None
                 status, raw_headers, payload = await self.upstream.request(
                     backend.url, request.method, request.rel_url.raw_path_qs, headers, body)
-                out_headers = [(k, v) for k, v in raw_headers if k.lower() not in HOP_BY_HOP]
             except ConnectFailed as exc:
-                self._failed(backend, permit, refused=True)
-                if retry and not excluded:
-                    excluded.add(backend.id)
+                state.refused(attempt, now=clock())
+                if state.may_retry(attempt, request.method):
+                    excluded += (backend.id,)
                     continue
                 return json_error(502, "backend_unreachable", f"backend {backend.id} refused the connection: {exc}",
                                   backend=backend.id)
             except asyncio.TimeoutError:
-                self._failed(backend, permit)
+                state.answered(attempt, status=504, elapsed_s=clock() - started, now=clock())
                 return json_error(504, "backend_timeout",
                                   f"backend {backend.id} did not answer within {self.config.timeout_s:g} s",
                                   backend=backend.id)
             except UpstreamError as exc:
-                self._failed(backend, permit)
+                state.answered(attempt, status=502, elapsed_s=clock() - started, now=clock())
                 return json_error(502, "backend_error", f"backend {backend.id} failed: {exc}", backend=backend.id)
-            finally:
-                backend.active -= 1
-            elapsed = self.clock() - started
-            now = self.clock()
-            if counts_as_failure(status):
-                backend.errors += 1
-                if backend.ejector is not None:
-                    backend.ejector.record_failure(permit, now=now)
             else:
-                if backend.ejector is not None:
-                    backend.ejector.record_success(permit, now=now)
-                backend.latency.observe(elapsed, now=now)
-                backend.recent.append(elapsed)
+                elapsed = clock() - started
+                state.answered(attempt, status=status, elapsed_s=elapsed, now=clock())
+            finally:
+                state.abandoned(attempt, now=clock())  # any other way out (cancelled, a local error): unjudged
+            if feeds_latency(status):
+                backend.driver.recent.append(elapsed)
             self.metrics.observe(backend.id, status, elapsed)
+            out_headers = [(k, v) for k, v in raw_headers if k.lower() not in HOP_BY_HOP]
             out_headers.append(("X-Backend", backend.id))
             return web.Response(status=status, body=payload, headers=CIMultiDict(out_headers))
-
-    def _failed(self, backend: BackendState, permit: Any, *, refused: bool = False) -> None:
-        backend.errors += 1
-        if refused:
-            backend.health.observe(False)
-        if backend.ejector is not None and permit is not None:
-            backend.ejector.record_failure(permit, now=self.clock())
 
     # -- background work -----------------------------------------------------
     async def health_checks(self) -> None:
         timeout = aiohttp.ClientTimeout(total=min(2.0, self.config.health_interval_s))
         while True:
-            await asyncio.gather(*(self._check(b, timeout) for b in list(self.backends.values())))
+            await asyncio.gather(*(self._check(b, timeout) for b in list(self.state.backends.values())))
             await asyncio.sleep(self.config.health_interval_s)
 
-    async def _check(self, backend: BackendState, timeout: aiohttp.ClientTimeout) -> None:
+    async def _check(self, backend: BackendEntry, timeout: aiohttp.ClientTimeout) -> None:
         assert self.session is not None
         try:
             async with self.session.get(f"{backend.url}/health", timeout=timeout,
@@ -226,11 +216,11 @@ class Balancer:
                     data = await resp.json(content_type=None)
                     if isinstance(data, dict) and isinstance(data.get("workers"), int) and data["workers"] >= 1:
                         backend.weight = data["workers"]
-                backend.last_check = f"{resp.status}"
+                backend.driver.last_check = f"{resp.status}"
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             ok = False
-            backend.last_check = f"{type(exc).__name__}: {exc}"[:200]
-        backend.health.observe(ok)
+            backend.driver.last_check = f"{type(exc).__name__}: {exc}"[:200]
+        self.state.checked(backend, ok)
 
     async def follow_registry(self) -> None:
         assert self.session is not None and self.config.registry
@@ -255,20 +245,22 @@ class Balancer:
             seen.add(node_id)
             workers = (n.get("metadata") or {}).get("workers", 1)
             weight = workers if isinstance(workers, int) and workers >= 1 else 1
-            current = self.backends.get(node_id)
+            current = self.state.backends.get(node_id)
             if current is None or current.url != address.rstrip("/"):
                 log.info("backend %s joined at %s", node_id, address)
-                self.backends[node_id] = BackendState(node_id, address.rstrip("/"), weight, self.config)
-        for gone in [k for k in self.backends if k not in seen and k not in self.config.nodes]:
-            if self.backends[gone].active == 0:
+                self._join(node_id, address.rstrip("/"), weight)
+        backends = self.state.backends
+        for gone in [k for k in backends if k not in seen and k not in self.config.nodes]:
+            if backends[gone].active == 0:
                 log.info("backend %s left", gone)
-                del self.backends[gone]
+                self.state.remove(gone)
 
     def stats(self) -> dict[str, Any]:
         now = self.clock()
-        total = sum(b.requests for b in self.backends.values())
+        backends = self.state.backends
+        total = self.state.total_requests
         return {"strategy": self.config.strategy, "requests": total, "no_healthy_backend": self.no_backend,
-                "backends": {b.id: b.stats(now, total) for b in self.backends.values()}}
+                "backends": {b.id: _entry_stats(b, now, total) for b in backends.values()}}
 
 
 async def lb_stats(request: web.Request) -> web.Response:
@@ -278,7 +270,7 @@ async def lb_stats(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     lb: Balancer = request.app[STATE]
     now = lb.clock()
-    body = lb.metrics.render((b.id, b.active, b.snapshot(now, set()).healthy) for b in lb.backends.values())
+    body = lb.metrics.render((b.id, b.active, b.available(now)) for b in lb.state.backends.values())
     return metrics_response(body)
 
 

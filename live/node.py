@@ -58,10 +58,10 @@ class NodeConfig:
     rate_limit_burst: float | None = None
     backpressure: int | None = None
     circuit_breaker: bool = False
-    failure_threshold: int = 3
-    recovery_timeout_s: float = 5.0
-    half_open_max_calls: int = 1
-    success_threshold: int = 1
+    failure_threshold: int = BreakerSpec.failure_threshold  # one set of defaults: the scenario's
+    recovery_timeout_s: float = BreakerSpec.recovery_timeout_s
+    half_open_max_calls: int = BreakerSpec.half_open_max_calls
+    success_threshold: int = BreakerSpec.success_threshold
     downstream: str | None = None
     registry: str | None = None
     registry_token: str | None = None

@@ -5,21 +5,19 @@ Theory of operation
 Simulated time is ``env.now`` in seconds; every core object gets it as ``now``.
 A request goes through exactly what a live request goes through:
 
-1. **Balancer.** The core strategy picks a node from immutable ``Backend``
+1. **Balancer**: :class:`core.balancer_state.BalancerState`, the live
+   balancer's own books. The core strategy picks from immutable ``Backend``
    snapshots (in-flight count, workers as weight, health, latency EWMA). A node
-   that is down refuses the connection: the balancer marks it unhealthy (the
-   passive half of :class:`core.health.HealthTracker`) and retries once on
-   another node. Active health checks run every ``health_check_interval_s``.
-   A per-backend circuit breaker (the *ejector*) counts 5xx and refused
-   connections and takes a failing node out of rotation for a while, so a
-   node that fails fast does not attract traffic for being "least loaded".
-2. **Node middleware**, in the live node's order: the per-client token bucket
-   (429), the backpressure gate (429), the circuit breaker guarding the node's
-   own work (503).
-3. **Workers.** ``workers`` requests are served at once, the rest wait FIFO;
-   a service time is drawn from the node's distribution (mean
-   ``load_factor_ms``) plus any fault latency, and a fault's ``error_rate``
-   turns the response into a 5xx that the breaker counts.
+   that is down refuses the connection: the balancer marks it unhealthy and
+   retries once on another node. Active health checks run every
+   ``health_check_interval_s``. The per-backend *ejector* counts 5xx and
+   refused connections and takes a failing node out of rotation for a while.
+2. **Node**: :class:`core.node_pipeline.NodePipeline`, the live node's own
+   request path: the per-client token bucket (429), the backpressure gate
+   (429), the circuit breaker guarding the node's work (503), and ``workers``
+   servers with a FIFO queue. A service time is drawn from the node's
+   distribution (mean ``load_factor_ms``) plus any fault latency, and a
+   fault's ``error_rate`` turns the response into a 5xx that the breaker counts.
 
 Scheduled faults switch error rate, latency and ``down`` on and off; a node
 that goes down loses what it held (recorded as server errors) and comes back
@@ -32,27 +30,24 @@ process-per-request model with a ``Resource`` needs five or more, so the
 model's extra work (snapshots, strategy, middleware, records) fits in the
 time that saves. Random numbers are drawn from numpy in chunks.
 
-Nothing here decides policy: admission, breaking, picking and health are all
-``core`` calls.
+Nothing here decides policy: admission, breaking, picking, retrying and health
+are all ``core`` calls; this module moves simulated time.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 import simpy
 
-from core.circuit_breaker import CircuitBreaker, Permit
-from core.health import HealthTracker, counts_as_failure
-from core.latency import PeakEwma
+from core.balancer_state import Attempt, BalancerState
 from core.node_pipeline import NodePipeline, Rejected, Ticket
 from core.rate_limiter import TokenBucket
 from core.results import OUTCOME_STATUS, Outcome, RequestLog, scenario_results
 from core.scenario import NodeSpec, Scenario
-from core.strategies import STRATEGIES, Backend, BaseStrategy, NoHealthyBackend
+from core.strategies import STRATEGIES, BaseStrategy, NoHealthyBackend
 from core.workload import (
     ARRIVAL_STREAM, CLIENT_STREAM, NODE_STREAM, chunks, client_ids, open_loop, service_times, strategy_seed, streams,
     think_times,
@@ -62,19 +57,18 @@ __all__ = ["Simulation"]
 
 NAN = float("nan")
 _OK, _RATE, _BP, _OPEN, _ERR, _CONN, _NONE, _TIMEOUT = (int(o) for o in Outcome)
-# Which outcomes count against a backend: the live balancer's rule, applied to the status each outcome answers.
-_FAILS = [counts_as_failure(OUTCOME_STATUS[o]) for o in Outcome]
+_STATUS = [OUTCOME_STATUS[o] for o in Outcome]  # the status each outcome answers, by outcome number
 
 
 class Request:
-    __slots__ = ("arrival", "client", "node", "start", "lb_permit", "done")
+    __slots__ = ("arrival", "client", "node", "start", "attempt", "done")
 
     def __init__(self, arrival: float, client: str, done: simpy.Event | None = None) -> None:
         self.arrival = arrival
         self.client = client
         self.node = -1
         self.start = NAN
-        self.lb_permit: Permit | None = None  # from the balancer's ejector for that node
+        self.attempt: Attempt | None = None  # the balancer's, once a node took the request
         self.done = done
 
 
@@ -129,17 +123,6 @@ class SimNode:
         self.up = True
 
 
-@dataclass
-class _Backend:
-    """The balancer's own view of one node."""
-
-    node: SimNode
-    active: int
-    health: HealthTracker
-    latency: PeakEwma
-    ejector: CircuitBreaker | None  # passive ejection on consecutive failures
-
-
 class Simulation:
     """One run of a scenario. Build it, call :meth:`run`, read :meth:`results`."""
 
@@ -153,53 +136,39 @@ class Simulation:
         rngs = streams(scenario.seed, NODE_STREAM + len(scenario.nodes))  # who uses which: core.workload
         self._rng_arrivals, self._rng_clients = rngs[ARRIVAL_STREAM], rngs[CLIENT_STREAM]
         strategy_cls = strategy_cls or STRATEGIES[scenario.balancer.strategy]
-        self.strategy = strategy_cls(rng=random.Random(strategy_seed(scenario.seed)))
-        limiter_cls = limiter_cls or TokenBucket
-        b = scenario.balancer
-        self.backends = [
-            _Backend(SimNode(self, i, spec, rngs[NODE_STREAM + i], limiter_cls), 0,
-                     HealthTracker(b.unhealthy_after), PeakEwma(),
-                     CircuitBreaker(b.eject_after_failures, b.ejection_time_s, name=f"lb:{spec.id}")
-                     if b.eject_after_failures else None)
-            for i, spec in enumerate(scenario.nodes)]
-        self._index = {spec.id: i for i, spec in enumerate(scenario.nodes)}
+        self.balancer = BalancerState(scenario.balancer, strategy_cls(rng=random.Random(strategy_seed(scenario.seed))))
+        self.nodes = [SimNode(self, i, spec, rngs[NODE_STREAM + i], limiter_cls or TokenBucket)
+                      for i, spec in enumerate(scenario.nodes)]
+        for node in self.nodes:
+            self.balancer.add(node.spec.id, weight=node.spec.workers).driver = node
         self.in_flight = 0
         self.arrivals_open = True
-        self._timeout_s = b.timeout_s
+        self._timeout_s = scenario.balancer.timeout_s
 
     # -- balancer ------------------------------------------------------------
-    def dispatch(self, req: Request, exclude: int = -1) -> None:
+    def dispatch(self, req: Request, exclude: tuple[str, ...] = ()) -> None:
+        """The balancer's part: pick through core's books, send, and retry a refused connection once."""
         now = self.env.now
-        snapshots = [Backend(b.node.spec.id, "", b.active, b.node.spec.workers,
-                             b.health.healthy and i != exclude
-                             and (b.ejector is None or b.ejector.available(now=now)),
-                             b.latency.value)
-                     for i, b in enumerate(self.backends)]
+        balancer = self.balancer
         try:
-            chosen = self.strategy.select_node(snapshots)
+            attempt = balancer.pick(now=now, exclude=exclude, number=len(exclude) + 1)
         except NoHealthyBackend:
             self.in_flight += 1
             return self.finish(req, _NONE, now)
-        i = self._index[chosen.id]
-        backend = self.backends[i]
-        req.node = i
-        if backend.ejector is not None:
-            req.lb_permit = backend.ejector.try_acquire(now=now)
-        if not backend.node.up:
-            # A refused connection: a failed check for the health tracker, a failure for the ejector.
-            backend.health.observe(False)
-            if backend.ejector is not None:
-                backend.ejector.record_failure(req.lb_permit, now=now)
-            if self.scenario.balancer.retry_connect_failures and exclude < 0:
-                return self.dispatch(req, exclude=i)
+        node: SimNode = attempt.backend.driver
+        req.node = node.index
+        if not node.up:  # a refused connection
+            balancer.refused(attempt, now=now)
+            if balancer.may_retry(attempt):
+                return self.dispatch(req, exclude=(*exclude, node.spec.id))
             self.in_flight += 1
             return self.finish(req, _CONN, now)
-        backend.active += 1
+        req.attempt = attempt
         self.in_flight += 1
-        backend.node.accept(req)
+        node.accept(req)
 
     def finish(self, req: Request, outcome: int, now: float) -> None:
-        """A response is complete: book it on the balancer's side and record it.
+        """A response is complete: settle it in the balancer's books and record it.
 
         A response later than the balancer's ``timeout_s`` reached the client as a 504
         at ``arrival + timeout_s``. (The live balancer also stops counting the request
@@ -209,16 +178,8 @@ class Simulation:
         self.in_flight -= 1
         if now - req.arrival > self._timeout_s:
             outcome, now = _TIMEOUT, req.arrival + self._timeout_s
-        if req.node >= 0 and outcome != _CONN:
-            backend = self.backends[req.node]
-            backend.active -= 1
-            if outcome == _OK:
-                backend.latency.observe(now - req.arrival, now=now)
-            if backend.ejector is not None:
-                if _FAILS[outcome]:
-                    backend.ejector.record_failure(req.lb_permit, now=now)
-                else:
-                    backend.ejector.record_success(req.lb_permit, now=now)
+        if req.attempt is not None:
+            self.balancer.answered(req.attempt, status=_STATUS[outcome], elapsed_s=now - req.arrival, now=now)
         self.log.record(req.arrival, req.node, req.start, now, outcome)
         if req.done is not None:
             req.done.succeed()
@@ -255,8 +216,8 @@ class Simulation:
         interval = self.scenario.balancer.health_check_interval_s
         while self.arrivals_open or self.in_flight:
             yield self.env.timeout(interval)
-            for b in self.backends:
-                b.health.observe(b.node.up)
+            for entry in self.balancer.backends.values():
+                self.balancer.checked(entry, entry.driver.up)
 
     def _fault(self, node: SimNode, start: float, end: float, error_rate: float, extra_ms: float,
                down: bool) -> Any:
@@ -277,9 +238,9 @@ class Simulation:
         else:
             env.process(self._open_arrivals())
         env.process(self._health_checks())
-        for b in self.backends:
-            for f in b.node.spec.faults:
-                env.process(self._fault(b.node, f.start_s, f.end_s, f.error_rate, f.extra_latency_ms, f.down))
+        for node in self.nodes:
+            for f in node.spec.faults:
+                env.process(self._fault(node, f.start_s, f.end_s, f.error_rate, f.extra_latency_ms, f.down))
         env.run()
         return self
 

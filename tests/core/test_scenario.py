@@ -62,7 +62,7 @@ def test_good_scenario_round_trips() -> None:
     ("nodes.0.circuit_breaker", "yes", "nodes[0].circuit_breaker = 'yes': must be true, false or a table"),
     ("nodes.0.circuit_breaker", {"failure_threshold": 0}, "nodes[0].circuit_breaker.failure_threshold = 0"),
     ("nodes.0.circuit_breaker", {"half_open_max_calls": 1, "success_threshold": 2},
-     "nodes[0].circuit_breaker.success_threshold = 2: must be <= half_open_max_calls"),
+     "nodes[0].circuit_breaker.success_threshold = 2: must be an integer >= 1 and <= half_open_max_calls (1)"),
     ("nodes.1.id", "a", "nodes[1].id = 'a': must be unique"),
     ("nodes.1.faults", [{"start_s": 5, "end_s": 2}], "nodes[1].faults[0].end_s = 2: must be greater than start_s (5)"),
     ("nodes.1.faults", [{"start_s": 1, "end_s": 2, "error_rate": 1.5}],

@@ -74,7 +74,8 @@ async def test_backend_429_and_500_are_not_hidden(aiohttp_client, aiohttp_server
 async def test_refused_connection_is_retried_elsewhere(aiohttp_client, aiohttp_server) -> None:
     urls = await nodes(aiohttp_server, [{}])
     dead = f"http://127.0.0.1:{free_port()}"
-    lb = await balancer(aiohttp_client, [dead, urls[0]], health_interval_s=60)
+    lb = await balancer(aiohttp_client, [dead, urls[0]], health_interval_s=60,
+                        unhealthy_after=2)  # the first (failed) check alone must not take it out
     statuses = [(await lb.get("/health")).status for _ in range(4)]
     assert statuses == [200] * 4
     stats = await (await lb.get("/lb-stats")).json()
@@ -82,7 +83,8 @@ async def test_refused_connection_is_retried_elsewhere(aiohttp_client, aiohttp_s
 
 
 async def test_no_healthy_backend_is_503_json(aiohttp_client) -> None:
-    lb = await balancer(aiohttp_client, [f"http://127.0.0.1:{free_port()}"], health_interval_s=60)
+    lb = await balancer(aiohttp_client, [f"http://127.0.0.1:{free_port()}"], health_interval_s=60,
+                        unhealthy_after=2)  # the first (failed) check alone must not take it out
     assert (await lb.get("/work")).status == 502  # the only backend refused: nothing to retry on
     resp = await lb.get("/work")
     assert resp.status == 503

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from experiments.scenarios import load
-from sim.model import run_scenario
+from solutions.impl import simulate
 from experiments.cli_live import EXIT_GENERATOR_BEHIND
 from tests.live.procs import TESTBED, Proc, wait_until
 
@@ -128,7 +128,7 @@ def test_live_run_writes_the_results_json_and_stops_everything(tmp_path) -> None
     assert g["asked_rate_per_s"] == 40 and set(g["lag_ms"]) == {"p50", "p99", "max"}
     assert g["not_sent"] == {"max_in_flight": 0, "out_of_time": 0} and g["loop_errors"] == {}
     # The same keys as a simulated run of the same file, plus the live run's own.
-    sim = run_scenario(load(tmp_path / "scenario.toml"), "solution")
+    sim = simulate(load(tmp_path / "scenario.toml"), "solution")
     assert set(sim) - set(r) == {"simulated_requests"}
     assert set(r) - set(sim) == {"live_requests", "generator", "overhead_ms", "faults", "impl"}
     assert r["overhead_ms"]["samples"] == 40 and 0 < r["overhead_ms"]["p50"] < 50
@@ -214,7 +214,7 @@ def test_a_node_that_crashes_mid_run_is_routed_around_and_its_failures_are_count
 def test_sim_and_live_agree_at_low_load(tmp_path) -> None:
     # The seed scenario at 30% load: the same arrivals (same seed) in both; only the system differs.
     s = load("seed").with_load(0.3).replace(strategy="least_connections", duration_s=25)
-    sim = run_scenario(s, "solution")
+    sim = simulate(s, "solution")
     done = run("live", "run", "seed", "--load", "0.3", "--strategy", "least_connections", "--duration", "25",
                "--impl", "solution", "--json", str(tmp_path / "live.json"))
     live = finished(done, tmp_path / "live.json")

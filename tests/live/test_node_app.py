@@ -188,4 +188,4 @@ def test_a_node_with_seed_and_stream_draws_its_simulated_twins_service_times() -
         app = make_node_app(NodeConfig(node_id=spec.id, load_factor_ms=spec.load_factor_ms, service=spec.service,
                                        seed=scenario.seed, stream=NODE_STREAM + i))
         live = [app[STATE].service_time_s() for _ in range(5)]
-        assert live == [next(sim.backends[i].node.service) for _ in range(5)]
+        assert live == [next(sim.nodes[i].service) for _ in range(5)]

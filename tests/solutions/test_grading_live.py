@@ -7,7 +7,8 @@ import pytest
 
 import live.run
 from live.run import LiveRunError
-from sim.model import Simulation, run_scenario
+from sim.model import Simulation
+from solutions.impl import simulate
 from solutions.grading import _live_least_connections, _live_rate_limiter
 from tests.solutions.mutants import NoCap
 
@@ -18,14 +19,14 @@ def stand_in(monkeypatch, make) -> None:
 
 
 def test_least_connections_that_behaves_like_round_robin_fails(monkeypatch) -> None:
-    stand_in(monkeypatch, lambda s: run_scenario(s.replace(strategy="round_robin"), "solution"))
+    stand_in(monkeypatch, lambda s: simulate(s.replace(strategy="round_robin"), "solution"))
     result = _live_least_connections("solution")
     assert not result.passed
     assert "under half of round robin's" in result.message
 
 
 def test_least_connections_that_behaves_like_the_reference_passes(monkeypatch) -> None:
-    stand_in(monkeypatch, lambda s: run_scenario(s, "solution"))
+    stand_in(monkeypatch, lambda s: simulate(s, "solution"))
     assert _live_least_connections("solution").passed
 
 
@@ -40,7 +41,7 @@ def test_failed_requests_fail_the_step_and_say_how_many(monkeypatch) -> None:
     def with_a_crash(s):
         data = s.to_dict()
         data["nodes"][1]["faults"] = [{"start_s": 4, "end_s": 8, "down": True}]
-        return run_scenario(type(s).from_mapping(data), "solution")
+        return simulate(type(s).from_mapping(data), "solution")
     stand_in(monkeypatch, with_a_crash)
     result = _live_least_connections("solution")
     assert not result.passed
@@ -61,7 +62,7 @@ def test_a_generator_that_fell_behind_does_not_decide_the_step(monkeypatch) -> N
     # The step judges what the system did; how well this machine's load generator kept up is the run's own
     # warning (and `testbed live run`'s exit status 4), never a failed exercise.
     def behind(s):
-        r = run_scenario(s, "solution")
+        r = simulate(s, "solution")
         r["generator"] = {"kept_up": False, "problems": ["its own delay moved the p99 latency by 9.0 ms of 60.0"]}
         return r
     stand_in(monkeypatch, behind)
