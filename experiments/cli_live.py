@@ -8,14 +8,16 @@ from typing import Any
 import click
 
 from core._validate import ConfigError
-from core.scenario import BalancerSpec, BreakerSpec
+from core.scenario import BalancerSpec, BreakerSpec, Scenario
 from core.strategies import STRATEGIES
-from experiments.cli_sim import ScenarioParam, run_options
-from experiments.options import echo_notice, impl_option
+from experiments.options import (
+    TESTBED_COMMAND, ScenarioParam, apply_overrides, echo_notice, echo_notices, impl_option, run_options,
+    write_json,
+)
 from live.limits import DEFAULT_DRAIN_S, DEFAULT_MAX_IN_FLIGHT
 
-__all__ = ["EXIT_GENERATOR_BEHIND", "balancer_command", "live_group", "node_command", "registry_command",
-           "run_live_scenario"]
+__all__ = ["EXIT_GENERATOR_BEHIND", "balancer_command", "compare_live", "live_group", "node_command",
+           "registry_command", "run_live_scenario"]
 
 #: ``testbed live run`` exit status when the load generator fell behind the asked load.
 EXIT_GENERATOR_BEHIND = 4
@@ -223,7 +225,8 @@ def run_live_scenario(scenario: Any, impl: str, *, label: str | None = None, qui
 
     bar = _Bar(scenario.duration_s, label or f"live {scenario.balancer.strategy}")
     try:
-        return run_live(scenario, impl=impl, echo=(lambda text: None) if quiet else click.echo, progress=bar,
+        return run_live(scenario, command=TESTBED_COMMAND, impl=impl,
+                        echo=(lambda text: None) if quiet else click.echo, progress=bar,
                         **limits)
     except KeyboardInterrupt:
         bar.close()
@@ -260,7 +263,6 @@ def live_run_command(scenario: Any, strategy: str | None, rate: float | None, lo
 
     Exit status 4 when the load generator could not offer the asked load (the summary says how far off it was).
     """
-    from experiments.cli_sim import apply_overrides, echo_notices, write_json
     from experiments.report import run_summary
 
     scenario = apply_overrides(scenario, strategy, rate, load, duration, seed)
@@ -271,3 +273,50 @@ def live_run_command(scenario: Any, strategy: str | None, rate: float | None, lo
     write_json(json_path, result)
     if not result["generator"]["kept_up"]:
         raise SystemExit(EXIT_GENERATOR_BEHIND)
+
+
+def compare_live(scenario: Scenario, mode: str, strategies: list[str], loads: list[float], reps: int,
+                  workers: int | None, impl: str, plot: str | None, json_path: str | None) -> None:
+    from experiments.compare import aggregate, sweep
+    from experiments.report import differences, side_by_side, sweep_table
+
+    if scenario.workload.arrival == "closed":
+        raise click.UsageError(f"{scenario.name}: a load sweep needs an open-loop workload (poisson or constant)")
+    echo_notices(impl, scenario, strategies)
+    points = [(strategy, load) for strategy in strategies for load in loads]
+    click.echo(f"{scenario.name}: {len(points)} live run{'s' * (len(points) > 1)} of {scenario.duration_s:g} s "
+               f"(capacity {scenario.capacity_per_s:.1f} req/s)"
+               + (f", and {len(points) * reps} simulated" if mode == "both" else ""))
+    sim_rows: list[dict[str, Any]] = []
+    sim_runs: list[dict[str, Any]] = []
+    if mode == "both":
+        with click.progressbar(length=len(points) * reps, label="simulating", show_pos=True) as bar:
+            sim_runs = sweep(scenario, strategies, loads, reps, impl=impl, workers=workers, progress=bar.update)
+        sim_rows = aggregate(sim_runs)
+    live_runs = []
+    for strategy, load in points:
+        s = scenario.replace(strategy=strategy).with_load(load)
+        result = run_live_scenario(s, impl, label=f"live {strategy} at {load:.2f}", quiet=True)
+        result["impl"] = impl
+        live_runs.append(result)
+    diffs = []
+    if mode == "both":
+        rows = {(r["strategy"], round(r["load"], 6)): r for r in sim_rows}
+        same = {(r["strategy"], round(r["load"], 6)): r for r in sim_runs if r["rep"] == 0}
+        for live in live_runs:
+            point = (live["strategy"], round(live["load"], 6))
+            click.echo(side_by_side(same[point], rows[point], live))
+            click.echo()
+            diffs.append(differences(same[point], live))
+    else:
+        click.echo(sweep_table(aggregate(live_runs)))
+    behind = [f"{r['strategy']} at {r['load']:.2f}" for r in live_runs if not r["generator"]["kept_up"]]
+    if behind:
+        click.echo(f"WARNING: the load generator fell behind in: {', '.join(behind)}; "
+                   "those live latencies include its own delay")
+    if plot:
+        from experiments.plot import plot_sweep
+        click.echo(f"wrote {plot_sweep(sim_rows, plot, title=f'{scenario.name}: simulated and live', live=live_runs)}")
+    write_json(json_path, {"mode": mode, "scenario": scenario.to_dict(), "strategies": strategies, "loads": loads,
+                            "reps": reps if mode == "both" else 0, "impl": impl, "sim": {"summary": sim_rows,
+                            "runs": sim_runs}, "live": live_runs, "differences": diffs})

@@ -78,8 +78,7 @@ def figures_command(names: tuple[str, ...], out: pathlib.Path, data: pathlib.Pat
     """Regenerate the README's figures (all of them, or the NAMEs given), each with the
     testbed command that draws it: seed-compare.png (a simulated sweep, about 10 s) and
     seed-sim-vs-live.png (simulated and live, about 10 minutes of live runs)."""
-    from experiments.cli import main
-
+    main = click.get_current_context().find_root().command  # the testbed group, without importing it back
     figures = _pick(names)
     if quick and out.resolve() == FIGURES_DIR:
         raise click.UsageError("--quick draws small figures; give --out DIR so the shipped ones stay as they are")

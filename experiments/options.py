@@ -1,15 +1,24 @@
-"""Command-line options shared by several ``testbed`` commands."""
+"""Command-line options and helpers shared by several ``testbed`` commands (sim, live, compare, check)."""
 
 from __future__ import annotations
 
+import json
 import pathlib
-from typing import Any
+import sys
+from typing import Any, Sequence
 
 import click
 
+from core.scenario import Scenario, ScenarioError
+from core.strategies import STRATEGIES
 from solutions.impl import Impl
 
-__all__ = ["EXIT_NOT_IMPLEMENTED", "OutputPath", "bench_json_option", "echo_notice", "impl_option"]
+__all__ = ["EXIT_NOT_IMPLEMENTED", "OutputPath", "ScenarioParam", "TESTBED_COMMAND", "apply_overrides", "bench_json_option",
+           "echo_notice", "echo_notices", "impl_option", "run_options", "write_json"]
+
+#: How a live run starts its ``testbed`` processes: this Python and this tree (a copy on PYTHONPATH
+#: runs its own code, which is how the grader's live step grades what is on disk).
+TESTBED_COMMAND = (sys.executable, "-m", "experiments.cli")
 
 #: Exit status of a command that was told to run an exercise (``--impl exercise``) that is still the stub.
 EXIT_NOT_IMPLEMENTED = 3
@@ -64,3 +73,71 @@ def echo_notice(exercise: str, impl: str) -> type:
     resolution = resolve(exercise, impl)
     click.echo(resolution.notice, err=True)
     return resolution.cls
+
+
+class ScenarioParam(click.ParamType):
+    """A shipped scenario name or a path to a TOML file, loaded and validated."""
+
+    name = "SCENARIO"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Scenario:
+        if isinstance(value, Scenario):
+            return value
+        from experiments.scenarios import load
+        try:
+            return load(value)
+        except ScenarioError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def write_json(path: str | None, data: Any) -> None:
+    """Write ``data`` as indented JSON to ``path`` (parents created) and say so; nothing without a path."""
+    if path:
+        p = pathlib.Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(data, indent=2) + "\n")
+        click.echo(f"wrote {p}")
+
+
+def apply_overrides(scenario: Scenario, strategy: str | None, rate: float | None, load: float | None,
+               duration: float | None, seed: int | None) -> Scenario:
+    """The scenario with ``--strategy/--rate/--load/--duration/--seed`` applied; bad combinations are usage errors."""
+    if rate is not None and load is not None:
+        raise click.UsageError("give --rate or --load, not both")
+    if scenario.workload.arrival == "closed" and (rate is not None or load is not None):
+        raise click.UsageError(f"{scenario.name} is a closed loop: its load is set by clients and think_time_ms, "
+                               "not by --rate or --load")
+    try:
+        scenario = scenario.replace(strategy=strategy, rate_per_s=rate, duration_s=duration, seed=seed)
+        if load is not None:
+            scenario = scenario.with_load(load)
+    except ScenarioError as exc:
+        raise click.UsageError(str(exc)) from None
+    return scenario
+
+
+def run_options(f):
+    """The options ``sim run`` and ``live run`` share."""
+    for option in reversed([
+        click.option("--strategy", type=click.Choice(list(STRATEGIES)), help="Override the scenario's strategy."),
+        click.option("--rate", type=click.FloatRange(min=0, min_open=True),
+                     help="Override the arrival rate (requests/s)."),
+        click.option("--load", type=click.FloatRange(0, 2, min_open=True),
+                     help="Set the arrival rate to this fraction of the total capacity instead."),
+        click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Override duration_s."),
+        click.option("--seed", type=click.IntRange(min=0), help="Override the seed."),
+        impl_option,
+        click.option("--json", "json_path", type=OutputPath(), help="Write the results JSON here."),
+    ]):
+        f = option(f)
+    return f
+
+
+def echo_notices(impl: str, scenario: Scenario, strategies: Sequence[str] = ()) -> None:
+    """Say whose exercise code runs, for the exercises that ``scenario`` (under each of
+    ``strategies``, or its own) uses; a stub forced with ``--impl exercise`` ends the command (exit 3)."""
+    from solutions.impl import uses
+    used = {name for strategy in (strategies or [scenario.balancer.strategy])
+            for name in uses(scenario.replace(strategy=strategy))}
+    for name in sorted(used):
+        echo_notice(name, impl)

@@ -3,8 +3,9 @@
 Theory of operation
 -------------------
 A live run is a registry, one ``testbed node`` per ``[[nodes]]`` entry and a
-``testbed balancer`` following the registry, each a real process running this
-same Python (``python -m experiments.cli ...``). Every one listens on
+``testbed balancer`` following the registry, each a real process started with
+the command the caller names (the command line passes ``python -m
+experiments.cli``: this Python, this tree). Every one listens on
 ``--port 0``; the first line it prints (``NAME listening on
 http://127.0.0.1:PORT``) says where, so no port is ever guessed. The nodes
 register the port they got; the balancer learns them from the registry.
@@ -34,7 +35,7 @@ import re
 import signal
 import sys
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from core.scenario import NodeSpec, Scenario
 from core.workload import NODE_STREAM, strategy_seed
@@ -61,9 +62,9 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 class Child:
     """One ``testbed`` subprocess: start it, learn its port, keep its last output lines, stop it by PID."""
 
-    def __init__(self, name: str, args: list[str]) -> None:
+    def __init__(self, name: str, argv: list[str]) -> None:
         self.name = name
-        self.args = args
+        self.argv = argv  # the whole command line: the testbed command, then the subcommand's arguments
         self.proc: asyncio.subprocess.Process | None = None
         self.url = ""
         self.port = 0
@@ -88,7 +89,7 @@ class Child:
         self.expected_exit = False
         self.output.clear()
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "experiments.cli", *self.args,
+            *self.argv,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             start_new_session=True, preexec_fn=_die_with_parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
@@ -191,9 +192,12 @@ def balancer_args(scenario: Scenario, *, registry_url: str, impl: str, refresh_i
 class Cluster:
     """Registry, nodes and balancer for one scenario. Use as ``async with Cluster(...) as cluster``."""
 
-    def __init__(self, scenario: Scenario, *, impl: str = "auto", echo: Callable[[str], Any] = print,
-                 ready_timeout_s: float = 60.0) -> None:
+    def __init__(self, scenario: Scenario, *, command: Sequence[str], impl: str = "auto",
+                 echo: Callable[[str], Any] = print, ready_timeout_s: float = 60.0) -> None:
+        """``command`` starts a ``testbed`` process (e.g. ``[sys.executable, "-m", "experiments.cli"]``);
+        ``impl`` goes to each process as ``--impl``."""
         self.scenario = scenario
+        self.command = list(command)
         self.impl = impl
         self.echo = echo
         self.ready_timeout_s = ready_timeout_s
@@ -223,10 +227,11 @@ class Cluster:
     async def _launch(self, child: Child) -> Child:
         await child.start()
         self.echo(f"started {child.name} (pid {child.pid}) on {child.url}")
+        assert child.proc is not None  # start() set it
         self._watchers.append(asyncio.create_task(self._watch(child, child.proc)))
         return child
 
-    async def _watch(self, child: Child, proc: Any) -> None:
+    async def _watch(self, child: Child, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()
         if not child.expected_exit and proc is child.proc and not self.failed.is_set():
             self.failure = f"{child.name} (pid {proc.pid}) exited with status {code} during the run:\n{child.tail()}"
@@ -234,22 +239,23 @@ class Cluster:
 
     async def start(self) -> None:
         s = self.scenario
-        self.registry = await self._launch(Child("registry", ["registry", "--port", "0", "--ttl", "2",
+        self.registry = await self._launch(Child("registry", [*self.command, "registry", "--port", "0", "--ttl", "2",
                                                               "--shutdown-timeout", "1"]))
         # Node i draws from the stream its simulated twin uses (core.workload).
         nodes = [self._node_child(i, stream=NODE_STREAM + i) for i in range(len(s.nodes))]
         for child in nodes:  # registered at once, so a failed start still gets stopped
             self.nodes[child.name] = child
         await asyncio.gather(*(self._launch(c) for c in nodes))
-        self.balancer = await self._launch(Child("balancer", balancer_args(s, registry_url=self.registry.url,
-                                                                           impl=self.impl)))
+        self.balancer = await self._launch(Child("balancer", [*self.command, *balancer_args(
+            s, registry_url=self.registry.url, impl=self.impl)]))
         await self._wait_ready()
 
     def _node_child(self, index: int, *, stream: int, port: int = 0) -> Child:
         assert self.registry is not None
         spec = self.scenario.nodes[index]
-        return Child(spec.id, node_args(spec, registry_url=self.registry.url, seed=self.scenario.seed, stream=stream,
-                                        impl=self.impl, port=port))
+        return Child(spec.id, [*self.command, *node_args(spec, registry_url=self.registry.url,
+                                                         seed=self.scenario.seed, stream=stream, impl=self.impl,
+                                                         port=port)])
 
     async def _wait_ready(self) -> None:
         """Until the balancer has every node, healthy."""

@@ -35,7 +35,7 @@ import asyncio
 import json
 import os
 import signal
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from core.results import scenario_results
 from core.scenario import Fault, Scenario
@@ -98,14 +98,15 @@ async def _ticker(gen: LoadGenerator, progress: Progress) -> None:
             progress(clock() - gen.t0, gen.sent, gen.completed, gen.in_flight)
 
 
-async def live_run(scenario: Scenario, *, impl: str = "auto", echo: Callable[[str], Any] = print,
-                   progress: Progress | None = None, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-                   drain_s: float = DEFAULT_DRAIN_S) -> dict[str, Any]:
-    """Run ``scenario`` live (see the module docstring) and return its results dict.
-    ``max_in_flight`` bounds the requests outstanding, ``drain_s`` the wait for them after the duration."""
+async def live_run(scenario: Scenario, *, command: Sequence[str], impl: str = "auto",
+                   echo: Callable[[str], Any] = print, progress: Progress | None = None,
+                   max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, drain_s: float = DEFAULT_DRAIN_S) -> dict[str, Any]:
+    """Run ``scenario`` live (see the module docstring) and return its results dict. ``command`` starts a
+    ``testbed`` process (see :class:`live.cluster.Cluster`); ``max_in_flight`` bounds the requests
+    outstanding, ``drain_s`` the wait for them after the duration."""
     s = scenario
     try:
-        async with Cluster(s, impl=impl, echo=echo) as cluster:
+        async with Cluster(s, command=command, impl=impl, echo=echo) as cluster:
             assert cluster.balancer is not None
             gen = LoadGenerator(cluster.balancer.url, s.workload, seed=s.seed, duration_s=s.duration_s,
                                 node_ids=[n.id for n in s.nodes], timeout_s=s.balancer.timeout_s + 5.0,
@@ -153,9 +154,9 @@ def _describe(s: Scenario) -> str:
     return f"{w.arrival} arrivals at {w.rate_per_s:g}/s from {w.clients} client{'s' * (w.clients != 1)}"
 
 
-def run_live(scenario: Scenario, *, impl: str = "auto", echo: Callable[[str], Any] = print,
-             progress: Progress | None = None, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-             drain_s: float = DEFAULT_DRAIN_S) -> dict[str, Any]:
+def run_live(scenario: Scenario, *, command: Sequence[str], impl: str = "auto",
+             echo: Callable[[str], Any] = print, progress: Progress | None = None,
+             max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, drain_s: float = DEFAULT_DRAIN_S) -> dict[str, Any]:
     """:func:`live_run` in a fresh event loop (uvloop unless ``TESTBED_LOOP=asyncio``).
 
     Ctrl-C and SIGTERM cancel the run: the cluster is stopped, then
@@ -167,8 +168,8 @@ def run_live(scenario: Scenario, *, impl: str = "auto", echo: Callable[[str], An
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, task.cancel)
         try:
-            return await live_run(scenario, impl=impl, echo=echo, progress=progress, max_in_flight=max_in_flight,
-                                  drain_s=drain_s)
+            return await live_run(scenario, command=command, impl=impl, echo=echo, progress=progress,
+                                  max_in_flight=max_in_flight, drain_s=drain_s)
         except asyncio.CancelledError:
             raise KeyboardInterrupt from None
         finally:

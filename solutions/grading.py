@@ -178,9 +178,10 @@ LIVE_SECONDS = 12.0
 
 def _live(scenario: Any, impl: str) -> tuple[dict[str, Any] | None, str]:
     """One short live run; (results, "") or (None, why it could not run)."""
+    from experiments.options import TESTBED_COMMAND
     from live.run import LiveRunError, run_live
     try:
-        return run_live(scenario, impl=impl, echo=lambda text: None), ""
+        return run_live(scenario, command=TESTBED_COMMAND, impl=impl, echo=lambda text: None), ""
     except LiveRunError as exc:
         return None, f"the live run could not be carried out: {exc}"
 
@@ -211,7 +212,7 @@ def _live_least_connections(impl: str) -> PropertyResult:
     shares = {n: v["share"] for n, v in live["nodes"].items()}
     figures = (f"p95 {p95:,.0f} ms against simulated round robin's {rr_p95:,.0f} ms on the same arrivals; shares "
                + " / ".join(f"{n} {v:.0%}" for n, v in shares.items()))
-    passed = p95 * 2 < rr_p95 and max(shares, key=shares.get) == "node-2"
+    passed = p95 * 2 < rr_p95 and max(shares, key=shares.__getitem__) == "node-2"
     return PropertyResult("live", f"{title} ({figures})", passed, "" if passed else (
         f"{figures}; the p95 must be under half of round robin's and node-2, "
         "with four workers, must get the largest share"))
