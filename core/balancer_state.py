@@ -43,7 +43,7 @@ from core.circuit_breaker import CircuitBreaker, Permit
 from core.health import HealthTracker, counts_as_failure
 from core.latency import PeakEwma
 from core.scenario import BalancerSpec
-from core.strategies import Backend, BaseStrategy
+from core.strategies import Backend, Strategy
 
 __all__ = ["Attempt", "AttemptSettled", "BackendEntry", "BalancerState", "IDEMPOTENT", "feeds_latency"]
 
@@ -101,7 +101,7 @@ class Attempt:
 class BalancerState:
     """Backends by id, the strategy that picks among them, and the books; see the module docstring."""
 
-    def __init__(self, spec: BalancerSpec, strategy: BaseStrategy) -> None:
+    def __init__(self, spec: BalancerSpec, strategy: Strategy) -> None:
         self.spec = spec
         self.strategy = strategy
         self.backends: dict[str, BackendEntry] = {}

@@ -1,10 +1,15 @@
-"""A bounded log of state-change events that drivers drain into metrics.
+"""A bounded log of state-change events, for a driver to drain.
 
 Core objects record what happened to them as small frozen dataclasses
-(:class:`core.circuit_breaker.StateChange`, :class:`core.registry.MembershipChange`);
-the live runtime and the simulator call ``drain_events()`` and turn them into
-counters, logs or per-run records, so sim and live share one schema. The log
-is bounded: a driver that never drains loses the oldest events, never memory.
+(:class:`core.circuit_breaker.StateChange`, :class:`core.registry.MembershipChange`)
+and hand them out, oldest first, from ``drain_events()``. One driver drains
+today: the live registry (``live/registry.py``) logs every membership change
+and counts it in ``GET /metrics``, after each request and once a second. No
+driver drains a breaker's changes: the live node shows a breaker's state
+through ``status()`` (``GET /circuit-status`` and a gauge in ``GET /metrics``),
+and the simulator's record is the per-request outcome log. The log is
+bounded: left undrained it keeps the newest ``maxlen`` events and counts the
+older ones it pushed out in ``dropped``, so its memory never grows.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A node's request path, sans-I/O: rate limiter -> backpressure gate -> circuit breaker -> FIFO workers.
+"""A node's request path, sans-I/O: rate limiter -> client bulkhead -> backpressure gate -> breaker -> FIFO workers.
 
 Theory of operation
 -------------------
@@ -9,19 +9,25 @@ only move time and bytes. A request goes through, in order:
 1. the per-client :class:`~core.rate_limiter.TokenBucket` (``429
    rate_limited``, with ``Retry-After`` and ``RateLimit-*``); the live node
    applies it to ``GET /health`` too (:meth:`NodePipeline.limit`);
-2. the :class:`~core.backpressure.BackpressureGate` over the requests inside
+2. the :class:`~core.bulkhead.ClientBulkhead`: at most ``max_per_client``
+   requests of one client inside the node (``429 client_bulkhead``, counted
+   as backpressure: it is the same shedding, per client);
+3. the :class:`~core.backpressure.BackpressureGate` over the requests inside
    the node, in service plus waiting (``429 backpressure``);
-3. the node's :class:`~core.circuit_breaker.CircuitBreaker` (``503
-   circuit_open``); a refusal here gives the gate's place back at once;
-4. ``workers`` service slots, first come first served: the request starts now
+4. the node's :class:`~core.circuit_breaker.CircuitBreaker` (``503
+   circuit_open``); a refusal here gives the places taken in 2 and 3 back at once;
+5. ``workers`` service slots, first come first served: the request starts now
    or waits in a FIFO queue.
+
+Adding a stage is adding it here: a core module, its key in
+:class:`~core.scenario.NodeSpec`, and a few lines below; both drivers get it.
 
 :meth:`NodePipeline.admit` answers with a :class:`Rejected` (outcome, status,
 error code, message and headers: what the response must say) or with a
 :class:`Ticket`, whose ``started`` says whether it holds a worker yet. Every
 admitted ticket is settled exactly once, by :meth:`complete` (its service
-ended, ``failed`` or not: the breaker hears of it, the gate's place and the
-worker are given back) or :meth:`abandon` (the client went away: the breaker
+ended, ``failed`` or not: the breaker hears of it, the places in the
+bulkhead and the gate and the worker are given back) or :meth:`abandon` (the client went away: the breaker
 hears nothing, since that says nothing about health). Both return the queued
 ticket that takes the freed worker, if any: the driver starts its service.
 
@@ -40,9 +46,10 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from core.backpressure import BackpressureGate
+from core.bulkhead import ClientBulkhead
 from core.circuit_breaker import CircuitBreaker, Permit
 from core.rate_limiter import RateLimitDecision, TokenBucket
 from core.results import Outcome
@@ -97,7 +104,8 @@ _NO_HEADERS: dict[str, str] = {}
 class NodePipeline:
     """A node's middleware and worker slots; see the module docstring."""
 
-    def __init__(self, spec: NodeSpec, limiter_cls: type[TokenBucket] = TokenBucket) -> None:
+    def __init__(self, spec: NodeSpec,
+                 limiter_cls: Callable[[float, float | None], RateLimiter] = TokenBucket) -> None:
         self.spec = spec
         self.workers = spec.workers
         self._limiter_cls = limiter_cls
@@ -109,6 +117,7 @@ class NodePipeline:
         spec = self.spec
         self.limiter: RateLimiter | None = (self._limiter_cls(spec.rate_limit_per_s, spec.rate_limit_burst)
                                             if spec.rate_limit_per_s else None)
+        self.bulkhead = ClientBulkhead(spec.max_per_client) if spec.max_per_client else None
         self.gate = BackpressureGate(spec.backpressure) if spec.backpressure else None
         b = spec.circuit_breaker
         self.breaker = (CircuitBreaker(b.failure_threshold, b.recovery_timeout_s, b.half_open_max_calls,
@@ -136,8 +145,15 @@ class NodePipeline:
         headers = self.limit(client, now=now)
         if isinstance(headers, Rejected):
             return headers
+        bulkhead = self.bulkhead
+        if bulkhead is not None and not bulkhead.try_acquire(client):
+            return Rejected(Outcome.BACKPRESSURE, 429, "client_bulkhead",
+                            f"client {client!r} already has {bulkhead.max_per_client} requests inside this node "
+                            "(its per-client limit); try again when one is done", 1.0, {"Retry-After": "1"})
         gate = self.gate
         if gate is not None and not gate.try_acquire():
+            if bulkhead is not None:
+                bulkhead.release(client)
             return Rejected(Outcome.BACKPRESSURE, 429, "backpressure",
                             f"the node holds its limit of {gate.max_in_flight} requests; try again shortly", 1.0,
                             {"Retry-After": "1"})
@@ -146,8 +162,7 @@ class NodePipeline:
         if breaker is not None:
             permit = breaker.try_acquire(now=now)
             if permit is None:
-                if gate is not None:
-                    gate.release()  # refused after all: its place goes back
+                self._release_places(client)  # refused after all: its places go back
                 retry = breaker.retry_after(now=now)
                 return Rejected(Outcome.CIRCUIT_OPEN, 503, "circuit_open",
                                 f"the circuit breaker is {breaker.state.name}; failing fast", retry,
@@ -181,8 +196,7 @@ class NodePipeline:
             self.breaker.release(ticket.permit, now=now)
         if not ticket.started:
             self.queue.remove(ticket)
-            if self.gate is not None:
-                self.gate.release()
+            self._release_places(ticket.client)
             return None
         return self._leave(ticket)
 
@@ -197,13 +211,19 @@ class NodePipeline:
     def _leave(self, ticket: Ticket) -> Ticket | None:
         self.busy -= 1
         self.in_service.discard(ticket)
-        if self.gate is not None:
-            self.gate.release()
+        self._release_places(ticket.client)
         if self.queue:
             nxt = self.queue.popleft()
             self._start(nxt)
             return nxt
         return None
+
+    def _release_places(self, client: str) -> None:
+        """The request of ``client`` left: its places in the bulkhead and the gate go back."""
+        if self.bulkhead is not None:
+            self.bulkhead.release(client)
+        if self.gate is not None:
+            self.gate.release()
 
     def crash(self) -> list[Ticket]:
         """The node process died: return what it held (in service, then queued); start afresh."""

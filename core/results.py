@@ -60,6 +60,7 @@ OUTCOME_STATUS = {Outcome.OK: 200, Outcome.RATE_LIMITED: 429, Outcome.BACKPRESSU
 #: The ``error.code`` of the live processes' JSON errors, read back as outcomes (see :func:`outcome_of`).
 ERROR_CODES = {
     "rate_limited": Outcome.RATE_LIMITED, "backpressure": Outcome.BACKPRESSURE, "circuit_open": Outcome.CIRCUIT_OPEN,
+    "client_bulkhead": Outcome.BACKPRESSURE,  # the per-client bound on what is inside: shedding, per client
     "work_failed": Outcome.SERVER_ERROR, "backend_error": Outcome.SERVER_ERROR,  # a node that died mid-request
     "backend_unreachable": Outcome.CONNECT_ERROR, "no_healthy_backend": Outcome.NO_BACKEND,
     "backend_timeout": Outcome.TIMEOUT,
@@ -126,12 +127,12 @@ def latency_stats(seconds: np.ndarray) -> dict[str, float | None]:
 
 def summarize(log: RequestLog, *, scenario: str, mode: str, seed: int, strategy: str, duration_s: float,
               warmup_s: float, node_ids: Sequence[str], node_workers: Sequence[int],
-              extra: dict[str, Any] | None = None, not_sent: Sequence[float] = ()) -> dict[str, Any]:
+              extra: dict[str, Any] | None = None, not_sent: Sequence[float] | np.ndarray = ()) -> dict[str, Any]:
     """The results JSON of one run (see the module docstring)."""
     c = log.columns()
     window = (c["arrival"] >= warmup_s) & (c["arrival"] < duration_s)
-    unsent = np.asarray(not_sent, dtype=np.float64)
-    unsent = int(((unsent >= warmup_s) & (unsent < duration_s)).sum())
+    unsent_at = np.asarray(not_sent, dtype=np.float64)
+    unsent = int(((unsent_at >= warmup_s) & (unsent_at < duration_s)).sum())
     outcome, node = c["outcome"][window], c["node"][window]
     response = (c["end"] - c["arrival"])[window]
     ok = outcome == Outcome.OK
@@ -187,7 +188,7 @@ def summarize(log: RequestLog, *, scenario: str, mode: str, seed: int, strategy:
     return result
 
 
-def scenario_results(log: RequestLog, scenario: Scenario, *, mode: str, not_sent: Sequence[float] = (),
+def scenario_results(log: RequestLog, scenario: Scenario, *, mode: str, not_sent: Sequence[float] | np.ndarray = (),
                      **extra: Any) -> dict[str, Any]:
     """:func:`summarize` for a run of ``scenario`` (its window, nodes and offered load), plus ``extra`` keys."""
     s = scenario

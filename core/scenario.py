@@ -119,6 +119,7 @@ class NodeSpec:
     backpressure: int | None = None
     circuit_breaker: BreakerSpec | None = None
     faults: tuple[Fault, ...] = ()
+    max_per_client: int | None = None  # the client bulkhead: requests of one client inside at most
 
     @property
     def capacity_per_s(self) -> float:
@@ -285,6 +286,7 @@ def _node(r: _Reader, duration: float) -> NodeSpec:
         backpressure=r.integer("backpressure", None, ge=1, optional=True),
         circuit_breaker=breaker,
         faults=tuple(faults),
+        max_per_client=r.integer("max_per_client", None, ge=1, optional=True),
     )
     r.finish()
     return node

@@ -79,7 +79,7 @@ def open_loop(workload: Workload, arrivals: np.random.Generator,
             else itertools.repeat(mean))
     ids = client_ids(workload)
     who = (itertools.repeat(ids[0]) if workload.clients == 1
-           else (ids[k] for k in chunks(lambda n: clients.integers(0, workload.clients, n))))
+           else (ids[int(k)] for k in chunks(lambda n: clients.integers(0, workload.clients, n))))
     return zip(gaps, who)
 
 

@@ -23,7 +23,7 @@ import json
 import random
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from core.circuit_breaker import CircuitBreaker
 from core.strategies import STRATEGIES, Backend
@@ -157,7 +157,7 @@ def _peers_available(*modules: str, echo: Callable[[str], None]) -> bool:
 
 def run(seconds: float = 0.3, json_path: str | None = None, echo: Callable[[str], None] = print) -> int:
     """Run every case, print a report, optionally write JSON; return an exit status."""
-    results: dict[str, object] = {"seconds_per_round": seconds, "rounds": ROUNDS, "python": sys.version.split()[0]}
+    results: dict[str, Any] = {"seconds_per_round": seconds, "rounds": ROUNDS, "python": sys.version.split()[0]}
 
     echo("Rate limiting: ns per call (lower is better)")
     names = ["FixedWindowRateLimiter", "MovingWindowRateLimiter", "SlidingWindowCounterRateLimiter"]

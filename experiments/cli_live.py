@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -16,8 +16,11 @@ from experiments.options import (
 )
 from live.limits import DEFAULT_DRAIN_S, DEFAULT_MAX_IN_FLIGHT
 
+if TYPE_CHECKING:
+    from live.node import NodeConfig
+
 __all__ = ["EXIT_GENERATOR_BEHIND", "balancer_command", "compare_live", "live_group", "node_command",
-           "registry_command", "run_live_scenario"]
+           "node_config", "registry_command", "run_live_scenario"]
 
 #: ``testbed live run`` exit status when the load generator fell behind the asked load.
 EXIT_GENERATOR_BEHIND = 4
@@ -79,6 +82,8 @@ def _common(f):
               help="Comma-separated peer addresses whose X-Client-ID / X-Forwarded-For name the client.")
 @click.option("--backpressure", type=click.IntRange(1), default=None,
               help="At most N requests inside the node (in service plus waiting).")
+@click.option("--max-per-client", type=click.IntRange(1), default=None,
+              help="Client bulkhead: at most N requests of one client inside the node (429 past it).")
 @click.option("--circuit-breaker", is_flag=True, help="Guard the work with a circuit breaker.")
 @click.option("--failure-threshold", type=click.IntRange(1), default=BreakerSpec.failure_threshold, show_default=True)
 @click.option("--recovery-timeout", type=click.FloatRange(0, min_open=True), default=BreakerSpec.recovery_timeout_s,
@@ -107,15 +112,24 @@ def _common(f):
 def node_command(port: int, node_id: str | None, host: str, shutdown_timeout: float, trust_proxy: str,
                  **options: Any) -> None:
     """A node: GET /health, /work, /stats, /queue-stats, /circuit-status, /discovery-status, /peers, /metrics."""
-    from live.node import NodeConfig, listening, make_node_app
+    from live.node import listening, make_node_app
     from live.serve import serve
+
+    config = node_config(port=port, node_id=node_id, host=host, trust_proxy=trust_proxy, **options)
+    app = make_node_app(config)
+    raise SystemExit(serve(app, host, port, name=config.node_id, shutdown_timeout=shutdown_timeout,
+                           on_listening=lambda bound: listening(app, bound)))
+
+
+def node_config(*, port: int, node_id: str | None, host: str, trust_proxy: str, **options: Any) -> NodeConfig:
+    """The node's configuration from ``testbed node``'s parameters; bad combinations are usage errors."""
+    from live.node import NodeConfig
 
     impl = options.pop("impl")
     # The rate limiter is the only exercise a node runs, and only with --rate-limit.
     limiter_cls = echo_notice("rate-limiter", impl) if options["rate_limit"] is not None else None
-    load_factor = options.pop("load_factor")
     config = NodeConfig(
-        node_id=node_id or f"node-{port}", host=host, port=port, load_factor_ms=load_factor,
+        node_id=node_id or f"node-{port}", host=host, port=port, load_factor_ms=options.pop("load_factor"),
         rate_limit_per_s=options.pop("rate_limit"), rate_limit_burst=options.pop("burst"),
         recovery_timeout_s=options.pop("recovery_timeout"), heartbeat_interval_s=options.pop("heartbeat_interval"),
         trust_proxy=tuple(ip.strip() for ip in trust_proxy.split(",") if ip.strip()), limiter_cls=limiter_cls,
@@ -126,9 +140,7 @@ def node_command(port: int, node_id: str | None, host: str, shutdown_timeout: fl
         config.spec  # the scenario's node type checks every value, the breaker's rules included
     except ConfigError as exc:
         raise click.UsageError(f"--{exc.field.replace('_', '-')} {exc.value}: must be {exc.allowed}") from None
-    app = make_node_app(config)
-    raise SystemExit(serve(app, host, port, name=config.node_id, shutdown_timeout=shutdown_timeout,
-                           on_listening=lambda bound: listening(app, bound)))
+    return config
 
 
 @click.command("registry")

@@ -114,7 +114,7 @@ def _curve(ax: Any, xs: list[float], cells: list[dict[str, float | None]], hollo
     """Means joined by a line with 95% CI bars; a point where requests failed is drawn hollow."""
     if not xs:
         return
-    ys = [c["mean"] for c in cells]
+    ys = [c["mean"] or 0.0 for c in cells]  # callers pass only cells with samples, so a mean
     errs = [c["ci95"] or 0.0 for c in cells]
     # On a log axis a lower bar must stay above zero.
     lower = [min(e, 0.9 * y) for e, y in zip(errs, ys)] if log else [min(e, y) for e, y in zip(errs, ys)]

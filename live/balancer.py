@@ -44,7 +44,7 @@ from multidict import CIMultiDict
 from core.balancer_state import BackendEntry, BalancerState, feeds_latency
 from core.health import counts_as_failure
 from core.scenario import BalancerSpec
-from core.strategies import STRATEGIES, BaseStrategy, NoHealthyBackend
+from core.strategies import STRATEGIES, BaseStrategy, NoHealthyBackend, Strategy
 from live.http import cancel_and_wait, error_response, json_error, metrics_response
 from live.metrics import BalancerMetrics
 from live.upstream import ConnectFailed, UpstreamError, UpstreamPool
@@ -61,10 +61,9 @@ def parse_node(spec: str) -> str:
     """``5001`` -> ``http://127.0.0.1:5001``; ``host:port`` -> ``http://host:port``; URLs stay."""
     spec = spec.strip()
     if spec.isdigit():
-        port = int(spec)
-        if not 0 < port < 65536:
+        if not 0 < int(spec) < 65536:
             raise ValueError(f"{spec!r} is not a port (1-65535)")
-        return f"http://127.0.0.1:{port}"
+        return f"http://127.0.0.1:{int(spec)}"
     if spec.startswith(("http://", "https://")):
         return spec.rstrip("/")
     host, sep, port = spec.rpartition(":")
@@ -121,13 +120,10 @@ def _entry_stats(entry: BackendEntry, now: float, total: int) -> dict[str, Any]:
     }
 
 
-STATE = web.AppKey("balancer", object)
-
-
 class Balancer:
     """The proxy and its background work around core's books (:class:`core.balancer_state.BalancerState`)."""
 
-    def __init__(self, config: BalancerConfig, strategy: BaseStrategy, clock: Callable[[], float]) -> None:
+    def __init__(self, config: BalancerConfig, strategy: Strategy, clock: Callable[[], float]) -> None:
         self.config = config
         self.clock = clock
         self.state = BalancerState(config.spec, strategy)
@@ -263,12 +259,15 @@ class Balancer:
                 "backends": {b.id: _entry_stats(b, now, total) for b in backends.values()}}
 
 
+STATE = web.AppKey("balancer", Balancer)
+
+
 async def lb_stats(request: web.Request) -> web.Response:
     return web.json_response(request.app[STATE].stats())
 
 
 async def metrics(request: web.Request) -> web.Response:
-    lb: Balancer = request.app[STATE]
+    lb = request.app[STATE]
     now = lb.clock()
     body = lb.metrics.render((b.id, b.active, b.available(now)) for b in lb.state.backends.values())
     return metrics_response(body)
@@ -282,7 +281,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
 
 
 async def _background(app: web.Application) -> Any:
-    lb: Balancer = app[STATE]
+    lb = app[STATE]
     lb.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=lb.config.timeout_s))
     lb.upstream = UpstreamPool(timeout_s=lb.config.timeout_s)
     tasks = [asyncio.create_task(lb.health_checks())]

@@ -166,6 +166,8 @@ def node_args(spec: NodeSpec, *, registry_url: str, seed: int, stream: int, impl
             args += ["--burst", _num(spec.rate_limit_burst)]
     if spec.backpressure:
         args += ["--backpressure", str(spec.backpressure)]
+    if spec.max_per_client:
+        args += ["--max-per-client", str(spec.max_per_client)]
     if spec.circuit_breaker:
         b = spec.circuit_breaker
         args += ["--circuit-breaker", "--failure-threshold", str(b.failure_threshold),

@@ -45,7 +45,6 @@ class DiscoveryClient:
         self.last_error: str | None = None
         self.last_heartbeat_at: float | None = None
         self.peers: list[dict[str, Any]] = []
-        self._session: aiohttp.ClientSession | None = None
         self._address_known = asyncio.Event()
         if address is not None:
             self._address_known.set()
@@ -75,7 +74,6 @@ class DiscoveryClient:
         await self._address_known.wait()
         timeout = aiohttp.ClientTimeout(total=max(1.0, self.interval_s))
         async with aiohttp.ClientSession(timeout=timeout, headers=self.headers) as session:
-            self._session = session
             while True:
                 await self._beat(session)
                 await asyncio.sleep(self.interval_s)

@@ -268,7 +268,9 @@ class LoadGenerator:
             data = {}
         if not isinstance(data, dict):
             data = {}
-        error = data.get("error") if isinstance(data.get("error"), dict) else {}
+        error = data.get("error")
+        if not isinstance(error, dict):
+            error = {}
         outcome = outcome_of(status, error.get("code"))
         node_id = node_id or error.get("backend")
         node = self.index.get(node_id, -1) if node_id else -1

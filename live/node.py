@@ -57,6 +57,7 @@ class NodeConfig:
     rate_limit_per_s: float | None = None
     rate_limit_burst: float | None = None
     backpressure: int | None = None
+    max_per_client: int | None = None
     circuit_breaker: bool = False
     failure_threshold: int = BreakerSpec.failure_threshold  # one set of defaults: the scenario's
     recovery_timeout_s: float = BreakerSpec.recovery_timeout_s
@@ -82,7 +83,8 @@ class NodeConfig:
             self.node_id, self.workers, self.load_factor_ms, self.service, self.rate_limit_per_s,
             self.rate_limit_burst, self.backpressure,
             BreakerSpec(self.failure_threshold, self.recovery_timeout_s, self.half_open_max_calls,
-                        self.success_threshold) if self.circuit_breaker else None)
+                        self.success_threshold) if self.circuit_breaker else None,
+            max_per_client=self.max_per_client)
 
     @property
     def address(self) -> str | None:
@@ -96,10 +98,6 @@ class NodeConfig:
 class Faults:
     error_rate: float = 0.0
     extra_latency_ms: float = 0.0
-
-
-STATE = web.AppKey("state", object)
-ROUTES = web.AppKey("routes", frozenset)
 
 
 class NodeState:
@@ -139,6 +137,10 @@ class NodeState:
         return peer
 
 
+STATE = web.AppKey("state", NodeState)
+ROUTES = web.AppKey[frozenset[tuple[str, str]]]("routes")  # (path, method) pairs the app serves
+
+
 def _burn(seconds: float) -> None:
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
@@ -155,7 +157,7 @@ def instrumented(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     methods reach :func:`fallback`, which is wrapped too.
     """
     async def endpoint(request: web.Request) -> web.StreamResponse:
-        state: NodeState = request.app[STATE]
+        state = request.app[STATE]
         clock = state.clock
         started = clock()
         state.active += 1
@@ -181,7 +183,7 @@ def refusal(state: NodeState, rejected: Rejected) -> web.Response:
 # -- handlers ------------------------------------------------------------------
 async def health(request: web.Request) -> web.Response:
     """Cheap: never does the work, but the rate limiter counts it (the seed's behaviour)."""
-    state: NodeState = request.app[STATE]
+    state = request.app[STATE]
     pipeline = state.pipeline
     limited = pipeline.limit(state.client_key(request), now=state.clock())
     if isinstance(limited, Rejected):
@@ -199,7 +201,7 @@ def _wake(ticket: Ticket | None) -> None:
 
 async def work(request: web.Request) -> web.Response:
     """The request path is core's (:class:`core.node_pipeline.NodePipeline`); this only waits, works and answers."""
-    state: NodeState = request.app[STATE]
+    state = request.app[STATE]
     clock, pipeline = state.clock, state.pipeline
     arrived = clock()
     admitted = pipeline.admit(state.client_key(request), now=arrived)
@@ -252,7 +254,7 @@ async def _call_downstream(state: NodeState) -> tuple[bool, str, int | None]:
 
 
 async def stats(request: web.Request) -> web.Response:
-    state: NodeState = request.app[STATE]
+    state = request.app[STATE]
     config = {k: v for k, v in asdict(state.config).items() if k not in ("limiter_cls", "registry_token")}
     return web.json_response({
         "node_id": state.config.node_id, "uptime_s": state.clock() - state.started_at,
@@ -266,7 +268,7 @@ def _disabled(what: str, flag: str) -> web.Response:
 
 
 async def queue_stats(request: web.Request) -> web.Response:
-    state: NodeState = request.app[STATE]
+    state = request.app[STATE]
     pipeline = state.pipeline
     if pipeline.gate is None:
         return _disabled("backpressure", "--backpressure N")
@@ -277,7 +279,7 @@ async def queue_stats(request: web.Request) -> web.Response:
 
 
 async def circuit_status(request: web.Request) -> web.Response:
-    state: NodeState = request.app[STATE]
+    state = request.app[STATE]
     breaker = state.pipeline.breaker
     if breaker is None:
         return _disabled("the circuit breaker", "--circuit-breaker")
@@ -285,21 +287,21 @@ async def circuit_status(request: web.Request) -> web.Response:
 
 
 async def discovery_status(request: web.Request) -> web.Response:
-    state: NodeState = request.app[STATE]
+    state = request.app[STATE]
     if state.discovery is None:
         return _disabled("service discovery", "--registry URL")
     return web.json_response(state.discovery.status())
 
 
 async def peers(request: web.Request) -> web.Response:
-    state: NodeState = request.app[STATE]
+    state = request.app[STATE]
     if state.discovery is None:
         return _disabled("service discovery", "--registry URL")
     return web.json_response({"node_id": state.config.node_id, "peers": state.discovery.peers})
 
 
 async def metrics(request: web.Request) -> web.Response:
-    state: NodeState = request.app[STATE]
+    state = request.app[STATE]
     body = state.metrics.render(state)
     return metrics_response(body)
 
@@ -317,7 +319,7 @@ async def get_faults(request: web.Request) -> web.Response:
 
 
 async def set_faults(request: web.Request) -> web.Response:
-    state: NodeState = request.app[STATE]
+    state = request.app[STATE]
     data = await read_json(request)
     unknown = sorted(set(data) - {"error_rate", "extra_latency_ms"})
     if unknown:
@@ -335,7 +337,7 @@ async def set_faults(request: web.Request) -> web.Response:
 
 
 async def clear_faults(request: web.Request) -> web.Response:
-    state: NodeState = request.app[STATE]
+    state = request.app[STATE]
     state.faults.error_rate = state.faults.extra_latency_ms = 0.0
     return web.json_response(asdict(state.faults))
 
@@ -343,14 +345,16 @@ async def clear_faults(request: web.Request) -> web.Response:
 # -- the app -------------------------------------------------------------------
 async def _background(app: web.Application) -> Any:
     """Downstream session and discovery for the app's lifetime; deregister at the end."""
-    state: NodeState = app[STATE]
+    state = app[STATE]
     if state.config.downstream:
         state.downstream = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
-    task = asyncio.create_task(state.discovery.run()) if state.discovery is not None else None
+    discovery = state.discovery
+    task = asyncio.create_task(discovery.run()) if discovery is not None else None
     yield
     if task is not None:
         await cancel_and_wait(task)
-        await state.discovery.deregister()
+    if discovery is not None:
+        await discovery.deregister()
     if state.downstream is not None:
         await state.downstream.close()
 
@@ -358,7 +362,7 @@ async def _background(app: web.Application) -> Any:
 def listening(app: web.Application, port: int) -> None:
     """Tell a node app the port it is bound to (``serve``'s ``on_listening``): a node started
     on port 0 without ``--advertise`` registers ``http://HOST:PORT`` from here on."""
-    state: NodeState = app[STATE]
+    state = app[STATE]
     if state.discovery is not None and state.discovery.address is None:
         state.discovery.set_address(f"http://{state.config.host}:{port}")
 

@@ -29,9 +29,9 @@ __all__ = ["make_registry_app"]
 log = logging.getLogger("testbed.registry")
 
 MEMBERSHIP = web.AppKey("membership", Membership)
-CLOCK = web.AppKey("clock", object)
+CLOCK = web.AppKey[Callable[[], float]]("clock")
 METRICS = web.AppKey("metrics", RegistryMetrics)
-TOKEN = web.AppKey("token", object)
+TOKEN = web.AppKey("token", str)
 _PATHS = {"/register", "/deregister", "/nodes", "/health", "/metrics"}
 
 

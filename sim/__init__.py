@@ -1,1 +1,1 @@
-"""The SimPy model: processes around the same core objects, time = env.now (to come)."""
+"""The SimPy model (``model.py``): the same core objects as the live runtime, time = ``env.now``."""

@@ -37,7 +37,7 @@ are all ``core`` calls; this module moves simulated time.
 from __future__ import annotations
 
 import random
-from typing import Any, Iterator
+from typing import Any, Iterator, cast
 
 import numpy as np
 import simpy
@@ -90,7 +90,7 @@ class SimNode:
     def accept(self, req: Request) -> None:
         now = self.env.now
         admitted = self.pipeline.admit(req.client, now=now, payload=req)
-        if admitted.__class__ is Rejected:
+        if isinstance(admitted, Rejected):
             return self.sim.finish(req, int(admitted.outcome), now)
         if admitted.started:
             self._serve(admitted, now)
@@ -101,7 +101,7 @@ class SimNode:
         self.env.timeout(delay, ticket).callbacks.append(self._complete)
 
     def _complete(self, event: simpy.Event) -> None:
-        ticket: Ticket = event.value
+        ticket = cast(Ticket, event.value)  # the value _serve scheduled the timeout with
         if ticket.generation != self.pipeline.generation:
             return  # the node crashed meanwhile; the request was already recorded
         now = self.env.now

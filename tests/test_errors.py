@@ -18,9 +18,11 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
+from core.balancer_state import AttemptSettled
 from core.circuit_breaker import CircuitOpen, InvalidTransition, Signal, State
 from core.errors import DataError
 from core.exercise import ExerciseNotImplemented
+from core.node_pipeline import TicketSettled
 from core.scenario import ScenarioError, _MISSING
 from core._validate import ConfigError
 from core.backpressure import ReleaseWithoutAcquire
@@ -49,6 +51,8 @@ SAMPLES: list[BaseException] = [
     UpstreamError("connection reset"),
     ConnectFailed("connection refused"),
     Counterexample("after 1 allowed request at t=0.400, request 2 ..."),
+    TicketSettled("ticket of client 'a' settled twice"),
+    AttemptSettled("attempt on node-1 settled twice"),
 ]
 
 

@@ -16,7 +16,6 @@ from click.testing import CliRunner
 from core.rate_limiter import TokenBucket
 from core.strategies import LeastConnectionsStrategy
 from experiments.cli import EXIT_FAILED, EXIT_NOT_IMPLEMENTED, main
-from solutions.least_connections_solution import LeastConnectionsSolution
 from tests.solutions.mutants import NoCap
 from tests.solutions.test_impl import implemented, stubbed  # noqa: F401 - fixtures
 

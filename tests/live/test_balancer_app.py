@@ -10,6 +10,7 @@ from aiohttp import web
 
 from live.balancer import BalancerConfig, make_balancer_app, parse_node
 from live.node import NodeConfig, make_node_app
+from tests.live.polling import until
 from solutions.impl import strategy_class
 from solutions.token_bucket_solution import TokenBucketSolution
 
@@ -111,7 +112,11 @@ async def test_least_connections_avoids_the_busy_backend(aiohttp_client, aiohttp
     urls = await nodes(aiohttp_server, [{"load_factor_ms": 400, "service": "deterministic"}, {}])
     lb = await balancer(aiohttp_client, urls, strategy="least_connections")
     slow = asyncio.create_task(lb.get("/work"))
-    await asyncio.sleep(0.05)
+
+    async def one_in_flight() -> bool:
+        stats = await (await lb.get("/lb-stats")).json()
+        return sum(b["active"] for b in stats["backends"].values()) == 1
+    await until(one_in_flight, what="the slow request in flight")
     picked = [(await lb.get("/work")).headers["X-Node-ID"] for _ in range(5)]
     assert set(picked) == {"node-2"} or picked.count("node-2") >= 4
     assert (await slow).status == 200

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from live.node import NodeConfig, make_node_app
+from tests.live.polling import until
 from solutions.token_bucket_solution import TokenBucketSolution
 
 
@@ -64,7 +65,10 @@ async def test_backpressure_refuses_the_n_plus_first_at_once(aiohttp_client) -> 
     client = await aiohttp_client(make_node_app(NodeConfig(node_id="n1", workers=1, load_factor_ms=300,
                                                            service="deterministic", backpressure=2)))
     first = [asyncio.create_task(client.get("/work")) for _ in range(2)]
-    await asyncio.sleep(0.1)
+
+    async def both_inside() -> bool:
+        return (await (await client.get("/queue-stats")).json())["current"] == 2
+    await until(both_inside, what="two requests inside the node")
     refused = await client.get("/work")
     assert refused.status == 429 and (await refused.json())["error"]["code"] == "backpressure"
     assert refused.headers["Retry-After"] == "1"
@@ -189,3 +193,39 @@ def test_a_node_with_seed_and_stream_draws_its_simulated_twins_service_times() -
                                        seed=scenario.seed, stream=NODE_STREAM + i))
         live = [app[STATE].service_time_s() for _ in range(5)]
         assert live == [next(sim.nodes[i].service) for _ in range(5)]
+
+
+async def test_client_bulkhead_refuses_a_clients_second_request_inside_not_anothers(aiohttp_client) -> None:
+    client = await aiohttp_client(make_node_app(NodeConfig(
+        node_id="n1", workers=2, load_factor_ms=300, service="deterministic", max_per_client=1,
+        trust_proxy=("127.0.0.1",))))
+    slow = asyncio.create_task(client.get("/work", headers={"X-Client-ID": "greedy"}))
+
+    async def inside() -> bool:
+        return (await (await client.get("/health")).json())["busy_workers"] == 1
+    await until(inside, what="the greedy client's first request in service")
+    refused = await client.get("/work", headers={"X-Client-ID": "greedy"})
+    body = await refused.json()
+    assert refused.status == 429 and body["error"]["code"] == "client_bulkhead", body
+    assert refused.headers["Retry-After"] == "1"
+    assert (await client.get("/work", headers={"X-Client-ID": "polite"})).status == 200
+    assert (await slow).status == 200
+    assert (await client.get("/work", headers={"X-Client-ID": "greedy"})).status == 200  # its request left
+    text = await (await client.get("/metrics")).text()
+    assert 'testbed_node_rejections_total{node="n1",reason="client_bulkhead"} 1.0' in text
+
+
+def test_a_scenario_node_round_trips_through_the_node_command_line() -> None:
+    """What a live run starts is the scenario's node exactly: cluster.node_args, parsed by
+    `testbed node`, gives back the NodeSpec it came from (every middleware set)."""
+    from core.scenario import BreakerSpec, NodeSpec
+    from experiments.cli_live import node_command, node_config
+    from live.cluster import node_args
+
+    spec = NodeSpec("node-9", workers=3, load_factor_ms=12.5, service="deterministic", rate_limit_per_s=7.0,
+                    rate_limit_burst=9.0, backpressure=11, circuit_breaker=BreakerSpec(4, 2.5, 2, 2), max_per_client=2)
+    args = node_args(spec, registry_url="http://127.0.0.1:1", seed=1, stream=4, impl="solution")
+    assert args[0] == "node"
+    params = node_command.make_context("node", args[1:]).params
+    params.pop("shutdown_timeout")
+    assert node_config(**params).spec == spec

@@ -81,3 +81,19 @@ def test_an_ejected_backend_gets_traffic_again_after_its_ejection_time() -> None
     assert (outcome[later] == Outcome.OK).all()
     failed = int((outcome == Outcome.SERVER_ERROR).sum())
     assert failed <= 3 + (FAULT_END_S - FAULT_START_S) / ejection_time_s + 1, failed
+
+
+def test_a_client_bulkhead_bounds_what_an_overloaded_node_holds() -> None:
+    """Twice the node's capacity from 4 clients, at most 1 of each inside: the node never holds more
+    than 4 requests, so no OK response waits longer than 3 services ahead of its own (400 ms), and
+    the excess is shed as backpressure instead of queueing without bound (as it does without)."""
+    def run(**bulkhead: int) -> dict:
+        node = {"id": "a", "workers": 1, "load_factor_ms": 100, "service": "deterministic", **bulkhead}
+        return simulation(Scenario.from_mapping({
+            "name": "bulkhead", "seed": 3, "duration_s": 30.0, "warmup_s": 0.0,
+            "workload": {"arrival": "poisson", "rate_per_s": 20.0, "clients": 4}, "nodes": [node]})).run().results()
+
+    bounded, unbounded = run(max_per_client=1), run()
+    assert bounded["requests"]["ok"] > 250 and bounded["requests"]["backpressure"] > 200, bounded["requests"]
+    assert bounded["latency_ms"]["max"] <= 400.0 + 1e-6, bounded["latency_ms"]
+    assert unbounded["requests"]["backpressure"] == 0 and unbounded["latency_ms"]["max"] > 5_000

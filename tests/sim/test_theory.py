@@ -14,6 +14,7 @@ import pytest
 
 from core.results import Outcome
 from experiments.theory import erlang_c_response_s, md1_response_s, mmck_blocking
+from sim.model import Simulation
 from tests.sim.helpers import batch_means, one_node, simulation
 
 MU = 40.0  # 25 ms per request
