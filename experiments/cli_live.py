@@ -14,7 +14,7 @@ from experiments.options import (
     TESTBED_COMMAND, ScenarioParam, apply_overrides, echo_notice, echo_notices, impl_option, run_options,
     write_json,
 )
-from live.limits import DEFAULT_DRAIN_S, DEFAULT_MAX_IN_FLIGHT
+from live.limits import DEFAULT_MAX_IN_FLIGHT
 
 if TYPE_CHECKING:
     from live.node import NodeConfig
@@ -263,13 +263,13 @@ def live_group() -> None:
               show_default=True,
               help="Requests the load generator keeps outstanding at most; an arrival due while that many are "
                    "outstanding is not sent (counted as 'not sent').")
-@click.option("--drain", "drain_s", type=click.FloatRange(0, 3600), default=DEFAULT_DRAIN_S,
-              show_default=True,
+@click.option("--drain", "drain_s", type=click.FloatRange(0, 3600), default=None,
               help="Seconds to wait for outstanding responses after the duration; what is still out then "
-                   "counts as a timeout.")
+                   "counts as a timeout [default: the scenario's balancer timeout_s + 1, as long as the "
+                   "simulator waits].")
 def live_run_command(scenario: Any, strategy: str | None, rate: float | None, load: float | None,
                      duration: float | None, seed: int | None, impl: str, json_path: str | None,
-                     max_in_flight: int, drain_s: float) -> None:
+                     max_in_flight: int, drain_s: float | None) -> None:
     """Run one scenario live: start its processes on free loopback ports, send its workload
     through the balancer, stop everything, and print the same summary as `testbed sim run`.
 

@@ -67,7 +67,7 @@ import numpy as np
 from core.results import Outcome, RequestLog, outcome_of
 from core.scenario import Workload
 from core.workload import client_ids, open_loop, streams, think_times
-from live.limits import DEFAULT_DRAIN_S, DEFAULT_MAX_IN_FLIGHT
+from live.limits import DEFAULT_MAX_IN_FLIGHT
 from live.upstream import ConnectFailed, UpstreamError, UpstreamPool
 
 __all__ = ["LoadGenerator", "clock"]
@@ -92,11 +92,14 @@ class LoadGenerator:
     """Sends ``workload`` to ``url`` for ``duration_s``; read :attr:`log` and :meth:`generator_stats` after.
 
     ``max_in_flight`` bounds the outstanding requests, ``drain_s`` the wait for them after the duration
-    (seconds); ``timeout_s`` bounds each request."""
+    (seconds; default ``timeout_s``: every request has its answer or its timeout by then); ``timeout_s``
+    bounds each request."""
 
     def __init__(self, url: str, workload: Workload, *, seed: int, duration_s: float, node_ids: Sequence[str],
                  timeout_s: float = 35.0, path: str = "/work", max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-                 drain_s: float = DEFAULT_DRAIN_S) -> None:
+                 drain_s: float | None = None) -> None:
+        if drain_s is None:
+            drain_s = timeout_s
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         if drain_s < 0:

@@ -40,7 +40,7 @@ from typing import Any, Callable, Sequence
 from core.results import scenario_results
 from core.scenario import Fault, Scenario
 from live.cluster import ChildFailed, Cluster
-from live.limits import DEFAULT_DRAIN_S, DEFAULT_MAX_IN_FLIGHT
+from live.limits import DEFAULT_MAX_IN_FLIGHT, default_drain_s
 from live.loadgen import LoadGenerator, clock
 from live.upstream import UpstreamError, UpstreamPool
 
@@ -100,11 +100,14 @@ async def _ticker(gen: LoadGenerator, progress: Progress) -> None:
 
 async def live_run(scenario: Scenario, *, command: Sequence[str], impl: str = "auto",
                    echo: Callable[[str], Any] = print, progress: Progress | None = None,
-                   max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, drain_s: float = DEFAULT_DRAIN_S) -> dict[str, Any]:
+                   max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, drain_s: float | None = None) -> dict[str, Any]:
     """Run ``scenario`` live (see the module docstring) and return its results dict. ``command`` starts a
     ``testbed`` process (see :class:`live.cluster.Cluster`); ``max_in_flight`` bounds the requests
-    outstanding, ``drain_s`` the wait for them after the duration."""
+    outstanding, ``drain_s`` the wait for them after the duration (None: the balancer's timeout and a margin,
+    :func:`live.limits.default_drain_s`, as long as the simulator waits)."""
     s = scenario
+    if drain_s is None:
+        drain_s = default_drain_s(s.balancer.timeout_s)
     try:
         async with Cluster(s, command=command, impl=impl, echo=echo) as cluster:
             assert cluster.balancer is not None
@@ -156,7 +159,7 @@ def _describe(s: Scenario) -> str:
 
 def run_live(scenario: Scenario, *, command: Sequence[str], impl: str = "auto",
              echo: Callable[[str], Any] = print, progress: Progress | None = None,
-             max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, drain_s: float = DEFAULT_DRAIN_S) -> dict[str, Any]:
+             max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, drain_s: float | None = None) -> dict[str, Any]:
     """:func:`live_run` in a fresh event loop (uvloop unless ``TESTBED_LOOP=asyncio``).
 
     Ctrl-C and SIGTERM cancel the run: the cluster is stopped, then

@@ -219,3 +219,14 @@ async def test_whatever_the_transport_throws_is_recorded_and_counted_never_print
     assert len(gen.log) == 5 and (gen.log.columns()["outcome"] == Outcome.SERVER_ERROR).all()
     assert gen.generator_stats(0.0)["loop_errors"] == {"RuntimeError": 5}
     assert "never retrieved" not in caplog.text
+
+
+def test_the_default_drain_waits_as_long_as_the_balancer_can_take() -> None:
+    """Nothing the simulator would count as answered is cut: by default a live run waits for its last
+    responses as long as the balancer's timeout (plus a margin), and a generator as long as its own."""
+    from live.limits import default_drain_s
+    from live.loadgen import LoadGenerator
+
+    assert default_drain_s(30.0) == 31.0
+    gen = LoadGenerator("http://127.0.0.1:1", Workload(), seed=0, duration_s=1.0, node_ids=["a"], timeout_s=12.0)
+    assert gen.drain_s == 12.0
