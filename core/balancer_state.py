@@ -81,10 +81,6 @@ class BackendEntry:
         """Healthy by its checks and not ejected: whether it may get traffic now."""
         return self.health.healthy and (self.ejector is None or self.ejector.available(now=now))
 
-    def snapshot(self, now: float, excluded: Iterable[str] = ()) -> Backend:
-        return Backend(self.id, self.url, self.active, self.weight,
-                       self.id not in excluded and self.available(now), self.latency.value)
-
 
 class Attempt:
     """One request sent (or about to be sent) to ``backend``; ``number`` 1 is the first try."""
@@ -116,17 +112,14 @@ class BalancerState:
         self.backends.pop(backend_id, None)
 
     def checked(self, entry: BackendEntry, ok: bool) -> None:
-        """An active health check of ``entry`` passed or failed (an entry that has left since: nothing)."""
+        """An active health check of ``entry`` passed or failed (an entry that has left since is no one's)."""
         entry.health.observe(ok)
 
     # -- the request path ---------------------------------------------------------
     def pick(self, *, now: float, exclude: Iterable[str] = (), number: int = 1) -> Attempt:
         """The strategy's pick among the available backends; NoHealthyBackend if there is none."""
-        # snapshot() inlined: this runs for every backend on every pick.
         chosen = self.strategy.select_node([
-            Backend(b.id, b.url, b.active, b.weight,
-                    b.health.healthy and (b.ejector is None or b.ejector.available(now=now)) and b.id not in exclude,
-                    b.latency.value)
+            Backend(b.id, b.url, b.active, b.weight, b.id not in exclude and b.available(now), b.latency.value)
             for b in self.backends.values()])
         entry = self.backends[chosen.id]
         permit = entry.ejector.try_acquire(now=now) if entry.ejector is not None else None

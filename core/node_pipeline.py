@@ -43,7 +43,6 @@ command line chose it.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -51,7 +50,7 @@ from typing import Any, Callable, Protocol
 from core.backpressure import BackpressureGate
 from core.bulkhead import ClientBulkhead
 from core.circuit_breaker import CircuitBreaker, Permit
-from core.rate_limiter import RateLimitDecision, TokenBucket
+from core.rate_limiter import RateLimitDecision, TokenBucket, retry_after
 from core.results import Outcome
 from core.scenario import NodeSpec
 
@@ -141,7 +140,7 @@ class NodePipeline:
                         f"retry in {decision.retry_after_s:.3f} s", decision.retry_after_s, headers)
 
     def admit(self, client: str, *, now: float, payload: Any = None) -> Rejected | Ticket:
-        """Steps 1 to 4 for a request of ``client`` arriving at ``now``."""
+        """Steps 1 to 5 for a request of ``client`` arriving at ``now``."""
         headers = self.limit(client, now=now)
         if isinstance(headers, Rejected):
             return headers
@@ -149,14 +148,14 @@ class NodePipeline:
         if bulkhead is not None and not bulkhead.try_acquire(client):
             return Rejected(Outcome.BACKPRESSURE, 429, "client_bulkhead",
                             f"client {client!r} already has {bulkhead.max_per_client} requests inside this node "
-                            "(its per-client limit); try again when one is done", 1.0, {"Retry-After": "1"})
+                            "(its per-client limit); try again when one is done", 1.0, {"Retry-After": retry_after(1.0)})
         gate = self.gate
         if gate is not None and not gate.try_acquire():
             if bulkhead is not None:
                 bulkhead.release(client)
             return Rejected(Outcome.BACKPRESSURE, 429, "backpressure",
                             f"the node holds its limit of {gate.max_in_flight} requests; try again shortly", 1.0,
-                            {"Retry-After": "1"})
+                            {"Retry-After": retry_after(1.0)})
         permit = None
         breaker = self.breaker
         if breaker is not None:
@@ -166,7 +165,7 @@ class NodePipeline:
                 retry = breaker.retry_after(now=now)
                 return Rejected(Outcome.CIRCUIT_OPEN, 503, "circuit_open",
                                 f"the circuit breaker is {breaker.state.name}; failing fast", retry,
-                                {"Retry-After": str(max(1, math.ceil(retry)))})
+                                {"Retry-After": retry_after(retry)})
         ticket = Ticket(client, payload, permit, self.generation, headers)
         if self.busy < self.workers:
             self._start(ticket)

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from core._validate import number
 from core.exercise import ExerciseNotImplemented
 
-__all__ = ["Bucket", "RateLimitDecision", "TokenBucket"]
+__all__ = ["Bucket", "RateLimitDecision", "TokenBucket", "retry_after"]
 
 
 class Bucket:
@@ -82,8 +82,14 @@ class RateLimitDecision:
             "RateLimit-Reset": str(math.ceil(self.reset_s)),
         }
         if not self.allowed:
-            out["Retry-After"] = str(max(1, math.ceil(self.retry_after_s)))
+            out["Retry-After"] = retry_after(self.retry_after_s)
         return out
+
+
+def retry_after(seconds: float) -> str:
+    """A ``Retry-After`` value: whole seconds, rounded up, at least 1, so a client that waits as told is not
+    refused again for waiting a fraction too little."""
+    return str(max(1, math.ceil(seconds)))
 
 
 class TokenBucket:

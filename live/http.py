@@ -15,13 +15,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-__all__ = ["cancel_and_wait", "error_middleware", "error_response", "metrics_response", "json_error", "read_json", "require", "retry_after_header"]
+__all__ = ["cancel_and_wait", "error_middleware", "error_response", "metrics_response", "json_error", "read_json", "require"]
 
 log = logging.getLogger("testbed.http")
 
@@ -35,11 +34,6 @@ def json_error(status: int, code: str | None = None, message: str = "", *,
     """A JSON error response of the project-wide shape."""
     body = {"error": {"status": status, "code": code or _CODES.get(status, "error"), "message": message, **details}}
     return web.json_response(body, status=status, headers=headers)
-
-
-def retry_after_header(seconds: float) -> dict[str, str]:
-    """``Retry-After`` in whole seconds, rounded up and at least 1."""
-    return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
 @web.middleware
