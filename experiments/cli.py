@@ -134,7 +134,10 @@ def bench_live(seconds: float, connections: int, rounds: int, json_path: str | N
 
 
 def _register() -> None:
-    from experiments.cli_live import balancer_command, live_group, node_command, registry_command
+    from experiments.cli_balancer import balancer_command
+    from experiments.cli_live import live_group
+    from experiments.cli_node import node_command
+    from experiments.cli_registry import registry_command
     from experiments.cli_sim import compare_command, sim_group
     from experiments.figures import figures_command
     main.add_command(sim_group)

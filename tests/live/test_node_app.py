@@ -219,7 +219,7 @@ def test_a_scenario_node_round_trips_through_the_node_command_line() -> None:
     """What a live run starts is the scenario's node exactly: cluster.node_args, parsed by
     `testbed node`, gives back the NodeSpec it came from (every middleware set)."""
     from core.scenario import BreakerSpec, NodeSpec
-    from experiments.cli_live import node_command, node_config
+    from experiments.cli_node import node_command, node_config
     from live.cluster import node_args
 
     spec = NodeSpec("node-9", workers=3, load_factor_ms=12.5, service="deterministic", rate_limit_per_s=7.0,

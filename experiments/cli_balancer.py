@@ -1,0 +1,58 @@
+"""``testbed balancer`` (alias ``load-balancer``): the load balancer process."""
+
+from __future__ import annotations
+
+import click
+
+from core.scenario import BalancerSpec
+from core.strategies import STRATEGIES
+from experiments.options import echo_notice, impl_option
+from experiments.server_options import URL, NodeList, server_options
+
+__all__ = ["balancer_command"]
+
+
+@click.command("balancer")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0 picks a free port.")
+@server_options
+@click.option("--nodes", type=NodeList(), default=None, help="Backends: ports, host:port or URLs, comma-separated.")
+@click.option("--registry", type=URL(), default=None, help="Take the backends from this registry.")
+@click.option("--strategy", type=click.Choice(list(STRATEGIES)), default="round_robin", show_default=True)
+@click.option("--health-interval", type=click.FloatRange(0.05, 60), default=BalancerSpec.health_check_interval_s,
+              show_default=True,
+              help="Seconds between active /health checks of each backend.")
+@click.option("--unhealthy-after", type=click.IntRange(1, 100), default=BalancerSpec.unhealthy_after,
+              show_default=True,
+              help="Failed checks in a row that take a backend out (a refused connection counts as one).")
+@click.option("--refresh-interval", type=click.FloatRange(0.05, 60), default=2.0, show_default=True,
+              help="Seconds between polls of the registry's node list (with --registry).")
+@click.option("--timeout", type=click.FloatRange(0.01, 3600), default=BalancerSpec.timeout_s, show_default=True,
+              help="Per-request timeout in seconds (504 past it).")
+@click.option("--eject-after", type=click.IntRange(0), default=BalancerSpec.eject_after_failures, show_default=True,
+              help="Consecutive 5xx/connection failures that take a backend out (0: never).")
+@click.option("--ejection-time", type=click.FloatRange(0, min_open=True), default=BalancerSpec.ejection_time_s,
+              show_default=True)
+@click.option("--no-retry", is_flag=True, help="Do not retry refused connections on another backend.")
+@click.option("--seed", type=click.IntRange(0), default=None, help="Seed of the strategy's generator.")
+@impl_option
+def balancer_command(port: int, host: str, shutdown_timeout: float, nodes: tuple[str, ...] | None,
+                     registry: str | None, strategy: str, health_interval: float, unhealthy_after: int,
+                     refresh_interval: float, timeout: float, eject_after: int,
+                     ejection_time: float, no_retry: bool, seed: int | None, impl: str) -> None:
+    """The load balancer: proxies everything; GET /lb-stats and /metrics are its own."""
+    from live.balancer import BalancerConfig, make_balancer_app
+    from live.serve import serve
+
+    if not nodes and not registry:
+        raise click.UsageError("give --nodes (e.g. 5001,5002,5003) or --registry URL")
+    from solutions.impl import strategy_class
+
+    # Least connections is the only exercise a balancer runs, and only as its strategy.
+    strategy_cls = (echo_notice("least-connections", impl) if strategy == "least_connections"
+                    else strategy_class(strategy))
+    config = BalancerConfig(host=host, port=port, nodes=nodes or (), registry=registry, strategy=strategy,
+                            health_interval_s=health_interval, unhealthy_after=unhealthy_after,
+                            refresh_s=refresh_interval, timeout_s=timeout, eject_after_failures=eject_after,
+                            ejection_time_s=ejection_time, retry_connect_failures=not no_retry, seed=seed)
+    raise SystemExit(serve(make_balancer_app(config, strategy_cls=strategy_cls), host, port, name="balancer",
+                           shutdown_timeout=shutdown_timeout))
