@@ -42,9 +42,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from core.balancer_state import BackendEntry, BalancerState, feeds_latency
-from core.health import counts_as_failure
 from core.scenario import BalancerSpec
 from core.strategies import STRATEGIES, BaseStrategy, NoHealthyBackend, Strategy
+from live.backends import follow_registry, health_checks
 from live.http import cancel_and_wait, error_response, json_error, metrics_response
 from live.metrics import BalancerMetrics
 from live.upstream import ConnectFailed, UpstreamError, UpstreamPool
@@ -128,13 +128,13 @@ class Balancer:
         self.clock = clock
         self.state = BalancerState(config.spec, strategy)
         for url in config.nodes:
-            self._join(url, url, 1)
+            self.join(url, url, 1)
         self.metrics = BalancerMetrics()
         self.session: aiohttp.ClientSession | None = None  # health checks and the registry
         self.upstream: UpstreamPool | None = None         # proxied requests
         self.no_backend = 0
 
-    def _join(self, backend_id: str, url: str, weight: int) -> BackendEntry:
+    def join(self, backend_id: str, url: str, weight: int) -> BackendEntry:
         entry = self.state.add(backend_id, url, weight)
         entry.driver = Seen()
         return entry
@@ -195,62 +195,6 @@ class Balancer:
             out_headers.append(("X-Backend", backend.id))
             return web.Response(status=status, body=payload, headers=CIMultiDict(out_headers))
 
-    # -- background work -----------------------------------------------------
-    async def health_checks(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=min(2.0, self.config.health_interval_s))
-        while True:
-            await asyncio.gather(*(self._check(b, timeout) for b in list(self.state.backends.values())))
-            await asyncio.sleep(self.config.health_interval_s)
-
-    async def _check(self, backend: BackendEntry, timeout: aiohttp.ClientTimeout) -> None:
-        assert self.session is not None
-        try:
-            async with self.session.get(f"{backend.url}/health", timeout=timeout,
-                                        headers={"X-Client-ID": "testbed-balancer-health-check"}) as resp:
-                ok = not counts_as_failure(resp.status)
-                if resp.status == 200:
-                    data = await resp.json(content_type=None)
-                    if isinstance(data, dict) and isinstance(data.get("workers"), int) and data["workers"] >= 1:
-                        backend.weight = data["workers"]
-                backend.driver.last_check = f"{resp.status}"
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            ok = False
-            backend.driver.last_check = f"{type(exc).__name__}: {exc}"[:200]
-        self.state.checked(backend, ok)
-
-    async def follow_registry(self) -> None:
-        assert self.session is not None and self.config.registry
-        url = self.config.registry.rstrip("/") + "/nodes"
-        while True:
-            try:
-                async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=2.0)) as resp:
-                    if resp.status == 200:
-                        self._apply_membership((await resp.json()).get("nodes", []))
-                    else:
-                        log.warning("registry %s answered %s", url, resp.status)
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-                log.warning("registry %s: %s (keeping the last membership)", url, exc)
-            await asyncio.sleep(self.config.refresh_s)
-
-    def _apply_membership(self, nodes: list[dict[str, Any]]) -> None:
-        seen = set()
-        for n in nodes:
-            node_id, address = n.get("id"), n.get("address")
-            if not isinstance(node_id, str) or not isinstance(address, str):
-                continue
-            seen.add(node_id)
-            workers = (n.get("metadata") or {}).get("workers", 1)
-            weight = workers if isinstance(workers, int) and workers >= 1 else 1
-            current = self.state.backends.get(node_id)
-            if current is None or current.url != address.rstrip("/"):
-                log.info("backend %s joined at %s", node_id, address)
-                self._join(node_id, address.rstrip("/"), weight)
-        backends = self.state.backends
-        for gone in [k for k in backends if k not in seen and k not in self.config.nodes]:
-            if backends[gone].active == 0:
-                log.info("backend %s left", gone)
-                self.state.remove(gone)
-
     def stats(self) -> dict[str, Any]:
         now = self.clock()
         backends = self.state.backends
@@ -284,9 +228,9 @@ async def _background(app: web.Application) -> Any:
     lb = app[STATE]
     lb.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=lb.config.timeout_s))
     lb.upstream = UpstreamPool(timeout_s=lb.config.timeout_s)
-    tasks = [asyncio.create_task(lb.health_checks())]
+    tasks = [asyncio.create_task(health_checks(lb))]
     if lb.config.registry:
-        tasks.append(asyncio.create_task(lb.follow_registry()))
+        tasks.append(asyncio.create_task(follow_registry(lb)))
     yield
     await cancel_and_wait(*tasks)
     await lb.session.close()
