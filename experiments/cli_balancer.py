@@ -7,7 +7,7 @@ import click
 from core.scenario import BalancerSpec
 from core.strategies import STRATEGIES
 from experiments.options import echo_notice, impl_option
-from experiments.server_options import URL, NodeList, server_options
+from experiments.server_options import URL, NodeList, serve_app, server_options
 
 __all__ = ["balancer_command"]
 
@@ -35,13 +35,12 @@ __all__ = ["balancer_command"]
 @click.option("--no-retry", is_flag=True, help="Do not retry refused connections on another backend.")
 @click.option("--seed", type=click.IntRange(0), default=None, help="Seed of the strategy's generator.")
 @impl_option
-def balancer_command(port: int, host: str, shutdown_timeout: float, nodes: tuple[str, ...] | None,
+def balancer_command(port: int, host: str, nodes: tuple[str, ...] | None,
                      registry: str | None, strategy: str, health_interval: float, unhealthy_after: int,
                      refresh_interval: float, timeout: float, eject_after: int,
                      ejection_time: float, no_retry: bool, seed: int | None, impl: str) -> None:
     """The load balancer: proxies everything; GET /lb-stats and /metrics are its own."""
     from live.balancer import BalancerConfig, make_balancer_app
-    from live.serve import serve
 
     if not nodes and not registry:
         raise click.UsageError("give --nodes (e.g. 5001,5002,5003) or --registry URL")
@@ -54,5 +53,4 @@ def balancer_command(port: int, host: str, shutdown_timeout: float, nodes: tuple
                             health_interval_s=health_interval, unhealthy_after=unhealthy_after,
                             refresh_s=refresh_interval, timeout_s=timeout, eject_after_failures=eject_after,
                             ejection_time_s=ejection_time, retry_connect_failures=not no_retry, seed=seed)
-    raise SystemExit(serve(make_balancer_app(config, strategy_cls=strategy_cls), host, port, name="balancer",
-                           shutdown_timeout=shutdown_timeout))
+    serve_app(make_balancer_app(config, strategy_cls=strategy_cls), port, name="balancer")

@@ -9,7 +9,7 @@ import click
 from core._validate import ConfigError
 from core.scenario import BreakerSpec
 from experiments.options import echo_notice, impl_option
-from experiments.server_options import URL, server_options
+from experiments.server_options import URL, serve_app, server_options
 
 if TYPE_CHECKING:
     from live.node import NodeConfig
@@ -63,16 +63,14 @@ __all__ = ["node_command", "node_config"]
 @click.option("--stream", type=click.IntRange(0), default=None,
               help="Draw from child stream N of --seed (testbed live run gives each node its simulated twin's).")
 @impl_option
-def node_command(port: int, node_id: str | None, host: str, shutdown_timeout: float, trust_proxy: str,
+def node_command(port: int, node_id: str | None, host: str, trust_proxy: str,
                  **options: Any) -> None:
     """A node: GET /health, /work, /stats, /queue-stats, /circuit-status, /discovery-status, /peers, /metrics."""
     from live.node import listening, make_node_app
-    from live.serve import serve
 
     config = node_config(port=port, node_id=node_id, host=host, trust_proxy=trust_proxy, **options)
     app = make_node_app(config)
-    raise SystemExit(serve(app, host, port, name=config.node_id, shutdown_timeout=shutdown_timeout,
-                           on_listening=lambda bound: listening(app, bound)))
+    serve_app(app, port, name=config.node_id, on_listening=lambda bound: listening(app, bound))
 
 
 def node_config(*, port: int, node_id: str | None, host: str, trust_proxy: str, **options: Any) -> NodeConfig:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from experiments.server_options import server_options
+from experiments.server_options import serve_app, server_options
 
 __all__ = ["registry_command"]
 
@@ -16,9 +16,7 @@ __all__ = ["registry_command"]
               help="Seconds without a heartbeat before a node is dead (removed after as long again).")
 @click.option("--token", envvar="TESTBED_REGISTRY_TOKEN", default=None, show_envvar=True,
               help="Require 'Authorization: Bearer TOKEN' on writes.")
-def registry_command(port: int, host: str, shutdown_timeout: float, ttl: float, token: str | None) -> None:
+def registry_command(port: int, host: str, ttl: float, token: str | None) -> None:
     """The service registry: POST /register, /heartbeat/{id}, /deregister; GET /nodes, /health, /metrics."""
     from live.registry import make_registry_app
-    from live.serve import serve
-    raise SystemExit(serve(make_registry_app(ttl_s=ttl, token=token), host, port, name="registry",
-                           shutdown_timeout=shutdown_timeout))
+    serve_app(make_registry_app(ttl_s=ttl, token=token), port, name="registry")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
-__all__ = ["URL", "NodeList", "server_options"]
+__all__ = ["URL", "NodeList", "serve_app", "server_options"]
 
 
 class URL(click.ParamType):
@@ -36,11 +36,33 @@ class NodeList(click.ParamType):
         return tuple(dict.fromkeys(urls))
 
 
-def server_options(f):
+#: Where the server options that only ``serve`` reads are kept on the click context.
+_META_KEY = "testbed.server"
+
+
+def _keep(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    assert param.name is not None
+    ctx.meta.setdefault(_META_KEY, {})[param.name] = value
+    return value
+
+
+def server_options(f: Any) -> Any:
+    """``--host`` (a parameter of the command, which needs it for its own address) and the options only
+    :func:`serve_app` reads (they reach it through the click context, not the command's signature)."""
     for option in reversed([
         click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on."),
         click.option("--shutdown-timeout", type=click.FloatRange(0, 600), default=10.0, show_default=True,
+                     expose_value=False, callback=_keep,
                      help="Seconds in-flight requests get to finish on SIGINT/SIGTERM."),
     ]):
         f = option(f)
     return f
+
+
+def serve_app(app: Any, port: int, *, name: str, on_listening: Any = None) -> NoReturn:
+    """Serve ``app`` with the command's ``--host`` and server options until a signal; exit with its status."""
+    from live.serve import serve
+
+    ctx = click.get_current_context()
+    kept = ctx.meta.get(_META_KEY, {})
+    raise SystemExit(serve(app, ctx.params["host"], port, name=name, on_listening=on_listening, **kept))
