@@ -47,6 +47,7 @@ from core.strategies import STRATEGIES, BaseStrategy, NoHealthyBackend, Strategy
 from live.backends import follow_registry, health_checks
 from live.http import cancel_and_wait, error_response, json_error, metrics_response
 from live.metrics import BalancerMetrics
+from live.openapi import balancer_description, serve as serve_openapi
 from live.upstream import ConnectFailed, UpstreamError, UpstreamPool
 
 __all__ = ["BalancerConfig", "make_balancer_app", "parse_node"]
@@ -250,6 +251,7 @@ def make_balancer_app(config: BalancerConfig, *, strategy_cls: type[BaseStrategy
     app[STATE] = Balancer(config, strategy, clock)
     app.router.add_get("/lb-stats", lb_stats)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", serve_openapi(balancer_description()))
     app.router.add_route("*", "/{tail:.*}", proxy)
     app.cleanup_ctx.append(_background)
     return app

@@ -41,6 +41,7 @@ from live.http import (
     cancel_and_wait, error_response, json_error, metrics_response, read_json, require,
 )
 from live.metrics import NodeMetrics
+from live.openapi import node_description, serve as serve_openapi
 
 __all__ = ["NodeConfig", "listening", "make_node_app"]
 
@@ -385,6 +386,7 @@ def make_node_app(config: NodeConfig, *, clock: Callable[[], float] | None = Non
     if config.faults_admin:
         routes += [("GET", "/admin/faults", get_faults), ("POST", "/admin/faults", set_faults),
                    ("DELETE", "/admin/faults", clear_faults)]
+    routes.append(("GET", "/openapi.json", serve_openapi(node_description(faults=config.faults_admin))))
     app[ROUTES] = frozenset((path, m) for method, path, _ in routes
                             for m in ((method, "HEAD") if method == "GET" else (method,)))
     for method, path, handler in routes:

@@ -23,6 +23,7 @@ from aiohttp import web
 from core.registry import HeartbeatResult, Membership
 from live.http import cancel_and_wait, error_middleware, json_error, metrics_response, read_json, require
 from live.metrics import RegistryMetrics
+from live.openapi import registry_description, serve as serve_openapi
 
 __all__ = ["make_registry_app"]
 
@@ -143,5 +144,6 @@ def make_registry_app(*, ttl_s: float = 5.0, token: str | None = None,
     app.router.add_get("/nodes", nodes)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", serve_openapi(registry_description(token=bool(token))))
     app.cleanup_ctx.append(_expiry)
     return app

@@ -1,0 +1,345 @@
+"""OpenAPI 3.1 descriptions of the node's, the registry's and the balancer's own HTTP APIs.
+
+Theory of operation
+-------------------
+Each process serves the description of the API it actually has at ``GET
+/openapi.json``: :func:`node_description`, :func:`registry_description` and
+:func:`balancer_description` build it as plain Python data from the process's
+configuration (a node started without ``--faults`` has no ``/admin/faults``, a
+registry without ``--token`` asks for no credentials), and :func:`serve` turns a
+description into a handler that answers with bytes serialised once.
+
+The descriptions are a contract, checked two ways by the test suite: every
+route an app registers is documented and every documented operation is
+registered (the route walk of ``tests/live/test_openapi.py``), and Schemathesis
+fuzzes each real process against its own description (no ``5xx``, every status,
+media type, header and body as documented).
+
+One error shape for everything (:func:`live.http.json_error`): a ``4xx``/``5xx``
+body is ``{"error": {"status", "code", "message", ...details}}`` whose
+``status`` equals the HTTP status and whose ``code`` is a snake_case word
+(the codes each response can carry are named in its description). Every
+operation also lists what the server layer may answer before any handler runs,
+whatever the path: ``400``/``431`` for bad framing or oversized headers and
+``503`` when the process's connection cap is full (:data:`SERVER_LAYER`).
+
+Only what a handler of the process itself answers is described: the balancer
+proxies every other method and path to a backend, so those are the node's API,
+not the balancer's. ``HEAD`` is implied by ``GET`` everywhere (RFC 9110 9.3.2)
+and not listed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+__all__ = ["OPENAPI_VERSION", "SERVER_LAYER", "balancer_description", "documented_operations", "node_description",
+           "registry_description", "serve"]
+
+OPENAPI_VERSION = "3.1.0"
+JSON = "application/json"
+Schema = dict[str, Any]
+
+#: Statuses the server layer may answer to any request, before any handler runs.
+SERVER_LAYER: dict[int, str] = {
+    400: "Malformed request (bad request line, framing, header syntax): `bad_request` or a more precise code.",
+    431: "Request headers too large or too many: `headers_too_large`.",
+    503: "The process's connection cap is full: `too_many_connections`, with `Retry-After`; try again later.",
+}
+
+ERROR: Schema = {
+    "type": "object", "required": ["error"], "additionalProperties": False,
+    "properties": {"error": {
+        "type": "object", "required": ["status", "code", "message"],
+        "properties": {
+            "status": {"type": "integer", "minimum": 400, "maximum": 599},
+            "code": {"type": "string", "pattern": "^[a-z][a-z0-9_]*$"},
+            "message": {"type": "string"},
+        },
+        "additionalProperties": True,  # details: field, allowed, retry_after_s, node_id, backend, ...
+    }},
+}
+INTEGER: Schema = {"type": "integer", "minimum": 0}
+NUMBER: Schema = {"type": "number"}
+SECONDS: Schema = {"type": "number", "minimum": 0}
+STRING: Schema = {"type": "string"}
+RETRY_AFTER: Schema = {"description": "Whole seconds to wait before trying again (RFC 9110 10.2.3).",
+                       "schema": {"type": "integer", "minimum": 0}}
+#: Node ids: what the registry accepts, so a ``/heartbeat/{id}`` URL always reaches the heartbeat route.
+NODE_ID: Schema = {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,200}$"}
+
+
+def _obj(required: dict[str, Schema], optional: dict[str, Schema] | None = None, *, more: bool = True) -> Schema:
+    """An object schema: ``required`` properties, ``optional`` ones; ``more``: other properties allowed."""
+    return {"type": "object", "required": list(required), "properties": {**required, **(optional or {})},
+            "additionalProperties": more}
+
+
+def _nullable(schema: Schema) -> Schema:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _ok(description: str, schema: Schema, *, headers: dict[str, Any] | None = None,
+        media: str = JSON) -> dict[str, Any]:
+    response: dict[str, Any] = {"description": description, "content": {media: {"schema": schema}}}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def _error(status: int, description: str, *, retry_after: bool = False) -> dict[str, Any]:
+    """An error response: the shared shape, with ``error.status`` equal to ``status``."""
+    schema = {"allOf": [{"$ref": "#/components/schemas/Error"},
+                        {"properties": {"error": {"properties": {"status": {"const": status}}}}}]}
+    response: dict[str, Any] = {"description": description, "content": {JSON: {"schema": schema}}}
+    if retry_after:
+        response["headers"] = {"Retry-After": RETRY_AFTER}
+    return response
+
+
+def _operation(summary: str, ok: dict[str, dict[str, Any]], errors: dict[int, str], *, tag: str,
+               description: str = "", parameters: list[dict[str, Any]] | None = None,
+               body: Schema | None = None, secured: str | None = None,
+               retry_after: frozenset[int] = frozenset({429, 503})) -> dict[str, Any]:
+    """One operation: its success responses, its own errors and the server layer's (:data:`SERVER_LAYER`)."""
+    merged = dict(SERVER_LAYER)
+    for status, text in errors.items():
+        merged[status] = f"{text} {merged[status]}" if status in merged else text
+    if secured:
+        merged.setdefault(401, "Missing or wrong credentials (`unauthorized`).")
+    responses = {**ok, **{str(status): _error(status, text, retry_after=status in retry_after)
+                          for status, text in sorted(merged.items())}}
+    operation: dict[str, Any] = {"summary": summary, "tags": [tag], "responses": responses}
+    if description:
+        operation["description"] = description
+    if parameters:
+        operation["parameters"] = parameters
+    if body is not None:
+        operation["requestBody"] = {"required": True, "content": {JSON: {"schema": body}}}
+    if secured:
+        operation["security"] = [{secured: []}]
+    return operation
+
+
+def _document(title: str, description: str, paths: dict[str, Any], *,
+              security_schemes: dict[str, Any] | None = None) -> dict[str, Any]:
+    components: dict[str, Any] = {"schemas": {"Error": copy.deepcopy(ERROR)}}
+    if security_schemes:
+        components["securitySchemes"] = security_schemes
+    return {"openapi": OPENAPI_VERSION,
+            "info": {"title": title, "version": "1", "description": description},
+            "paths": paths, "components": components}
+
+
+def _get(summary: str, schema: Schema, *, tag: str, description: str = "", errors: dict[int, str] | None = None,
+         headers: dict[str, Any] | None = None, parameters: list[dict[str, Any]] | None = None,
+         media: str = JSON) -> dict[str, Any]:
+    return {"get": _operation(summary, {"200": _ok(summary, schema, headers=headers, media=media)}, errors or {},
+                              tag=tag, description=description, parameters=parameters)}
+
+
+def _metrics(tag: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    return _get("Prometheus metrics (text format)", STRING, tag=tag, headers=headers, media="text/plain")
+
+
+def _openapi(tag: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    return _get("This description (OpenAPI 3.1)", _obj({"openapi": STRING, "info": {"type": "object"},
+                                                         "paths": {"type": "object"}}),
+                tag=tag, headers=headers)
+
+
+# -- the node ------------------------------------------------------------------
+_NODE_ID_HEADER = {"X-Node-ID": {"description": "The node's id.", "required": True, "schema": STRING}}
+_RATE_LIMIT_HEADERS = {
+    name: {"description": f"`{name}` (IETF RateLimit draft), when the node runs `--rate-limit`.",
+           "schema": {"type": "integer", "minimum": 0}}
+    for name in ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset")}
+_CLIENT_HEADERS = [
+    {"name": "X-Client-ID", "in": "header", "required": False,
+     "description": "The client's key, honoured only from a `--trust-proxy` peer; at most 256 bytes "
+                    "(longer: 400 `bad_client_id`).",
+     "schema": {"type": "string", "maxLength": 256}},
+    {"name": "X-Forwarded-For", "in": "header", "required": False,
+     "description": "From a `--trust-proxy` peer: the client is the rightmost untrusted hop.",
+     "schema": STRING},
+]
+_FAULTS = _obj({"error_rate": {"type": "number", "minimum": 0, "maximum": 1},
+                "extra_latency_ms": {"type": "number", "minimum": 0, "maximum": 600_000}}, more=False)
+_REFUSALS = {429: "Refused by the rate limiter (`rate_limited`), the backpressure gate (`backpressure`) or the "
+                  "client bulkhead (`client_bulkhead`); with `Retry-After`.",
+             400: "An `X-Client-ID` over 256 bytes (`bad_client_id`)."}
+_NOT_ENABLED = {404: "The feature is off on this node (`not_enabled`, naming the flag that turns it on)."}
+
+
+def node_description(*, faults: bool = False, admin_token: bool = False) -> dict[str, Any]:
+    """The node's API; ``faults``: started with ``--faults``; ``admin_token``: with ``--admin-token``."""
+    tag, hdr = "node", dict(_NODE_ID_HEADER)
+    ok_hdr = {**hdr, **_RATE_LIMIT_HEADERS}
+    paths: dict[str, Any] = {
+        "/health": _get("Liveness; never does the work (the rate limiter counts it)", _obj(
+            {"status": {"const": "ok"}, "node_id": STRING, "active_requests": INTEGER, "workers": INTEGER,
+             "busy_workers": INTEGER, "queued": INTEGER}), tag=tag, headers=ok_hdr, errors=_REFUSALS,
+            parameters=_CLIENT_HEADERS),
+        "/work": {"get": _operation(
+            "One unit of work: waits FIFO for a worker, then takes a service time",
+            {"200": _ok("Done", _obj({"node_id": STRING, "queue_wait_ms": SECONDS, "service_ms": SECONDS,
+                                      "downstream_status": _nullable(INTEGER)}), headers=ok_hdr)},
+            {**_REFUSALS,
+             500: "The work failed (`work_failed`): an injected fault (`/admin/faults`, `--error-rate`).",
+             502: "The `--downstream` call failed (`work_failed`).",
+             503: "The circuit breaker refuses (`circuit_open`), with `Retry-After`."},
+            tag=tag, parameters=_CLIENT_HEADERS)},
+        "/stats": _get("Counters and configuration", _obj(
+            {"node_id": STRING, "uptime_s": SECONDS, "active_requests": INTEGER, "busy_workers": INTEGER,
+             "queued": INTEGER, "requests": {"type": "object", "additionalProperties": INTEGER},
+             "faults": _FAULTS, "config": _obj({"node_id": STRING, "workers": INTEGER})}), tag=tag, headers=hdr),
+        "/queue-stats": _get("The backpressure gate (`--backpressure`)", _obj(
+            {"current": INTEGER, "max": INTEGER, "utilization_percent": SECONDS, "accepted": INTEGER,
+             "rejected": INTEGER, "rejection_rate": SECONDS, "peak": INTEGER, "in_service": INTEGER,
+             "waiting_for_worker": INTEGER, "workers": INTEGER}), tag=tag, headers=hdr, errors=_NOT_ENABLED),
+        "/circuit-status": _get("The circuit breaker (`--circuit-breaker`)", _obj(
+            {"name": STRING, "state": {"enum": ["CLOSED", "OPEN", "HALF_OPEN"]}, "generation": INTEGER,
+             "retry_after_s": SECONDS, "opened_at": _nullable(NUMBER), "next_transition_at": _nullable(NUMBER),
+             "consecutive_failures": INTEGER, "window": {"type": "object"}, "half_open": {"type": "object"},
+             "counts": {"type": "object"}, "config": {"type": "object"},
+             "transitions": {"type": "array", "items": _obj(
+                 {"from": STRING, "to": STRING, "signal": STRING, "at": NUMBER})}}),
+            tag=tag, headers=hdr, errors=_NOT_ENABLED),
+        "/discovery-status": _get("Registration with the registry (`--registry`)", _obj(
+            {"registry": STRING, "node_id": STRING, "address": _nullable(STRING), "registered": {"type": "boolean"},
+             "registrations": INTEGER, "heartbeats_ok": INTEGER, "failures": INTEGER,
+             "last_error": _nullable(STRING), "seconds_since_heartbeat": _nullable(SECONDS),
+             "heartbeat_interval_s": SECONDS}), tag=tag, headers=hdr, errors=_NOT_ENABLED),
+        "/peers": _get("The other nodes the registry lists (`--registry`)", _obj(
+            {"node_id": STRING, "peers": {"type": "array", "items": _obj({"id": STRING, "address": STRING})}}),
+            tag=tag, headers=hdr, errors=_NOT_ENABLED),
+        "/metrics": _metrics(tag, hdr),
+        "/openapi.json": _openapi(tag, hdr),
+    }
+    schemes = None
+    if faults:
+        secured = "adminToken" if admin_token else None
+        schemes = {"adminToken": {"type": "http", "scheme": "bearer"}} if admin_token else None
+        current = {"200": _ok("The faults now in force", _FAULTS, headers=hdr)}
+        paths["/admin/faults"] = {
+            "get": _operation("The injected faults", current, {}, tag="admin", secured=secured),
+            "post": _operation(
+                "Set injected faults (the fields given)", current,
+                {400: "Not a JSON object (`empty_body`, `bad_json`), an unknown field (`unknown_field`) or a value "
+                      "out of range (`bad_field`, naming the field).",
+                 413: "Body over the node's 64 KiB limit (`body_too_large`)."},
+                tag="admin", body=_FAULTS, secured=secured),
+            "delete": _operation("Clear every injected fault", current, {}, tag="admin", secured=secured),
+        }
+    return _document(
+        "testbed node",
+        "A node of the resilience testbed: `GET /work` runs the request path (rate limiter, backpressure gate, "
+        "circuit breaker, FIFO workers). Every response carries `X-Node-ID`; a feature that is off answers 404 "
+        "naming its flag; every error is the `Error` shape.", paths, security_schemes=schemes)
+
+
+# -- the registry --------------------------------------------------------------
+_MEMBER = _obj({"id": STRING, "address": STRING, "metadata": {"type": "object"},
+                "status": {"enum": ["alive", "dead"]}})
+_METADATA: Schema = {
+    "type": "object", "maxProperties": 32, "propertyNames": {"maxLength": 64},
+    "additionalProperties": {"type": ["string", "number", "boolean", "null"]},
+    "description": "JSON scalars under at most 32 keys of at most 64 characters, at most 4 KiB as JSON.",
+}
+_WRITE_ERRORS = {400: "Not a JSON object (`empty_body`, `bad_json`), an unknown field (`unknown_field`), a missing or "
+                      "bad field (`missing_field`, `bad_field`, naming it).",
+                 413: "Body over the registry's 16 KiB limit (`body_too_large`)."}
+
+
+def registry_description(*, token: bool = False) -> dict[str, Any]:
+    """The registry's API; ``token``: started with ``--token`` (writes then need ``Authorization: Bearer``)."""
+    tag = "registry"
+    secured = "registryToken" if token else None
+    schemes = {"registryToken": {"type": "http", "scheme": "bearer"}} if token else None
+    registered = _obj({"registered": _MEMBER, "heartbeat_interval_s": SECONDS, "ttl_s": SECONDS})
+    paths: dict[str, Any] = {
+        "/register": {"post": _operation(
+            "Register a node (or register it again)",
+            {"201": _ok("A new member", registered), "200": _ok("A known member registered again", registered)},
+            {**_WRITE_ERRORS,
+             400: _WRITE_ERRORS[400] + " An address that is not an allowed `http://host:port` (`bad_address`).",
+             409: "The id is alive and registered by another instance (`conflict`).",
+             503: "`--max-nodes` members already (`registry_full`), with `Retry-After`."},
+            tag=tag, secured=secured,
+            body=_obj({"id": NODE_ID, "address": {"type": "string", "pattern": "^http://"}},
+                      {"metadata": _METADATA}, more=False))},
+        "/heartbeat/{node_id}": {"post": _operation(
+            "A node is alive",
+            {"200": _ok("Heard", _obj({"status": {"const": "ok"}, "node_id": STRING}))},
+            {400: _WRITE_ERRORS[400], 413: _WRITE_ERRORS[413],
+             404: "Unknown id (`unknown_node`, `action: register`): register again.",
+             409: "The registration belongs to another instance (`conflict`)."},
+            tag=tag, secured=secured,
+            parameters=[{"name": "node_id", "in": "path", "required": True, "schema": NODE_ID}])},
+        "/deregister": {"post": _operation(
+            "A node leaves",
+            {"200": _ok("Gone", _obj({"deregistered": STRING}))},
+            {**_WRITE_ERRORS, 404: "Unknown id (`unknown_node`).",
+             409: "The registration belongs to another instance (`conflict`)."},
+            tag=tag, secured=secured, body=_obj({"id": NODE_ID}, more=False))},
+        "/nodes": _get("The members", _obj({"nodes": {"type": "array", "items": _MEMBER}, "count": INTEGER}),
+                       tag=tag, parameters=[{
+                           "name": "all", "in": "query", "required": False, "schema": STRING,
+                           "description": "`1`, `true` or `yes`: the dead not yet forgotten too; "
+                                          "any other value: the alive only."}]),
+        "/health": _get("Liveness and member counts", _obj({"status": {"const": "ok"}, "alive": INTEGER,
+                                                             "dead": INTEGER}), tag=tag),
+        "/metrics": _metrics(tag),
+        "/openapi.json": _openapi(tag),
+    }
+    return _document(
+        "testbed registry",
+        "The service registry: nodes register, heartbeat and deregister; `GET /nodes` lists the members. "
+        "Every error is the `Error` shape.", paths, security_schemes=schemes)
+
+
+# -- the balancer --------------------------------------------------------------
+_BACKEND = _obj({"url": STRING, "weight": INTEGER, "requests": INTEGER, "active": INTEGER, "errors": INTEGER,
+                 "share": SECONDS, "healthy": {"type": "boolean"}, "last_check": STRING,
+                 "ejector": _nullable(STRING), "latency_ms": _nullable(_obj(
+                     {"p50": SECONDS, "p95": SECONDS, "p99": SECONDS, "ewma": SECONDS}))})
+
+
+def balancer_description() -> dict[str, Any]:
+    """The balancer's own endpoints (every other method and path is proxied to a backend)."""
+    tag = "balancer"
+    paths = {
+        "/lb-stats": _get("Per-backend books", _obj(
+            {"strategy": STRING, "requests": INTEGER, "no_healthy_backend": INTEGER,
+             "backends": {"type": "object", "additionalProperties": _BACKEND}}), tag=tag),
+        "/metrics": _metrics(tag),
+        "/openapi.json": _openapi(tag),
+    }
+    return _document(
+        "testbed balancer",
+        "The load balancer's own endpoints. Every other method and path is proxied to a backend picked by the "
+        "strategy (the backend's status, headers and body come back, plus `X-Backend`), except `/admin/*`, which "
+        "is never proxied; the balancer's own refusals (`no_healthy_backend` 503, `backend_timeout` 504, "
+        "`backend_unreachable`/`backend_error` 502, `body_too_large` 413, `loop_detected` 508, bad header values "
+        "400) are the `Error` shape.", paths)
+
+
+# -- serving and reading -------------------------------------------------------
+def serve(description: dict[str, Any]) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A ``GET /openapi.json`` handler for ``description``, serialised once."""
+    body = json.dumps(description, separators=(",", ":")).encode()
+
+    async def openapi_json(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type=JSON)
+    return openapi_json
+
+
+def documented_operations(description: dict[str, Any]) -> set[tuple[str, str]]:
+    """``(METHOD, path)`` of every operation ``description`` documents (paths in aiohttp's ``{name}`` form)."""
+    methods = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+    return {(method.upper(), path) for path, item in description["paths"].items() for method in item
+            if method in methods}
