@@ -11,9 +11,30 @@ heartbeat from a forgotten or never-seen id answers ``UNKNOWN``, which tells the
 node to register again. That is how a restarted registry, which has forgotten
 everything, gets every node back within one heartbeat interval.
 
-Re-registering a known id is allowed and bumps the member's ``incarnation``: a
-node that restarts with the same id (perhaps on a new address) is a new life of
-the same member, not a duplicate.
+Ownership: a registration belongs to the instance that made it. ``register``
+hands out a *lease* (an opaque token the driver draws at random) and every
+heartbeat and deregistration must present it, or is refused with
+:class:`LeaseMismatch`. A second registration of an ALIVE id is a new
+incarnation of the same member when it presents the current lease (the same
+instance again) or names the same address (a node restarted in the same place:
+it gets a new lease and the old one stops working); from another address
+without the lease it is refused with :class:`IdTaken`, so nobody can move a
+live node's traffic elsewhere. A DEAD or forgotten id may be taken by anyone
+(Consul's sessions and etcd's leases work the same way: the holder proves
+itself with a token, and an expired lease frees the name).
+
+Bounds: at most ``max_nodes`` members are kept (alive plus dead not yet
+forgotten). A new id past the cap first pushes out the longest-dead member; if
+every member is alive it is refused with :class:`RegistryFull`, whose
+``retry_after_s`` is the earliest a member could die. Heartbeats and
+re-registrations of known ids are never refused for space. Metadata is bounded
+by :class:`MetadataLimits` (JSON size, keys, key length, values scalars or
+flat lists/objects of scalars, numbers finite) and node ids by
+:data:`NODE_ID_RULE` (an id must survive being a URL path segment).
+
+Readers: ``generation`` changes whenever the listing (ids, addresses,
+metadata, incarnations, status) does, and only then (a heartbeat that changes nothing
+leaves it alone), so a driver can cache the serialised ``GET /nodes``.
 
 Expiry is lazy and cheap: alive members are kept in order of their last
 heartbeat and dead ones in order of death, so each call looks only at the
@@ -24,15 +45,23 @@ as ``now``; a ``now`` earlier than one already seen counts as no time passing.
 from __future__ import annotations
 
 import enum
+import hmac
+import itertools
+import json
+import math
+import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-from core._validate import ConfigError, number
+from core._validate import ConfigError, integer, number
+from core.errors import DataError
 from core.events import EventLog
 
-__all__ = ["HeartbeatResult", "Member", "MemberStatus", "Membership", "MembershipChange"]
+__all__ = ["HeartbeatResult", "IdTaken", "LeaseMismatch", "Member", "MemberStatus", "Membership",
+           "MembershipChange", "MetadataLimits", "MetadataRefused", "NODE_ID_RULE", "RegistryFull",
+           "RegistryRefusal", "valid_node_id"]
 
 
 class MemberStatus(enum.Enum):
@@ -45,9 +74,118 @@ class HeartbeatResult(enum.Enum):
     UNKNOWN = "unknown"  # register again
 
 
+# -- refusals: errors that carry data, each with the HTTP status a driver answers -------
+class RegistryRefusal(DataError):
+    """A write the table refuses; ``status`` and ``code`` are what the registry answers."""
+
+    status = 400
+    code = "bad_request"
+
+
+class IdTaken(RegistryRefusal):
+    """``node_id`` is alive at ``address`` and the caller has neither its lease nor its address."""
+
+    status, code = 409, "conflict"
+
+    def __init__(self, node_id: str, address: str) -> None:
+        super().__init__(f"node id {node_id!r} is registered by another live instance (at {address}); "
+                         "re-register with its lease, or wait until it expires")
+        self.node_id = node_id
+        self.address = address
+
+
+class LeaseMismatch(RegistryRefusal):
+    """A heartbeat or deregistration of ``node_id`` without its current lease."""
+
+    status, code = 409, "lease_mismatch"
+
+    def __init__(self, node_id: str, missing: bool) -> None:
+        what = "carries no lease" if missing else "carries a lease that is not the current one"
+        super().__init__(f"this request for node {node_id!r} {what}; send the lease from your POST /register "
+                         "(header X-Lease), or register again")
+        self.node_id = node_id
+        self.missing = missing
+
+
+class RegistryFull(RegistryRefusal):
+    """``max_nodes`` members, all alive; one could die ``retry_after_s`` from now at the earliest."""
+
+    status, code = 503, "registry_full"
+
+    def __init__(self, max_nodes: int, retry_after_s: float) -> None:
+        super().__init__(f"the registry holds its maximum of {max_nodes} nodes (--max-nodes), all alive; "
+                         f"retry in {retry_after_s:.1f} s")
+        self.max_nodes = max_nodes
+        self.retry_after_s = retry_after_s
+
+
+class MetadataRefused(RegistryRefusal):
+    """Metadata over one of the :class:`MetadataLimits`; ``limit`` names which."""
+
+    status, code = 400, "bad_metadata"
+
+    def __init__(self, limit: str, message: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+# -- what is accepted -------------------------------------------------------------------
+#: What a node id may be. A ``/`` (or ``.``/``..``) could register but never heartbeat: ids travel as a path segment.
+NODE_ID_RULE = "1-200 characters from A-Z a-z 0-9 . _ : - (not '.' or '..')"
+_NODE_ID = re.compile(r"[A-Za-z0-9._:-]{1,200}")
+
+
+def valid_node_id(node_id: object) -> bool:
+    """True if ``node_id`` follows :data:`NODE_ID_RULE`."""
+    return isinstance(node_id, str) and bool(_NODE_ID.fullmatch(node_id)) and node_id not in (".", "..")
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataLimits:
+    """Bounds on a member's metadata: its JSON (compact, ASCII) in bytes, its keys and their length."""
+
+    max_bytes: int = 4096
+    max_keys: int = 32
+    max_key_chars: int = 64
+
+    def __post_init__(self) -> None:
+        integer("max_bytes", self.max_bytes, ge=2)
+        integer("max_keys", self.max_keys, ge=0)
+        integer("max_key_chars", self.max_key_chars, ge=1)
+
+    def check(self, metadata: Mapping[str, Any]) -> str:
+        """The metadata's compact JSON; :class:`MetadataRefused` naming the limit it breaks."""
+        if not isinstance(metadata, Mapping):
+            raise MetadataRefused("type", f"metadata must be a JSON object, not {type(metadata).__name__}")
+        if len(metadata) > self.max_keys:
+            raise MetadataRefused("max_keys", f"metadata has {len(metadata)} keys; at most {self.max_keys}")
+        for key, value in metadata.items():
+            if not isinstance(key, str) or not 1 <= len(key) <= self.max_key_chars:
+                raise MetadataRefused("max_key_chars", f"metadata key {str(key)[:80]!r} must be 1-"
+                                                       f"{self.max_key_chars} characters")
+            inner = value.values() if isinstance(value, Mapping) else value if isinstance(value, list) else (value,)
+            for item in inner:
+                if not isinstance(item, _SCALARS):
+                    raise MetadataRefused("values", f"metadata[{key!r}] must be a JSON scalar, or a list or "
+                                                    "object of scalars (no deeper nesting)")
+                if isinstance(item, float) and not math.isfinite(item):
+                    raise MetadataRefused("values", f"metadata[{key!r}] holds {item!r}; numbers must be finite")
+            if isinstance(value, Mapping) and not all(isinstance(k, str) for k in value):
+                raise MetadataRefused("values", f"metadata[{key!r}] must have string keys")
+        text = json.dumps(metadata, separators=(",", ":"), allow_nan=False)
+        if len(text) > self.max_bytes:
+            raise MetadataRefused("max_bytes", f"metadata is {len(text)} bytes of JSON; at most {self.max_bytes}")
+        return text
+
+
+# -- the table --------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Member:
-    """A snapshot of one member. Times are in the caller's clock, in seconds."""
+    """A snapshot of one member. Times are in the caller's clock, in seconds. ``lease`` is
+    the owner's secret: never serialised (:meth:`as_dict` and :meth:`summary` leave it out)."""
 
     id: str
     address: str
@@ -56,18 +194,17 @@ class Member:
     registered_at: float
     last_heartbeat: float
     incarnation: int
+    lease: str = field(default="", repr=False, compare=False)
+
+    def summary(self) -> dict[str, Any]:
+        """What does not change between heartbeats (the cacheable ``GET /nodes`` entry)."""
+        return {"id": self.id, "address": self.address, "metadata": dict(self.metadata),
+                "status": self.status.value, "registered_at": self.registered_at, "incarnation": self.incarnation}
 
     def as_dict(self, *, now: float) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "address": self.address,
-            "metadata": dict(self.metadata),
-            "status": self.status.value,
-            "registered_at": self.registered_at,
-            "last_heartbeat": self.last_heartbeat,
-            "seconds_since_heartbeat": max(0.0, now - self.last_heartbeat),
-            "incarnation": self.incarnation,
-        }
+        """The summary plus the heartbeat times as of ``now``."""
+        return {**self.summary(), "last_heartbeat": self.last_heartbeat,
+                "seconds_since_heartbeat": max(0.0, now - self.last_heartbeat)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,77 +217,138 @@ class MembershipChange:
 
 
 class _Record:
-    __slots__ = ("address", "metadata", "registered_at", "last_heartbeat", "incarnation", "died_at")
+    __slots__ = ("address", "metadata", "metadata_json", "registered_at", "last_heartbeat", "incarnation",
+                 "died_at", "lease")
 
-    def __init__(self, address: str, metadata: Mapping[str, Any], now: float, incarnation: int) -> None:
+    def __init__(self, address: str, metadata: Mapping[str, Any], metadata_json: str, now: float,
+                 incarnation: int, lease: str) -> None:
         self.address = address
         self.metadata: Mapping[str, Any] = MappingProxyType(dict(metadata))
+        self.metadata_json = metadata_json
         self.registered_at = now
         self.last_heartbeat = now
         self.incarnation = incarnation
         self.died_at = 0.0
+        self.lease = lease
 
 
 def _check_id(node_id: object) -> str:
-    if not isinstance(node_id, str) or not node_id.strip():
-        raise ConfigError("node_id", "a non-empty string", node_id)
+    if not valid_node_id(node_id):
+        raise ConfigError("node_id", NODE_ID_RULE, node_id)
+    assert isinstance(node_id, str)
     return node_id
+
+
+def _same(lease: str | None, current: str) -> bool:
+    """Constant-time comparison of a presented lease (any text) with the current one."""
+    if lease is None:
+        return False
+    return hmac.compare_digest(lease.encode("utf-8", "surrogateescape"), current.encode("utf-8", "surrogateescape"))
+
+
+def _counter_leases() -> Callable[[], str]:
+    """Predictable leases, for tests and the simulator; the live registry passes random ones."""
+    counter = itertools.count(1)
+    return lambda: f"lease-{next(counter)}"
 
 
 class Membership:
     """Who is in the cluster, driven by register/heartbeat/deregister calls and ``now``.
 
     ``ttl_s`` seconds without a heartbeat mark a member dead (> 0); ``remove_after_s``
-    more seconds forget it (>= 0, default ``ttl_s``).
+    more seconds forget it (>= 0, default ``ttl_s``); at most ``max_nodes`` members
+    (>= 1); ``new_lease()`` draws a lease (the live registry: ``secrets.token_urlsafe``).
     """
 
     def __init__(self, ttl_s: float = 5.0, remove_after_s: float | None = None,
-                 heartbeat_interval_s: float = 2.0) -> None:
+                 heartbeat_interval_s: float = 2.0, *, max_nodes: int = 1000,
+                 metadata_limits: MetadataLimits | None = None,
+                 new_lease: Callable[[], str] | None = None) -> None:
         self.ttl_s = number("ttl_s", ttl_s, gt=0)
         self.remove_after_s = number("remove_after_s", self.ttl_s if remove_after_s is None else remove_after_s, ge=0)
         self.heartbeat_interval_s = number("heartbeat_interval_s", heartbeat_interval_s, gt=0, le=self.ttl_s)
+        self.max_nodes = integer("max_nodes", max_nodes, ge=1)
+        self.metadata_limits = metadata_limits or MetadataLimits()
+        self._new_lease = new_lease or _counter_leases()
         self._alive: OrderedDict[str, _Record] = OrderedDict()  # by last heartbeat, oldest first
         self._dead: OrderedDict[str, _Record] = OrderedDict()   # by time of death, oldest first
         self._now = float("-inf")
+        self._generation = 0
         self._events: EventLog[MembershipChange] = EventLog()
 
     # -- what nodes send -----------------------------------------------------
-    def register(self, node_id: str, address: str, metadata: Mapping[str, Any] | None = None,
-                 *, now: float) -> Member:
-        """Add ``node_id`` or start a new incarnation of it; return its snapshot."""
-        node_id = _check_id(node_id)
-        if not isinstance(address, str):
-            raise ConfigError("address", "a string", address)
-        now = self._advance(now)
-        old = self._alive.pop(node_id, None) or self._dead.pop(node_id, None)
-        record = _Record(address, metadata or {}, now, old.incarnation + 1 if old else 1)
-        self._alive[node_id] = record
-        self._events.emit(MembershipChange("rejoined" if old else "joined", node_id, now))
-        return self._snapshot(node_id, record, MemberStatus.ALIVE)
-
-    def heartbeat(self, node_id: str, *, now: float,
-                  metadata: Mapping[str, Any] | None = None) -> HeartbeatResult:
-        """Record that ``node_id`` is alive; UNKNOWN means it must register again."""
+    def check_register(self, node_id: str, address: str, *, now: float, lease: str | None = None) -> None:
+        """Raise the refusal :meth:`register` would give, changing nothing (so a driver can
+        refuse before costly work such as resolving the address)."""
         now = self._advance(now)
         record = self._alive.get(node_id)
         if record is not None:
+            if not _same(lease, record.lease) and address != record.address:
+                raise IdTaken(node_id, record.address)
+        elif node_id not in self._dead and len(self._alive) >= self.max_nodes:
+            oldest = next(iter(self._alive.values()))
+            raise RegistryFull(self.max_nodes, max(0.0, oldest.last_heartbeat + self.ttl_s - now))
+
+    def register(self, node_id: str, address: str, metadata: Mapping[str, Any] | None = None,
+                 *, now: float, lease: str | None = None) -> Member:
+        """Add ``node_id`` or start a new incarnation of it; return its snapshot, whose ``lease``
+        the caller must present from now on. Raises :class:`IdTaken`, :class:`RegistryFull`,
+        :class:`MetadataRefused`."""
+        node_id = _check_id(node_id)
+        if not isinstance(address, str) or not address:
+            raise ConfigError("address", "a non-empty string", address)
+        metadata = metadata or {}
+        metadata_json = self.metadata_limits.check(metadata)
+        self.check_register(node_id, address, now=now, lease=lease)
+        now = self._now
+        old = self._alive.pop(node_id, None) or self._dead.pop(node_id, None)
+        if old is None and len(self._alive) + len(self._dead) >= self.max_nodes:
+            gone_id, _ = self._dead.popitem(last=False)  # check_register saw room: a dead member makes it
+            self._generation += 1
+            self._events.emit(MembershipChange("removed", gone_id, now))
+        # The same instance keeps its lease; a new instance (restarted, or taking a dead id) gets a new one.
+        keep = old is not None and _same(lease, old.lease)
+        record = _Record(address, metadata, metadata_json, now, old.incarnation + 1 if old else 1,
+                         old.lease if old is not None and keep else self._new_lease())
+        self._alive[node_id] = record
+        self._generation += 1
+        self._events.emit(MembershipChange("rejoined" if old else "joined", node_id, now))
+        return self._snapshot(node_id, record, MemberStatus.ALIVE)
+
+    def heartbeat(self, node_id: str, *, now: float, metadata: Mapping[str, Any] | None = None,
+                  lease: str | None = None) -> HeartbeatResult:
+        """Record that ``node_id`` is alive; UNKNOWN means it must register again.
+        Raises :class:`LeaseMismatch` without the current lease, :class:`MetadataRefused`."""
+        now = self._advance(now)
+        record = self._alive.get(node_id) or self._dead.get(node_id)
+        if record is None:
+            return HeartbeatResult.UNKNOWN
+        if not _same(lease, record.lease):
+            raise LeaseMismatch(node_id, lease is None)
+        metadata_json = None if metadata is None else self.metadata_limits.check(metadata)
+        if node_id in self._alive:
             self._alive.move_to_end(node_id)
         else:
-            record = self._dead.pop(node_id, None)
-            if record is None:
-                return HeartbeatResult.UNKNOWN
-            self._alive[node_id] = record
+            self._alive[node_id] = self._dead.pop(node_id)
+            self._generation += 1
             self._events.emit(MembershipChange("revived", node_id, now))
         record.last_heartbeat = now
-        if metadata is not None:
+        if metadata is not None and metadata_json is not None and metadata_json != record.metadata_json:
             record.metadata = MappingProxyType(dict(metadata))
+            record.metadata_json = metadata_json
+            self._generation += 1
         return HeartbeatResult.OK
 
-    def deregister(self, node_id: str, *, now: float) -> bool:
-        """Remove ``node_id`` at once; False if it was not known."""
+    def deregister(self, node_id: str, *, now: float, lease: str | None = None) -> bool:
+        """Remove ``node_id`` at once; False if it was not known. Raises :class:`LeaseMismatch`."""
         now = self._advance(now)
-        if self._alive.pop(node_id, None) is None and self._dead.pop(node_id, None) is None:
+        record = self._alive.get(node_id) or self._dead.get(node_id)
+        if record is None:
             return False
+        if not _same(lease, record.lease):
+            raise LeaseMismatch(node_id, lease is None)
+        self._alive.pop(node_id, None) or self._dead.pop(node_id, None)
+        self._generation += 1
         self._events.emit(MembershipChange("left", node_id, now))
         return True
 
@@ -171,6 +369,13 @@ class Membership:
         if node_id in self._dead:
             return self._snapshot(node_id, self._dead[node_id], MemberStatus.DEAD)
         return None
+
+    def generation(self, *, now: float) -> int:
+        """A number that changes whenever a listing (``members(now=now)``, with or without the dead,
+        less the heartbeat times) may have: a join, a death, a revival, a departure, a removal, new
+        metadata. A heartbeat that changes nothing else leaves it alone."""
+        self._advance(now)
+        return self._generation
 
     def next_deadline(self) -> float | None:
         """The earliest time at which time alone changes the table, or None."""
@@ -205,6 +410,7 @@ class Membership:
             del alive[node_id]
             record.died_at = died_at
             dead[node_id] = record
+            self._generation += 1
             self._events.emit(MembershipChange("died", node_id, died_at))
         while dead:
             node_id, record = next(iter(dead.items()))
@@ -212,9 +418,11 @@ class Membership:
             if gone_at > now:
                 break
             del dead[node_id]
+            self._generation += 1
             self._events.emit(MembershipChange("removed", node_id, gone_at))
         return now
 
     @staticmethod
     def _snapshot(node_id: str, r: _Record, status: MemberStatus) -> Member:
-        return Member(node_id, r.address, r.metadata, status, r.registered_at, r.last_heartbeat, r.incarnation)
+        return Member(node_id, r.address, r.metadata, status, r.registered_at, r.last_heartbeat, r.incarnation,
+                      r.lease)

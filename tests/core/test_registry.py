@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from core._validate import ConfigError
-from core.registry import HeartbeatResult, Membership, MemberStatus
+from core.registry import (HeartbeatResult, IdTaken, LeaseMismatch, Membership, MemberStatus, MetadataLimits,
+                           MetadataRefused, RegistryFull, valid_node_id)
 
 
 def ids(table: Membership, now: float, **kw) -> list[str]:
@@ -25,9 +26,9 @@ def test_register_and_list() -> None:
 
 def test_heartbeats_keep_a_node_alive() -> None:
     table = Membership(ttl_s=5.0)
-    table.register("n", "a", now=0.0)
+    lease = table.register("n", "a", now=0.0).lease
     for t in range(2, 21, 2):  # every 2 s, as the nodes do
-        assert table.heartbeat("n", now=float(t)) is HeartbeatResult.OK
+        assert table.heartbeat("n", now=float(t), lease=lease) is HeartbeatResult.OK
     assert ids(table, 24.9) == ["n"]
 
 
@@ -44,9 +45,9 @@ def test_silent_node_dies_after_ttl_then_is_removed() -> None:
 
 def test_a_late_heartbeat_revives_a_dead_node() -> None:
     table = Membership(ttl_s=5.0)
-    table.register("n", "a", now=0.0)
+    lease = table.register("n", "a", now=0.0).lease
     assert ids(table, 6.0) == []
-    assert table.heartbeat("n", now=6.0) is HeartbeatResult.OK
+    assert table.heartbeat("n", now=6.0, lease=lease) is HeartbeatResult.OK
     assert ids(table, 6.0) == ["n"]
     assert [e.kind for e in table.drain_events()] == ["joined", "died", "revived"]
 
@@ -54,8 +55,8 @@ def test_a_late_heartbeat_revives_a_dead_node() -> None:
 def test_unknown_heartbeat_asks_to_register_again() -> None:
     table = Membership()
     assert table.heartbeat("ghost", now=0.0) is HeartbeatResult.UNKNOWN
-    table.register("n", "a", now=0.0)
-    assert table.heartbeat("n", now=100.0) is HeartbeatResult.UNKNOWN  # forgotten meanwhile
+    lease = table.register("n", "a", now=0.0).lease
+    assert table.heartbeat("n", now=100.0, lease=lease) is HeartbeatResult.UNKNOWN  # forgotten meanwhile
 
 
 def test_registry_restart_gets_every_node_back_within_one_interval() -> None:
@@ -71,31 +72,31 @@ def test_registry_restart_gets_every_node_back_within_one_interval() -> None:
 
 def test_re_registering_starts_a_new_incarnation() -> None:
     table = Membership()
-    table.register("n", "http://127.0.0.1:5001", now=0.0)
-    again = table.register("n", "http://127.0.0.1:6001", now=1.0)
+    lease = table.register("n", "http://127.0.0.1:5001", now=0.0).lease
+    again = table.register("n", "http://127.0.0.1:6001", now=1.0, lease=lease)  # the owner may move
     assert again.incarnation == 2 and again.address.endswith("6001")
     assert len(table.members(now=1.0)) == 1
 
 
 def test_deregister() -> None:
     table = Membership()
-    table.register("n", "a", now=0.0)
-    assert table.deregister("n", now=1.0)
-    assert not table.deregister("n", now=1.0)
+    lease = table.register("n", "a", now=0.0).lease
+    assert table.deregister("n", now=1.0, lease=lease)
+    assert not table.deregister("n", now=1.0, lease=lease)
     assert ids(table, 1.0, include_dead=True) == []
 
 
 def test_heartbeat_can_update_metadata() -> None:
     table = Membership()
-    table.register("n", "a", {"active": 0}, now=0.0)
-    table.heartbeat("n", now=1.0, metadata={"active": 7})
+    lease = table.register("n", "a", {"active": 0}, now=0.0).lease
+    table.heartbeat("n", now=1.0, metadata={"active": 7}, lease=lease)
     assert table.get("n", now=1.0).metadata == {"active": 7}
 
 
 def test_backwards_clock_is_no_time_passing() -> None:
     table = Membership(ttl_s=5.0)
-    table.register("n", "a", now=100.0)
-    table.heartbeat("n", now=50.0)  # treated as t=100
+    lease = table.register("n", "a", now=100.0).lease
+    table.heartbeat("n", now=50.0, lease=lease)  # treated as t=100
     assert ids(table, 104.9) == ["n"]
     assert ids(table, 105.0) == []
 
@@ -119,7 +120,7 @@ def test_bad_configuration_names_the_field(kwargs, field) -> None:
         Membership(**kwargs)
 
 
-@pytest.mark.parametrize("bad", ["", "  ", None, 5])
+@pytest.mark.parametrize("bad", ["", "  ", None, 5, "a/b", "a b", ".", "..", "x" * 201, "caf\u00e9", "a\nb"])
 def test_bad_node_id_is_refused(bad) -> None:
     with pytest.raises(ConfigError, match="node_id"):
         Membership().register(bad, "a", now=0.0)
@@ -133,6 +134,7 @@ def test_matches_a_full_scan_model(ops) -> None:
     ttl, remove_after = 5.0, 3.0
     table = Membership(ttl_s=ttl, remove_after_s=remove_after)
     last: dict[str, float] = {}
+    leases: dict[str, str] = {}
     now = 0.0
     for op, node, dt in ops:
         if op == "wait":
@@ -140,16 +142,192 @@ def test_matches_a_full_scan_model(ops) -> None:
         # model: forget the long silent, then apply the op
         last = {n: t for n, t in last.items() if now < t + ttl + remove_after}
         if op == "register":
-            table.register(node, "addr", now=now)
+            leases[node] = table.register(node, "addr", now=now).lease
             last[node] = now
         elif op == "heartbeat":
-            result = table.heartbeat(node, now=now)
+            result = table.heartbeat(node, now=now, lease=leases.get(node))
             assert result is (HeartbeatResult.OK if node in last else HeartbeatResult.UNKNOWN)
             if node in last:
                 last[node] = now
         elif op == "deregister":
-            assert table.deregister(node, now=now) == (node in last)
+            assert table.deregister(node, now=now, lease=leases.get(node)) == (node in last)
             last.pop(node, None)
         alive = sorted(n for n, t in last.items() if now < t + ttl)
         assert ids(table, now) == alive
         assert ids(table, now, include_dead=True) == sorted(last)
+
+
+# -- ownership: a registration belongs to the instance that made it (issue 11, item 1) ----------------------
+A, B = "http://127.0.0.1:5001", "http://127.0.0.1:6666"
+
+
+def test_register_hands_out_a_lease_that_heartbeats_must_present() -> None:
+    table = Membership(ttl_s=5.0)
+    lease = table.register("n", A, now=0.0).lease
+    assert lease and table.heartbeat("n", now=1.0, lease=lease) is HeartbeatResult.OK
+    with pytest.raises(LeaseMismatch) as missing:
+        table.heartbeat("n", now=2.0)
+    assert missing.value.missing and missing.value.status == 409 and "'n'" in str(missing.value)
+    with pytest.raises(LeaseMismatch) as wrong:
+        table.heartbeat("n", now=2.0, lease="guess")
+    assert not wrong.value.missing
+    assert table.get("n", now=2.0).last_heartbeat == 1.0  # the refused beats kept nothing alive
+
+
+def test_deregister_needs_the_lease_and_a_refusal_changes_nothing() -> None:
+    table = Membership()
+    lease = table.register("n", A, now=0.0).lease
+    with pytest.raises(LeaseMismatch):
+        table.deregister("n", now=1.0, lease="guess")
+    assert ids(table, 1.0) == ["n"]
+    assert table.deregister("n", now=1.0, lease=lease)
+
+
+def test_the_hijack_another_address_without_the_lease_is_refused() -> None:
+    """The issue's attack: register an existing id with another address."""
+    table = Membership()
+    lease = table.register("n", A, {"workers": 4}, now=0.0).lease
+    table.drain_events()
+    with pytest.raises(IdTaken) as info:
+        table.register("n", B, {"workers": 100}, now=1.0)
+    assert info.value.status == 409 and info.value.code == "conflict" and "'n'" in str(info.value)
+    member = table.get("n", now=1.0)
+    assert (member.address, dict(member.metadata), member.incarnation) == (A, {"workers": 4}, 1)
+    assert table.heartbeat("n", now=1.5, lease=lease) is HeartbeatResult.OK  # the real node carries on
+    assert table.drain_events() == []
+    with pytest.raises(IdTaken):
+        table.register("n", B, now=2.0, lease="guess")
+
+
+def test_a_node_restarted_at_the_same_address_takes_over_at_once() -> None:
+    table = Membership()
+    old = table.register("n", A, now=0.0).lease
+    new = table.register("n", A, now=1.0)  # a new process, no lease, same place
+    assert new.incarnation == 2 and new.lease != old
+    with pytest.raises(LeaseMismatch):
+        table.heartbeat("n", now=1.5, lease=old)  # the old instance's lease stops working
+    assert table.heartbeat("n", now=1.5, lease=new.lease) is HeartbeatResult.OK
+
+
+def test_the_same_instance_keeps_its_lease_when_it_registers_again() -> None:
+    table = Membership(ttl_s=5.0)
+    lease = table.register("n", A, now=0.0).lease
+    again = table.register("n", B, now=1.0, lease=lease)
+    assert again.lease == lease and again.address == B and again.incarnation == 2
+    late = table.register("n", A, now=7.0, lease=lease)  # dead meanwhile, back with its lease
+    assert late.lease == lease and late.incarnation == 3
+
+
+@pytest.mark.parametrize("wait_s, status", [(5.0, "dead"), (10.0, "forgotten")])
+def test_a_dead_or_forgotten_id_may_be_taken_by_anyone(wait_s: float, status: str) -> None:
+    table = Membership(ttl_s=5.0, remove_after_s=5.0)
+    old = table.register("n", A, now=0.0).lease
+    taken = table.register("n", B, now=wait_s)
+    assert taken.address == B and taken.lease != old
+    assert taken.incarnation == (2 if status == "dead" else 1)
+    with pytest.raises(LeaseMismatch):
+        table.heartbeat("n", now=wait_s, lease=old)
+
+
+def test_check_register_refuses_as_register_would_and_changes_nothing() -> None:
+    table = Membership(max_nodes=1)
+    table.register("n", A, now=0.0)
+    table.drain_events()
+    with pytest.raises(IdTaken):
+        table.check_register("n", B, now=1.0)
+    with pytest.raises(RegistryFull):
+        table.check_register("m", B, now=1.0)
+    table.check_register("n", A, now=1.0)
+    assert table.get("n", now=1.0).incarnation == 1 and table.drain_events() == []
+
+
+# -- bounds (issue 11, item 4) ----------------------------------------------------------------------------
+def test_a_full_table_refuses_new_ids_but_not_heartbeats_or_re_registrations() -> None:
+    table = Membership(ttl_s=5.0, max_nodes=2)
+    a = table.register("a", A, now=0.0).lease
+    table.register("b", B, now=1.0)
+    with pytest.raises(RegistryFull) as info:
+        table.register("c", A, now=2.0)
+    assert info.value.status == 503 and info.value.max_nodes == 2
+    assert info.value.retry_after_s == 3.0  # a, the longest silent, could die at 5
+    assert table.heartbeat("a", now=2.0, lease=a) is HeartbeatResult.OK
+    assert table.register("b", B, now=2.0).incarnation == 2  # a restart at the same place
+    assert ids(table, 2.0) == ["a", "b"]
+
+
+def test_a_new_id_pushes_out_the_longest_dead_member() -> None:
+    table = Membership(ttl_s=5.0, remove_after_s=100.0, max_nodes=2)
+    table.register("a", A, now=0.0)
+    b = table.register("b", B, now=3.0).lease
+    table.heartbeat("b", now=6.0, lease=b)  # a died at 5
+    table.drain_events()
+    table.register("c", A, now=6.0)
+    assert ids(table, 6.0, include_dead=True) == ["b", "c"]
+    assert [(e.kind, e.node_id) for e in table.drain_events()] == [("removed", "a"), ("joined", "c")]
+
+
+@pytest.mark.parametrize("metadata, limit", [
+    ({f"k{i}": i for i in range(33)}, "max_keys"),
+    ({"k" * 65: 1}, "max_key_chars"),
+    ({"": 1}, "max_key_chars"),
+    ({"blob": "x" * 5000}, "max_bytes"),
+    ({"w": float("nan")}, "values"),
+    ({"w": float("inf")}, "values"),
+    ({"w": [1.0, float("-inf")]}, "values"),
+    ({"w": {"x": {"y": 1}}}, "values"),
+    ({"w": [[1]]}, "values"),
+])
+def test_metadata_over_a_limit_is_refused_naming_it(metadata: dict, limit: str) -> None:
+    table = Membership()
+    with pytest.raises(MetadataRefused) as info:
+        table.register("n", A, metadata, now=0.0)
+    assert info.value.limit == limit and info.value.status == 400
+    assert table.get("n", now=0.0) is None
+    lease = table.register("n", A, {"workers": 1}, now=0.0).lease
+    with pytest.raises(MetadataRefused):
+        table.heartbeat("n", now=1.0, metadata=metadata, lease=lease)
+    assert dict(table.get("n", now=1.0).metadata) == {"workers": 1}
+
+
+def test_metadata_within_the_limits_is_kept() -> None:
+    ok = {"workers": 4, "load_factor_ms": 25.0, "zone": "a", "on": True, "x": None, "tags": ["a", 1],
+          "k" * 64: {"x": 1}, **{f"f{i}": i for i in range(25)}}
+    assert len(ok) == 32
+    assert Membership().register("n", A, ok, now=0.0).metadata == ok
+
+
+def test_limits_are_validated() -> None:
+    with pytest.raises(ConfigError, match="max_nodes"):
+        Membership(max_nodes=0)
+    with pytest.raises(ConfigError, match="max_bytes"):
+        MetadataLimits(max_bytes=0)
+
+
+def test_node_id_rule() -> None:
+    assert all(valid_node_id(i) for i in ("node-1", "a.b_c:d", "N" * 200, "10.0.0.1:5001"))
+    assert not any(valid_node_id(i) for i in ("", "a/b", "%2F", ".", "..", "N" * 201, "é", None))
+
+
+# -- a cacheable listing -----------------------------------------------------------------------------------
+def test_generation_moves_with_the_listing_and_only_then() -> None:
+    table = Membership(ttl_s=5.0, remove_after_s=5.0)
+    g0 = table.generation(now=0.0)
+    lease = table.register("n", A, {"w": 1}, now=0.0).lease
+    g1 = table.generation(now=0.0)
+    assert g1 != g0
+    table.heartbeat("n", now=1.0, lease=lease)
+    table.heartbeat("n", now=2.0, metadata={"w": 1}, lease=lease)  # the same metadata: no change
+    assert table.generation(now=2.0) == g1
+    table.heartbeat("n", now=3.0, metadata={"w": 2}, lease=lease)
+    g2 = table.generation(now=3.0)
+    assert g2 != g1
+    assert table.generation(now=8.0) != g2  # died at 8
+    g3 = table.generation(now=8.0)
+    assert table.generation(now=13.0) != g3  # forgotten at 13
+
+
+def test_the_lease_never_appears_in_a_listing() -> None:
+    member = Membership().register("n", A, now=0.0)
+    assert member.lease not in repr(member)
+    assert "lease" not in member.as_dict(now=1.0) and "lease" not in member.summary()
+    assert set(member.as_dict(now=1.0)) - set(member.summary()) == {"last_heartbeat", "seconds_since_heartbeat"}
