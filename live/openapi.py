@@ -167,8 +167,9 @@ _CLIENT_HEADERS = [
      "description": "From a `--trust-proxy` peer: the client is the rightmost untrusted hop.",
      "schema": STRING},
 ]
-_FAULTS = _obj({"error_rate": {"type": "number", "minimum": 0, "maximum": 1},
-                "extra_latency_ms": {"type": "number", "minimum": 0, "maximum": 600_000}}, more=False)
+_FAULT_FIELDS: dict[str, Schema] = {"error_rate": {"type": "number", "minimum": 0, "maximum": 1},
+                                    "extra_latency_ms": {"type": "number", "minimum": 0, "maximum": 600_000}}
+_FAULTS = _obj(_FAULT_FIELDS, more=False)
 _REFUSALS = {429: "Refused by the rate limiter (`rate_limited`), the backpressure gate (`backpressure`) or the "
                   "client bulkhead (`client_bulkhead`); with `Retry-After`.",
              400: "An `X-Client-ID` over 256 bytes (`bad_client_id`)."}
@@ -232,7 +233,7 @@ def node_description(*, faults: bool = False, admin_token: bool = False) -> dict
                 {400: "Not a JSON object (`empty_body`, `bad_json`), an unknown field (`unknown_field`) or a value "
                       "out of range (`bad_field`, naming the field).",
                  413: "Body over the node's 64 KiB limit (`body_too_large`)."},
-                tag="admin", body=_FAULTS, secured=secured),
+                tag="admin", body=_obj({}, _FAULT_FIELDS, more=False), secured=secured),
             "delete": _operation("Clear every injected fault", current, {}, tag="admin", secured=secured),
         }
     return _document(
