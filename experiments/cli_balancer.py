@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
+from typing import Any
+
 import click
 
 from core.scenario import BalancerSpec
@@ -10,6 +13,42 @@ from experiments.options import echo_notice, impl_option
 from experiments.server_options import URL, NodeList, serve_app, server_options
 
 __all__ = ["balancer_command"]
+
+
+class ByteSize(click.ParamType):
+    """A size in bytes: ``16777216``, ``16MiB``, ``512KiB``, ``1GiB`` (also ``k``/``M``/``G``, powers of 1024)."""
+
+    name = "BYTES"
+    _UNITS = {"": 1, "k": 1024, "kib": 1024, "m": 1024 ** 2, "mib": 1024 ** 2, "g": 1024 ** 3, "gib": 1024 ** 3}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip()
+        digits = text.rstrip("kKmMgGiIbB")
+        unit = self._UNITS.get(text[len(digits):].lower())
+        if not digits.isdigit() or unit is None:
+            self.fail(f"{value!r} is not a size (e.g. 16777216, 16MiB, 512KiB)", param, ctx)
+        return int(digits) * unit
+
+
+class CIDRList(click.ParamType):
+    """Comma-separated IP networks: ``127.0.0.1/32,10.0.0.0/8`` (a bare address is a /32 or /128)."""
+
+    name = "CIDR,..."
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        networks = []
+        for item in (v.strip() for v in str(value).split(",")):
+            if not item:
+                continue
+            try:
+                networks.append(str(ipaddress.ip_network(item, strict=False)))
+            except ValueError:
+                self.fail(f"{item!r} is not an IP network (e.g. 127.0.0.1/32 or 10.0.0.0/8)", param, ctx)
+        return tuple(networks)
 
 
 @click.command("balancer")
@@ -34,11 +73,19 @@ __all__ = ["balancer_command"]
               show_default=True)
 @click.option("--no-retry", is_flag=True, help="Do not retry refused connections on another backend.")
 @click.option("--seed", type=click.IntRange(0), default=None, help="Seed of the strategy's generator.")
+@click.option("--max-body", type=ByteSize(), default="16MiB", show_default=True,
+              help="Largest request body proxied (bytes; 16MiB, 512KiB also work): a larger Content-Length is "
+                   "refused with 413 before anything is sent; a chunked body is cut off there (413, the upstream "
+                   "exchange aborted).")
+@click.option("--trust-clients", type=CIDRList(), default="", show_default="none",
+              help="Networks whose clients may name themselves: their X-Client-ID passes and their "
+                   "X-Forwarded-For is extended. From anyone else both are replaced by the peer address.")
 @impl_option
 def balancer_command(port: int, host: str, nodes: tuple[str, ...] | None,
                      registry: str | None, strategy: str, health_interval: float, unhealthy_after: int,
                      refresh_interval: float, timeout: float, eject_after: int,
-                     ejection_time: float, no_retry: bool, seed: int | None, impl: str) -> None:
+                     ejection_time: float, no_retry: bool, seed: int | None, impl: str,
+                     max_body: int, trust_clients: tuple[str, ...]) -> None:
     """The load balancer: proxies everything; GET /lb-stats and /metrics are its own."""
     from live.balancer import BalancerConfig, make_balancer_app
 
@@ -52,5 +99,6 @@ def balancer_command(port: int, host: str, nodes: tuple[str, ...] | None,
     config = BalancerConfig(host=host, port=port, nodes=nodes or (), registry=registry, strategy=strategy,
                             health_interval_s=health_interval, unhealthy_after=unhealthy_after,
                             refresh_s=refresh_interval, timeout_s=timeout, eject_after_failures=eject_after,
-                            ejection_time_s=ejection_time, retry_connect_failures=not no_retry, seed=seed)
+                            ejection_time_s=ejection_time, retry_connect_failures=not no_retry, seed=seed,
+                            max_body_bytes=max_body, trust_clients=trust_clients)
     serve_app(make_balancer_app(config, strategy_cls=strategy_cls), port, name="balancer")
