@@ -185,7 +185,9 @@ def balancer_args(scenario: Scenario, *, registry_url: str, impl: str, refresh_i
             "--health-interval", _num(b.health_check_interval_s), "--unhealthy-after", str(b.unhealthy_after),
             "--refresh-interval", _num(refresh_interval_s), "--timeout", _num(b.timeout_s),
             "--eject-after", str(b.eject_after_failures), "--ejection-time", _num(b.ejection_time_s),
-            "--seed", str(strategy_seed(scenario.seed)), "--impl", impl, "--shutdown-timeout", "2"]
+            "--seed", str(strategy_seed(scenario.seed)), "--impl", impl, "--shutdown-timeout", "2",
+            # The run's load generator, on loopback, names its clients (X-Client-ID): the one trusted client.
+            "--trust-clients", "127.0.0.1/32"]
     if not b.retry_connect_failures:
         args.append("--no-retry")
     return args
