@@ -28,8 +28,8 @@ forgotten). A new id past the cap first pushes out the longest-dead member; if
 every member is alive it is refused with :class:`RegistryFull`, whose
 ``retry_after_s`` is the earliest a member could die. Heartbeats and
 re-registrations of known ids are never refused for space. Metadata is bounded
-by :class:`MetadataLimits` (JSON size, keys, key length, values scalars or
-flat lists/objects of scalars, numbers finite) and node ids by
+by :class:`MetadataLimits` (JSON size, keys, key length, values JSON scalars
+with finite numbers: nothing stored can later break the listing's JSON) and node ids by
 :data:`NODE_ID_RULE` (an id must survive being a URL path segment).
 
 Readers: ``generation`` changes whenever the listing (ids, addresses,
@@ -122,7 +122,7 @@ class RegistryFull(RegistryRefusal):
 class MetadataRefused(RegistryRefusal):
     """Metadata over one of the :class:`MetadataLimits`; ``limit`` names which."""
 
-    status, code = 400, "bad_metadata"
+    status, code = 400, "bad_field"
 
     def __init__(self, limit: str, message: str) -> None:
         super().__init__(message)
@@ -166,15 +166,11 @@ class MetadataLimits:
             if not isinstance(key, str) or not 1 <= len(key) <= self.max_key_chars:
                 raise MetadataRefused("max_key_chars", f"metadata key {str(key)[:80]!r} must be 1-"
                                                        f"{self.max_key_chars} characters")
-            inner = value.values() if isinstance(value, Mapping) else value if isinstance(value, list) else (value,)
-            for item in inner:
-                if not isinstance(item, _SCALARS):
-                    raise MetadataRefused("values", f"metadata[{key!r}] must be a JSON scalar, or a list or "
-                                                    "object of scalars (no deeper nesting)")
-                if isinstance(item, float) and not math.isfinite(item):
-                    raise MetadataRefused("values", f"metadata[{key!r}] holds {item!r}; numbers must be finite")
-            if isinstance(value, Mapping) and not all(isinstance(k, str) for k in value):
-                raise MetadataRefused("values", f"metadata[{key!r}] must have string keys")
+            if not isinstance(value, _SCALARS):
+                raise MetadataRefused("values", f"metadata[{key!r}] must be a JSON scalar (string, number, "
+                                                f"boolean or null), not {type(value).__name__}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise MetadataRefused("values", f"metadata[{key!r}] is {value!r}; numbers must be finite")
         text = json.dumps(metadata, separators=(",", ":"), allow_nan=False)
         if len(text) > self.max_bytes:
             raise MetadataRefused("max_bytes", f"metadata is {len(text)} bytes of JSON; at most {self.max_bytes}")
@@ -218,7 +214,7 @@ class MembershipChange:
 
 class _Record:
     __slots__ = ("address", "metadata", "metadata_json", "registered_at", "last_heartbeat", "incarnation",
-                 "died_at", "lease")
+                 "died_at", "lease", "summary_json")
 
     def __init__(self, address: str, metadata: Mapping[str, Any], metadata_json: str, now: float,
                  incarnation: int, lease: str) -> None:
@@ -230,6 +226,14 @@ class _Record:
         self.incarnation = incarnation
         self.died_at = 0.0
         self.lease = lease
+        self.summary_json: str | None = None  # the alive listing's entry, made on first use after a change
+
+    def alive_summary_json(self, node_id: str) -> str:
+        if self.summary_json is None:
+            self.summary_json = (
+                f'{{"id":{json.dumps(node_id)},"address":{json.dumps(self.address)},"metadata":{self.metadata_json},'
+                f'"status":"alive","registered_at":{json.dumps(self.registered_at)},"incarnation":{self.incarnation}}}')
+        return self.summary_json
 
 
 def _check_id(node_id: object) -> str:
@@ -336,6 +340,7 @@ class Membership:
         if metadata is not None and metadata_json is not None and metadata_json != record.metadata_json:
             record.metadata = MappingProxyType(dict(metadata))
             record.metadata_json = metadata_json
+            record.summary_json = None
             self._generation += 1
         return HeartbeatResult.OK
 
@@ -369,6 +374,14 @@ class Membership:
         if node_id in self._dead:
             return self._snapshot(node_id, self._dead[node_id], MemberStatus.DEAD)
         return None
+
+    def alive_json(self, *, now: float) -> str:
+        """The alive members' :meth:`Member.summary` entries as a JSON array, sorted by id. Each entry is
+        serialised once per change of its member and kept, so a new listing after one change costs a sort
+        and a join, not a serialisation of every member."""
+        self._advance(now)
+        alive = self._alive
+        return "[" + ",".join(alive[i].alive_summary_json(i) for i in sorted(alive)) + "]"
 
     def generation(self, *, now: float) -> int:
         """A number that changes whenever a listing (``members(now=now)``, with or without the dead,

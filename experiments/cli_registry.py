@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
+from core.addresses import AddressError, AllowList
+from core.registry import MetadataLimits
 from experiments.server_options import serve_app, server_options
 
-__all__ = ["registry_command"]
+__all__ = ["AllowBackends", "registry_command"]
+
+_LIMITS = MetadataLimits()
+
+
+class AllowBackends(click.ParamType):
+    """``--allow-backends``: comma-separated CIDRs (a bare IP is one address), or ``any``."""
+
+    name = "CIDR,..."
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> AllowList:
+        if isinstance(value, AllowList):
+            return value
+        try:
+            return AllowList.parse(str(value))
+        except AddressError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 @click.command("registry")
@@ -16,7 +36,30 @@ __all__ = ["registry_command"]
               help="Seconds without a heartbeat before a node is dead (removed after as long again).")
 @click.option("--token", envvar="TESTBED_REGISTRY_TOKEN", default=None, show_envvar=True,
               help="Require 'Authorization: Bearer TOKEN' on writes.")
-def registry_command(port: int, host: str, ttl: float, token: str | None) -> None:
+@click.option("--allow-backends", type=AllowBackends(), default=None,
+              help="Networks a registered address may resolve to, e.g. 10.0.0.0/8,::1/128, or 'any' "
+                   "[default: 127.0.0.0/8,::1/128 when --host is loopback, else any address except "
+                   "link-local/cloud metadata (169.254.0.0/16, fe80::/10) and unspecified ones].")
+@click.option("--max-nodes", type=click.IntRange(1, 1_000_000), default=1000, show_default=True,
+              help="Most members: a new id past it pushes out the longest-dead member, or if all are alive "
+                   "gets 503 registry_full with Retry-After.")
+@click.option("--max-metadata-bytes", type=click.IntRange(2, 16 * 1024), default=_LIMITS.max_bytes,
+              show_default=True, help="Largest metadata object, in bytes of compact JSON (400 past it).")
+@click.option("--max-metadata-keys", type=click.IntRange(0, 10_000), default=_LIMITS.max_keys, show_default=True,
+              help="Most keys in a node's metadata (400 past it).")
+@click.option("--max-metadata-key-chars", type=click.IntRange(1, 10_000), default=_LIMITS.max_key_chars,
+              show_default=True, help="Longest metadata key, in characters (400 past it).")
+@click.option("--resolve-timeout", type=click.FloatRange(0.01, 60), default=2.0, show_default=True,
+              help="Seconds a registered host name may take to resolve (400 bad_address past it).")
+def registry_command(port: int, host: str, ttl: float, token: str | None, allow_backends: AllowList | None,
+                     max_nodes: int, max_metadata_bytes: int, max_metadata_keys: int, max_metadata_key_chars: int,
+                     resolve_timeout: float) -> None:
     """The service registry: POST /register, /heartbeat/{id}, /deregister; GET /nodes, /health, /metrics."""
     from live.registry import make_registry_app
-    serve_app(make_registry_app(ttl_s=ttl, token=token), port, name="registry")
+
+    limits = MetadataLimits(max_bytes=max_metadata_bytes, max_keys=max_metadata_keys,
+                            max_key_chars=max_metadata_key_chars)
+    allow = allow_backends or AllowList.default_for(host)
+    click.echo(f"registry: backends allowed in {allow}", err=True)
+    serve_app(make_registry_app(ttl_s=ttl, token=token, host=host, allow_backends=allow, max_nodes=max_nodes,
+                                metadata_limits=limits, resolve_timeout_s=resolve_timeout), port, name="registry")

@@ -1,39 +1,119 @@
 """``testbed registry``: the service registry, an aiohttp face on :class:`core.registry.Membership`.
 
-Endpoints: ``POST /register`` ``{"id", "address", "metadata"?}``;
-``POST /heartbeat/{id}`` (404 for an unknown id: register again); ``POST
-/deregister`` ``{"id"}``; ``GET /nodes`` (alive; ``?all=1`` adds the dead not
-yet forgotten); ``GET /health``; ``GET /metrics``. With a token (``--token`` or
-``TESTBED_REGISTRY_TOKEN``) the writing endpoints want ``Authorization:
-Bearer <token>``. Expiry is lazy in the core table; a background task also
-advances it every second so membership changes are logged and counted when
-they happen, not when someone asks.
+Endpoints: ``POST /register`` ``{"id", "address", "metadata"?}`` (201 new, 200
+known; the answer carries the ``lease``); ``POST /heartbeat/{id}``
+``{"metadata"?}`` (404 for an unknown id: register again); ``POST /deregister``
+``{"id"}``; ``GET /nodes`` (alive; ``?all=1`` adds the dead not yet forgotten
+and the heartbeat times); ``GET /health``; ``GET /metrics``; ``GET /openapi.json``.
+
+Ownership: heartbeats and deregistrations carry the lease from the register
+answer in the ``X-Lease`` header; a missing or stale one is ``409
+lease_mismatch`` (register again). A register of a live id from another
+address without the lease is ``409 conflict`` (the policy is in the core).
+With a token (``--token`` or ``TESTBED_REGISTRY_TOKEN``) the writing endpoints
+also want ``Authorization: Bearer <token>``: the token says who may write at
+all, the lease which instance owns an id.
+
+Checks on ``/register``: unknown fields, a node id outside
+:data:`core.registry.NODE_ID_RULE`, metadata over its limits, an address that
+is not ``http://host:port`` or leads outside ``--allow-backends`` (resolved
+with :func:`live.resolve.check_backend`, after the cheap checks so a refused
+request costs no lookup) are each a 400 naming the problem; a new id past
+``--max-nodes`` is ``503 registry_full`` with ``Retry-After``.
+
+``GET /nodes`` is served from a cached body, rebuilt only when the table's
+``generation`` moves (a join, death, revival, departure or new metadata), so a
+balancer polling it four times a second costs a dictionary lookup, not a
+serialisation of every member. The cached entries leave out the heartbeat
+times, which change on every beat; ``?all=1`` has them, from a body at most
+``ALL_REFRESH_S`` old. Expiry is lazy in the core table; a background task
+also advances it every second so membership changes are logged and counted
+when they happen, not when someone asks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 import hmac
+import json
 import logging
+import secrets
+import time
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from core.registry import HeartbeatResult, Membership
+from core.addresses import AddressError, AllowList, parse_backend_url
+from core.rate_limiter import retry_after
+from core.registry import (NODE_ID_RULE, HeartbeatResult, IdTaken, LeaseMismatch, Membership, MetadataLimits,
+                           MetadataRefused, RegistryFull, RegistryRefusal, valid_node_id)
 from live.http import cancel_and_wait, error_middleware, json_error, metrics_response, read_json, require
 from live.metrics import RegistryMetrics
 from live.openapi import registry_description, serve as serve_openapi
+from live.resolve import DEFAULT_RESOLVE_TIMEOUT_S, check_backend
 
-__all__ = ["make_registry_app"]
+__all__ = ["ALL_REFRESH_S", "DEFAULT_MAX_NODES", "LEASE_HEADER", "make_registry_app"]
 
 log = logging.getLogger("testbed.registry")
+
+#: The header that carries a node's lease on heartbeats, deregistrations and re-registrations.
+LEASE_HEADER = "X-Lease"
+DEFAULT_MAX_NODES = 1000
+#: How old a ``GET /nodes?all=1`` body may be (its heartbeat times move on every beat).
+ALL_REFRESH_S = 1.0
+
+
+class Settings:
+    """What the handlers need besides the table: who may write, where backends may live."""
+
+    def __init__(self, token: str, allow: AllowList, resolve_timeout_s: float) -> None:
+        self.token = token.encode("utf-8", "surrogateescape")
+        self.allow = allow
+        self.resolve_timeout_s = resolve_timeout_s
+
+
+class Listing:
+    """The serialised ``GET /nodes`` bodies, rebuilt when the table's generation moves."""
+
+    def __init__(self) -> None:
+        self.alive_generation = -1
+        self.alive = b""
+        self.all_generation = -1
+        self.all_built_at = float("-inf")
+        self.all = b""
+
+    def alive_body(self, table: Membership, now: float) -> bytes:
+        generation = table.generation(now=now)
+        if generation != self.alive_generation:
+            entries = table.alive_json(now=now)
+            count = table.counts(now=now)["alive"]
+            self.alive = f'{{"nodes":{entries},"count":{count}}}'.encode()
+            self.alive_generation = generation
+        return self.alive
+
+    def all_body(self, table: Membership, now: float) -> bytes:
+        generation = table.generation(now=now)
+        if generation != self.all_generation or not now - ALL_REFRESH_S < self.all_built_at <= now:
+            members = table.members(now=now, include_dead=True)
+            self.all = _dumps({"nodes": [m.as_dict(now=now) for m in members], "count": len(members)})
+            self.all_generation, self.all_built_at = generation, now
+        return self.all
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    # allow_nan=False: the core refuses non-finite metadata, so this can only fail loudly, never emit NaN.
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+
 
 MEMBERSHIP = web.AppKey("membership", Membership)
 CLOCK = web.AppKey[Callable[[], float]]("clock")
 METRICS = web.AppKey("metrics", RegistryMetrics)
-TOKEN = web.AppKey("token", str)
-_PATHS = {"/register", "/deregister", "/nodes", "/health", "/metrics"}
+SETTINGS = web.AppKey("settings", Settings)
+LISTING = web.AppKey("listing", Listing)
+_PATHS = {"/register", "/deregister", "/nodes", "/health", "/metrics", "/openapi.json"}
+REGISTER_FIELDS = frozenset({"id", "address", "metadata"})
+HEARTBEAT_FIELDS = frozenset({"metadata"})
+DEREGISTER_FIELDS = frozenset({"id"})
 
 
 def _now(request: web.Request) -> float:
@@ -46,15 +126,26 @@ def _drain(app: web.Application) -> None:
         log.info("%s %s at %.3f", change.node_id, change.kind, change.at)
 
 
+def _authorized(request: web.Request, token: bytes) -> bool:
+    """Constant-time check of ``Authorization: Bearer <token>``. Header values arrive decoded as UTF-8 with
+    surrogate escapes, so encoding them back the same way gives the bytes sent, whatever they were."""
+    given = request.headers.get("Authorization", "")
+    try:
+        raw = given.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # not from the wire: a str no byte sequence decodes to
+        return False
+    return hmac.compare_digest(raw, b"Bearer " + token)
+
+
 @web.middleware
 async def registry_middleware(request: web.Request,
                               handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    token = request.app[TOKEN]
-    if token and request.method == "POST":
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            return json_error(401, "unauthorized", "this registry needs 'Authorization: Bearer <token>' for writes")
-    response = await handler(request)
+    token = request.app[SETTINGS].token
+    if token and request.method == "POST" and not _authorized(request, token):
+        response: web.StreamResponse = json_error(
+            401, "unauthorized", "this registry needs 'Authorization: Bearer <token>' for writes")
+    else:
+        response = await handler(request)
     path = request.path if request.path in _PATHS else ("/heartbeat" if request.path.startswith("/heartbeat/")
                                                         else "other")
     request.app[METRICS].requests.labels(path, str(response.status)).inc()
@@ -62,31 +153,77 @@ async def registry_middleware(request: web.Request,
     return response
 
 
-def _valid_id(v: Any) -> bool:
-    return isinstance(v, str) and 0 < len(v.strip()) <= 200
+def _refused(exc: RegistryRefusal) -> web.Response:
+    """The answer for a refusal of the core table."""
+    if isinstance(exc, RegistryFull):
+        return json_error(503, exc.code, str(exc), headers={"Retry-After": retry_after(exc.retry_after_s)},
+                          max_nodes=exc.max_nodes, retry_after_s=round(exc.retry_after_s, 3))
+    if isinstance(exc, LeaseMismatch):
+        return json_error(409, exc.code, str(exc), node_id=exc.node_id, action="register")
+    if isinstance(exc, IdTaken):
+        return json_error(409, exc.code, str(exc), node_id=exc.node_id)
+    if isinstance(exc, MetadataRefused):
+        return json_error(400, exc.code, str(exc), field="metadata", limit=exc.limit)
+    return json_error(exc.status, exc.code, str(exc))
+
+
+def _reject_unknown(data: dict[str, Any], allowed: frozenset[str]) -> web.Response | None:
+    for field in data:
+        if field not in allowed:
+            return json_error(400, "unknown_field", f"unknown field {field!r}; the known fields are: "
+                              f"{', '.join(sorted(allowed))}", field=field, allowed=sorted(allowed))
+    return None
+
+
+def _bad_id(node_id: str, field: str) -> web.Response:
+    return json_error(400, "bad_field", f"field {field!r} must be a node id of {NODE_ID_RULE}, got {node_id[:250]!r}",
+                      field=field)
 
 
 async def register(request: web.Request) -> web.Response:
     data = await read_json(request)
-    node_id = require(data, "id", str, check=_valid_id, allowed="a non-empty string of at most 200 characters")
-    address = require(data, "address", str, check=lambda v: v.startswith(("http://", "https://")),
-                      allowed="an http:// or https:// URL")
+    if (unknown := _reject_unknown(data, REGISTER_FIELDS)) is not None:
+        return unknown
+    node_id = require(data, "id", str)
+    if not valid_node_id(node_id):
+        return _bad_id(node_id, "id")
+    address = require(data, "address", str)
     metadata = require(data, "metadata", dict, optional=True) or {}
-    table = request.app[MEMBERSHIP]
-    known = table.get(node_id, now=_now(request)) is not None
-    member = table.register(node_id, address, metadata, now=_now(request))
-    return web.json_response({"registered": member.as_dict(now=_now(request)),
+    lease = request.headers.get(LEASE_HEADER)
+    table, settings = request.app[MEMBERSHIP], request.app[SETTINGS]
+    try:
+        # The cheap refusals first, then the lookup, then the registration, which checks again
+        # (the table may have changed while the name resolved).
+        table.metadata_limits.check(metadata)
+        table.check_register(node_id, parse_backend_url(address).url, now=_now(request), lease=lease)
+        backend = await check_backend(address, settings.allow, timeout_s=settings.resolve_timeout_s)
+        known = table.get(node_id, now=_now(request)) is not None
+        member = table.register(node_id, backend.url, metadata, now=_now(request), lease=lease)
+    except AddressError as exc:
+        return json_error(400, "bad_address", f"field 'address': {exc}", field="address",
+                          allowed_backends=str(settings.allow))
+    except RegistryRefusal as exc:
+        return _refused(exc)
+    return web.json_response({"registered": member.summary(), "lease": member.lease,
                               "heartbeat_interval_s": table.heartbeat_interval_s, "ttl_s": table.ttl_s},
                              status=200 if known else 201)
 
 
 async def heartbeat(request: web.Request) -> web.Response:
     node_id = request.match_info["node_id"]
+    if not valid_node_id(node_id):
+        return _bad_id(node_id, "node_id")
     metadata = None
     if request.can_read_body:
         data = await read_json(request)
+        if (unknown := _reject_unknown(data, HEARTBEAT_FIELDS)) is not None:
+            return unknown
         metadata = require(data, "metadata", dict, optional=True)
-    result = request.app[MEMBERSHIP].heartbeat(node_id, now=_now(request), metadata=metadata)
+    try:
+        result = request.app[MEMBERSHIP].heartbeat(node_id, now=_now(request), metadata=metadata,
+                                                   lease=request.headers.get(LEASE_HEADER))
+    except RegistryRefusal as exc:
+        return _refused(exc)
     if result is HeartbeatResult.UNKNOWN:
         return json_error(404, "unknown_node", f"node {node_id!r} is not registered; register again",
                           action="register", node_id=node_id)
@@ -95,17 +232,25 @@ async def heartbeat(request: web.Request) -> web.Response:
 
 async def deregister(request: web.Request) -> web.Response:
     data = await read_json(request)
-    node_id = require(data, "id", str, check=_valid_id, allowed="a non-empty string")
-    if not request.app[MEMBERSHIP].deregister(node_id, now=_now(request)):
+    if (unknown := _reject_unknown(data, DEREGISTER_FIELDS)) is not None:
+        return unknown
+    node_id = require(data, "id", str)
+    if not valid_node_id(node_id):
+        return _bad_id(node_id, "id")
+    try:
+        known = request.app[MEMBERSHIP].deregister(node_id, now=_now(request), lease=request.headers.get(LEASE_HEADER))
+    except RegistryRefusal as exc:
+        return _refused(exc)
+    if not known:
         return json_error(404, "unknown_node", f"node {node_id!r} is not registered", node_id=node_id)
     return web.json_response({"deregistered": node_id})
 
 
 async def nodes(request: web.Request) -> web.Response:
     include_dead = request.query.get("all", "") in ("1", "true", "yes")
-    now = _now(request)
-    members = request.app[MEMBERSHIP].members(now=now, include_dead=include_dead)
-    return web.json_response({"nodes": [m.as_dict(now=now) for m in members], "count": len(members)})
+    table, listing, now = request.app[MEMBERSHIP], request.app[LISTING], _now(request)
+    body = listing.all_body(table, now) if include_dead else listing.alive_body(table, now)
+    return web.Response(body=body, content_type="application/json")
 
 
 async def health(request: web.Request) -> web.Response:
@@ -129,15 +274,21 @@ async def _expiry(app: web.Application) -> Any:
 
 
 def make_registry_app(*, ttl_s: float = 5.0, token: str | None = None,
-                      clock: Callable[[], float] | None = None) -> web.Application:
-    """The registry's aiohttp application. ``clock`` defaults to ``time.monotonic`` (the event loop's clock)."""
+                      clock: Callable[[], float] | None = None, host: str = "127.0.0.1",
+                      allow_backends: AllowList | None = None, max_nodes: int = DEFAULT_MAX_NODES,
+                      metadata_limits: MetadataLimits | None = None,
+                      resolve_timeout_s: float = DEFAULT_RESOLVE_TIMEOUT_S) -> web.Application:
+    """The registry's aiohttp application. ``clock`` defaults to ``time.monotonic`` (the event loop's clock);
+    ``allow_backends`` to :meth:`AllowList.default_for` the ``host`` the registry is bound to."""
     app = web.Application(middlewares=[error_middleware, registry_middleware], client_max_size=16 * 1024)
     if clock is None:
         clock = time.monotonic  # what the default event loop's loop.time() reads
-    app[MEMBERSHIP] = Membership(ttl_s=ttl_s, heartbeat_interval_s=min(2.0, ttl_s))
+    app[MEMBERSHIP] = Membership(ttl_s=ttl_s, heartbeat_interval_s=min(2.0, ttl_s), max_nodes=max_nodes,
+                                 metadata_limits=metadata_limits, new_lease=lambda: secrets.token_urlsafe(18))
     app[CLOCK] = clock
     app[METRICS] = RegistryMetrics()
-    app[TOKEN] = token or ""
+    app[SETTINGS] = Settings(token or "", allow_backends or AllowList.default_for(host), resolve_timeout_s)
+    app[LISTING] = Listing()
     app.router.add_post("/register", register)
     app.router.add_post("/heartbeat/{node_id}", heartbeat)
     app.router.add_post("/deregister", deregister)

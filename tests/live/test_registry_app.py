@@ -16,6 +16,11 @@ async def register(client, node_id="node-1", port=5001, **extra):
     return await client.post("/register", json={"id": node_id, "address": f"http://127.0.0.1:{port}", **extra})
 
 
+async def lease_of(resp) -> dict[str, str]:
+    """The headers that prove ownership, from a register answer."""
+    return {"X-Lease": (await resp.json())["lease"]}
+
+
 async def ids(client, all_=False):
     resp = await client.get("/nodes" + ("?all=1" if all_ else ""))
     return [(n["id"], n["status"]) for n in (await resp.json())["nodes"]]
@@ -26,9 +31,10 @@ async def test_register_heartbeat_list(registry, clock) -> None:
     assert resp.status == 201
     body = await resp.json()
     assert body["registered"]["metadata"] == {"workers": 4} and body["ttl_s"] == 5.0
-    assert (await register(registry)).status == 200  # again: a new incarnation, not a duplicate
+    again = await register(registry)
+    assert again.status == 200  # again, from the same address: a new incarnation, not a duplicate
     clock.advance(2)
-    assert (await registry.post("/heartbeat/node-1")).status == 200
+    assert (await registry.post("/heartbeat/node-1", headers=await lease_of(again))).status == 200
     assert await ids(registry) == [("node-1", "alive")]
 
 
@@ -51,9 +57,9 @@ async def test_unknown_heartbeat_is_404_register_again(registry) -> None:
 
 
 async def test_deregister(registry) -> None:
-    await register(registry)
-    assert (await registry.post("/deregister", json={"id": "node-1"})).status == 200
-    assert (await registry.post("/deregister", json={"id": "node-1"})).status == 404
+    lease = await lease_of(await register(registry))
+    assert (await registry.post("/deregister", json={"id": "node-1"}, headers=lease)).status == 200
+    assert (await registry.post("/deregister", json={"id": "node-1"}, headers=lease)).status == 404
     assert await ids(registry, all_=True) == []
 
 
@@ -62,7 +68,7 @@ async def test_deregister(registry) -> None:
     (b'{"id": 5, "address": "http://127.0.0.1:1"}', "id", "field 'id' must be"),
     (b'{"id": "", "address": "http://127.0.0.1:1"}', "id", "field 'id' must be"),
     (b'{"id": "a"}', "address", "field 'address' is required"),
-    (b'{"id": "a", "address": "localhost:1"}', "address", "http:// or https:// URL"),
+    (b'{"id": "a", "address": "localhost:1"}', "address", "is not a URL"),
     (b'{"id": "a", "address": "http://x:1", "metadata": [1]}', "metadata", "field 'metadata' must be dict"),
 ])
 async def test_bad_registrations_name_the_field(registry, body, field, words) -> None:
