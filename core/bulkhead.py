@@ -17,6 +17,12 @@ once per admitted request when it leaves the node. A client with nothing
 inside holds no memory, so the table never grows beyond the clients that have
 requests in the node right now. Releasing more than was admitted raises.
 No time is involved.
+
+Memory is therefore bounded by what the node holds, not by how many clients
+it has seen: at most one entry per request inside (the request path gives a
+place back on every refusal after this step), so at most ``--backpressure``
+entries, or one per open connection without it (the server's connection cap),
+and a node's client keys are at most 256 bytes (:mod:`core.client_key`).
 """
 
 from __future__ import annotations

@@ -25,7 +25,23 @@ bucket and the mark is set to twice what is left (at least
 since the previous one: O(1) amortized per call, and the table never holds
 more than twice the clients seen in the last ``capacity / rate_per_s`` seconds
 (or ``MIN_SWEEP_MARK``). A million one-off clients do not leave a million
-buckets behind, and a lookup of a known client never pays for any of it.
+buckets behind.
+
+That bound is in clients seen per refill time, which a slow rate makes large
+(a million one-off clients at 0.001/s are all still owed tokens). So the table
+also holds at most ``max_clients`` buckets (default
+:data:`DEFAULT_MAX_CLIENTS`): it is kept in least-recently-used order (a
+lookup of a known client moves it to the end, O(1)), and a new client that
+finds the table full evicts the least recently used bucket first, O(1). An
+evicted client comes back with a full bucket, exactly as a swept one does: the
+cap errs toward allowing, never toward refusing, and only a client that has
+been quiet longer than ``max_clients`` others can gain by it. Evictions count
+toward the sweep mark as the buckets would have, so sweeps stay amortized O(1)
+with the table full. Keys are capped upstream (a node keys on at most 256
+bytes, :mod:`core.client_key`), so ``max_clients`` bounds the table in bytes
+too: a bucket and its table entry take about 190 bytes besides its key
+(measured with tracemalloc, CPython 3.11), a 256-byte key 305 more, so the
+default table stays under 50 MB whatever clients send (25 MB with IP keys).
 
 Student exercise 1 is :meth:`TokenBucket.is_allowed`; everything else here is
 complete and is what the live node and the simulator call
@@ -35,12 +51,16 @@ complete and is what the live node and the simulator call
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
-from core._validate import number
+from core._validate import integer, number
 from core.exercise import ExerciseNotImplemented
 
-__all__ = ["Bucket", "RateLimitDecision", "TokenBucket", "retry_after"]
+__all__ = ["Bucket", "DEFAULT_MAX_CLIENTS", "RateLimitDecision", "TokenBucket", "retry_after"]
+
+#: Buckets a :class:`TokenBucket` keeps at most, by default (least recently used evicted past it).
+DEFAULT_MAX_CLIENTS = 100_000
 
 
 class Bucket:
@@ -96,19 +116,23 @@ class TokenBucket:
     """Token buckets keyed by client id.
 
     ``rate_per_s`` is the refill rate in tokens per second (> 0); ``capacity`` the
-    burst size in tokens (>= 1, default ``rate_per_s`` but at least 1).
+    burst size in tokens (>= 1, default ``rate_per_s`` but at least 1);
+    ``max_clients`` the most buckets kept at once (>= 1; see the module docstring).
     """
 
     #: The table is never swept below this many buckets.
     MIN_SWEEP_MARK = 1024
 
-    def __init__(self, rate_per_s: float, capacity: float | None = None) -> None:
+    def __init__(self, rate_per_s: float, capacity: float | None = None, *,
+                 max_clients: int = DEFAULT_MAX_CLIENTS) -> None:
         self.rate_per_s = number("rate_per_s", rate_per_s, gt=0)
         if capacity is None:
             capacity = max(1.0, self.rate_per_s)
         self.capacity = number("capacity", capacity, ge=1)
-        self._buckets: dict[str, Bucket] = {}
+        self.max_clients = integer("max_clients", max_clients, ge=1)
+        self._buckets: OrderedDict[str, Bucket] = OrderedDict()  # least recently used first
         self._sweep_mark = self.MIN_SWEEP_MARK
+        self.evicted = 0  # buckets dropped by the max_clients cap (not by sweeps), ever
 
     # -- student exercise 1 -------------------------------------------------
     def is_allowed(self, client_id: str, *, now: float) -> bool:
@@ -159,7 +183,7 @@ class TokenBucket:
 
     @property
     def tracked_clients(self) -> int:
-        """How many buckets are held in memory (full ones are dropped lazily)."""
+        """How many buckets are held in memory (full ones are dropped lazily; never more than ``max_clients``)."""
         return len(self._buckets)
 
     def sweep(self, *, now: float) -> int:
@@ -167,23 +191,46 @@ class TokenBucket:
 
         New clients trigger it when the table reaches its sweep mark, so a driver
         never needs to; one may still call it on a timer to give memory back sooner.
+        The survivors keep their least-recently-used order, in a new table (a
+        dict never gives back the room of deleted entries).
         """
         before = len(self._buckets)
         capacity, rate = self.capacity, self.rate_per_s
-        self._buckets = {cid: b for cid, b in self._buckets.items()
-                         if b.tokens + (now - b.updated_at) * rate < capacity}
+        self._buckets = OrderedDict((cid, b) for cid, b in self._buckets.items()
+                                    if b.tokens + (now - b.updated_at) * rate < capacity)
         self._sweep_mark = max(self.MIN_SWEEP_MARK, 2 * len(self._buckets))
         return before - len(self._buckets)
 
     # -- helpers --------------------------------------------------------------
     def _bucket(self, client_id: str, *, now: float) -> Bucket:
-        """Return ``client_id``'s bucket; a new client gets a full one, dated ``now``."""
-        bucket = self._buckets.get(client_id)
+        """Return ``client_id``'s bucket; a new client gets a full one, dated ``now``.
+
+        A known client becomes the most recently used; a new one may first
+        trigger a sweep or evict the least recently used bucket (:meth:`_make_room`).
+        """
+        buckets = self._buckets
+        bucket = buckets.get(client_id)
         if bucket is None:
-            if len(self._buckets) >= self._sweep_mark:
-                self.sweep(now=now)
+            size = len(buckets)
+            if size >= self._sweep_mark or size >= self.max_clients:
+                self._make_room(now=now)  # a sweep makes a new table: not ``buckets`` any more
             bucket = self._buckets[client_id] = Bucket(self.capacity, now)
+        else:
+            buckets.move_to_end(client_id)
         return bucket
+
+    def _make_room(self, *, now: float) -> None:
+        """Before a new bucket: sweep if the mark is reached, then evict least recently used buckets
+        until there is room for one more under ``max_clients``. Each eviction brings the sweep mark one
+        nearer, as the evicted bucket would have by staying, so a full table is still swept after as many
+        new clients as an unbounded one would be."""
+        if len(self._buckets) >= self._sweep_mark:
+            self.sweep(now=now)
+        buckets = self._buckets
+        while len(buckets) >= self.max_clients:
+            buckets.popitem(last=False)
+            self.evicted += 1
+            self._sweep_mark -= 1
 
     def _tokens(self, client_id: str, now: float) -> float:
         """Tokens in ``client_id``'s bucket at ``now``, without changing anything."""

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from core._validate import ConfigError
+from core.client_key import TrustedProxies
+from core.rate_limiter import DEFAULT_MAX_CLIENTS
 from core.scenario import BreakerSpec
 from experiments.options import echo_notice, impl_option
 from experiments.server_options import URL, serve_app, server_options
@@ -32,8 +34,13 @@ __all__ = ["node_command", "node_config"]
 @click.option("--rate-limit", type=click.FloatRange(0, min_open=True), default=None,
               help="Per-client token bucket: requests per second.")
 @click.option("--burst", type=click.FloatRange(1), default=None, help="Bucket capacity [default: the rate].")
+@click.option("--max-clients", type=click.IntRange(1), default=DEFAULT_MAX_CLIENTS, show_default=True,
+              help="Rate-limiter buckets kept at most; past it the least recently used client is forgotten "
+                   "(it comes back with a full bucket). About 500 bytes each at most.")
 @click.option("--trust-proxy", default="", metavar="IPS",
-              help="Comma-separated peer addresses whose X-Client-ID / X-Forwarded-For name the client.")
+              help="Comma-separated IPs and CIDR networks (127.0.0.1,10.0.0.0/8) of proxies whose X-Client-ID "
+                   "names the client, and whose X-Forwarded-For is read from the right up to the first hop "
+                   "that is not one of them.")
 @click.option("--backpressure", type=click.IntRange(1), default=None,
               help="At most N requests inside the node (in service plus waiting).")
 @click.option("--max-per-client", type=click.IntRange(1), default=None,
@@ -56,6 +63,8 @@ __all__ = ["node_command", "node_config"]
 @click.option("--heartbeat-interval", type=click.FloatRange(0.05, 60), default=2.0, show_default=True)
 @click.option("--advertise", type=URL(), default=None, help="Address to register [default: http://HOST:PORT].")
 @click.option("--faults", "faults_admin", is_flag=True, help="Enable GET/POST/DELETE /admin/faults.")
+@click.option("--admin-token", envvar="TESTBED_ADMIN_TOKEN", default=None, show_envvar=True, metavar="TOKEN",
+              help="With --faults, /admin/faults wants 'Authorization: Bearer TOKEN' (401 otherwise).")
 @click.option("--error-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Fraction of work requests that fail with 500.")
 @click.option("--extra-latency-ms", type=click.FloatRange(0, 600_000), default=0.0, show_default=True)
@@ -69,8 +78,19 @@ def node_command(port: int, node_id: str | None, host: str, trust_proxy: str,
     from live.node import listening, make_node_app
 
     config = node_config(port=port, node_id=node_id, host=host, trust_proxy=trust_proxy, **options)
+    if config.faults_admin and not config.admin_token and not _loopback(host):
+        click.echo(f"WARNING: /admin/faults is open to anyone who reaches {host}; give --admin-token "
+                   "(or TESTBED_ADMIN_TOKEN), or listen on 127.0.0.1", err=True)
     app = make_node_app(config)
     serve_app(app, port, name=config.node_id, on_listening=lambda bound: listening(app, bound))
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def node_config(*, port: int, node_id: str | None, host: str, trust_proxy: str, **options: Any) -> NodeConfig:
@@ -80,11 +100,20 @@ def node_config(*, port: int, node_id: str | None, host: str, trust_proxy: str, 
     impl = options.pop("impl")
     # The rate limiter is the only exercise a node runs, and only with --rate-limit.
     limiter_cls = echo_notice("rate-limiter", impl) if options["rate_limit"] is not None else None
+    try:
+        TrustedProxies.parse(trust_proxy)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--trust-proxy'") from None
+    token = options.get("admin_token")
+    if token is not None and not (0 < len(token) <= 512 and token.isascii() and token.isprintable()
+                                  and " " not in token):
+        raise click.BadParameter("must be 1 to 512 visible ASCII characters, no spaces (a bearer token)",
+                                 param_hint="'--admin-token' / TESTBED_ADMIN_TOKEN")
     config = NodeConfig(
         node_id=node_id or f"node-{port}", host=host, port=port, load_factor_ms=options.pop("load_factor"),
         rate_limit_per_s=options.pop("rate_limit"), rate_limit_burst=options.pop("burst"),
         recovery_timeout_s=options.pop("recovery_timeout"), heartbeat_interval_s=options.pop("heartbeat_interval"),
-        trust_proxy=tuple(ip.strip() for ip in trust_proxy.split(",") if ip.strip()), limiter_cls=limiter_cls,
+        trust_proxy=tuple(t.strip() for t in trust_proxy.split(",") if t.strip()), limiter_cls=limiter_cls,
         **options)
     if config.stream is not None and config.seed is None:
         raise click.UsageError("--stream picks a child stream of --seed; give --seed too")

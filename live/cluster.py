@@ -9,6 +9,9 @@ experiments.cli``: this Python, this tree). Every one listens on
 ``--port 0``; the first line it prints (``NAME listening on
 http://127.0.0.1:PORT``) says where, so no port is ever guessed. The nodes
 register the port they got; the balancer learns them from the registry.
+Every node gets the cluster's random admin token in its environment
+(``TESTBED_ADMIN_TOKEN``, never on its command line), so only the runner can
+post the scenario's faults to its ``/admin/faults``.
 :meth:`Cluster.start` returns once the balancer reports every node healthy.
 
 Stopping is by PID only: SIGTERM to the balancer, then the nodes, then the
@@ -32,6 +35,7 @@ import ctypes
 import json
 import os
 import re
+import secrets
 import signal
 import sys
 from collections import deque
@@ -44,6 +48,8 @@ from live.upstream import UpstreamError, UpstreamPool
 __all__ = ["Child", "ChildFailed", "Cluster", "balancer_args", "node_args"]
 
 _LISTENING = re.compile(rb"listening on (http://[\d.]+:(\d+))")
+#: Where ``testbed node`` reads its --admin-token from (not argv: ``ps`` shows argv to every local user).
+ADMIN_TOKEN_ENV = "TESTBED_ADMIN_TOKEN"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -62,9 +68,10 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 class Child:
     """One ``testbed`` subprocess: start it, learn its port, keep its last output lines, stop it by PID."""
 
-    def __init__(self, name: str, argv: list[str]) -> None:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         self.name = name
         self.argv = argv  # the whole command line: the testbed command, then the subcommand's arguments
+        self.env = env or {}  # on top of ours: secrets go here, not in argv, which every local user can read
         self.proc: asyncio.subprocess.Process | None = None
         self.url = ""
         self.port = 0
@@ -91,7 +98,8 @@ class Child:
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            start_new_session=True, preexec_fn=_die_with_parent,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
         try:
             await asyncio.wait_for(self._wait_listening(), timeout_s)
         except asyncio.TimeoutError:
@@ -174,7 +182,7 @@ def node_args(spec: NodeSpec, *, registry_url: str, seed: int, stream: int, impl
                  "--recovery-timeout", _num(b.recovery_timeout_s), "--half-open-max-calls", str(b.half_open_max_calls),
                  "--success-threshold", str(b.success_threshold)]
     if any(f.error_rate or f.extra_latency_ms for f in spec.faults):
-        args += ["--faults"]
+        args += ["--faults"]  # guarded by the admin token the Cluster puts in the node's environment
     return args
 
 
@@ -211,6 +219,8 @@ class Cluster:
         self.failed = asyncio.Event()
         self.failure = ""
         self._watchers: list[asyncio.Task[None]] = []
+        #: The nodes' --admin-token (given in their environment): the runner's fault posts carry it.
+        self.admin_token = secrets.token_urlsafe(24)
 
     @property
     def children(self) -> list[Child]:
@@ -259,7 +269,8 @@ class Cluster:
         spec = self.scenario.nodes[index]
         return Child(spec.id, [*self.command, *node_args(spec, registry_url=self.registry.url,
                                                          seed=self.scenario.seed, stream=stream, impl=self.impl,
-                                                         port=port)])
+                                                         port=port)],
+                     env={ADMIN_TOKEN_ENV: self.admin_token})
 
     async def _wait_ready(self) -> None:
         """Until the balancer has every node, healthy."""

@@ -12,10 +12,19 @@ The request path (rate limiter, backpressure gate, circuit breaker, FIFO
 workers) is :class:`core.node_pipeline.NodePipeline`, the very object the
 simulator drives: this module asks it to admit a request, waits while it
 queues, does the work, and tells it how the work ended (or that the client
-went away). The client is the peer address, or the ``X-Client-ID`` / first
-``X-Forwarded-For`` entry when the peer is a trusted proxy (``--trust-proxy``).
-The breaker counts 5xx and exceptions of the work (and of the ``--downstream``
-call) as failures; 4xx are not.
+went away). The client is the peer address, or, when the peer is a trusted
+proxy (``--trust-proxy IPS/CIDRS``), its ``X-Client-ID`` or the rightmost
+untrusted ``X-Forwarded-For`` hop (:mod:`core.client_key`, which also refuses
+an ``X-Client-ID`` over 256 bytes or not printable UTF-8: ``400
+bad_client_id``). The rate limiter keeps at most ``--max-clients`` buckets,
+least recently used evicted first. The breaker counts 5xx and exceptions of
+the work (and of the ``--downstream`` call) as failures; 4xx are not.
+
+``/admin/faults`` exists only with ``--faults``; with ``--admin-token`` (or
+``TESTBED_ADMIN_TOKEN``) it also wants ``Authorization: Bearer <token>``,
+compared in constant time on the raw bytes, and answers anything else with
+``401`` (never a 500, whatever bytes the header holds). The node listens on
+127.0.0.1 unless ``--host`` says otherwise.
 
 Time comes from one clock (``loop.time()`` unless a test injects its own) and
 is handed to the core objects as ``now``. Nothing here decides policy.
@@ -24,6 +33,8 @@ is handed to the core objects as ``now``. Nothing here decides policy.
 from __future__ import annotations
 
 import asyncio
+import functools
+import hmac
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Awaitable, Callable
@@ -32,8 +43,9 @@ import aiohttp
 import numpy as np
 from aiohttp import web
 
+from core.client_key import BadClientId, TrustedProxies
 from core.node_pipeline import NodePipeline, Rejected, Ticket
-from core.rate_limiter import TokenBucket
+from core.rate_limiter import DEFAULT_MAX_CLIENTS, TokenBucket
 from core.scenario import BreakerSpec, NodeSpec
 from core.workload import chunks, service_times, stream
 from live.discovery import DiscoveryClient
@@ -57,6 +69,7 @@ class NodeConfig:
     work_mode: str = "sleep"
     rate_limit_per_s: float | None = None
     rate_limit_burst: float | None = None
+    max_clients: int = DEFAULT_MAX_CLIENTS  # buckets the rate limiter keeps (least recently used evicted)
     backpressure: int | None = None
     max_per_client: int | None = None
     circuit_breaker: bool = False
@@ -71,6 +84,7 @@ class NodeConfig:
     advertise: str | None = None
     trust_proxy: tuple[str, ...] = ()
     faults_admin: bool = False
+    admin_token: str | None = None  # with faults_admin: /admin/faults wants "Authorization: Bearer <token>"
     error_rate: float = 0.0
     extra_latency_ms: float = 0.0
     seed: int | None = None
@@ -112,7 +126,9 @@ class NodeState:
         self._service = service_times(config.service, config.load_factor_ms / 1000.0, rng)
         self._uniform = chunks(rng.random)  # drawn as the simulator draws them (core.workload)
         # The request path is core's; whose rate limiter runs is the command line's choice.
-        self.pipeline = NodePipeline(config.spec, config.limiter_cls or TokenBucket)
+        self.pipeline = NodePipeline(config.spec, functools.partial(config.limiter_cls or TokenBucket,
+                                                                    max_clients=config.max_clients))
+        self.trusted = TrustedProxies.parse(config.trust_proxy)
         self.faults = Faults(config.error_rate, config.extra_latency_ms)
         self.discovery: DiscoveryClient | None = None
         self.metrics = NodeMetrics(config.node_id)
@@ -127,15 +143,15 @@ class NodeState:
         return bool(self.faults.error_rate) and next(self._uniform) < self.faults.error_rate
 
     def client_key(self, request: web.Request) -> str:
+        """Whom the rate limiter and the bulkhead count the request under (:mod:`core.client_key`);
+        raises :class:`BadClientId` for an X-Client-ID that cannot be a key."""
         peer = request.remote or "unknown"
-        if peer in self.config.trust_proxy:
-            explicit = request.headers.get("X-Client-ID")
-            if explicit:
-                return explicit
-            forwarded = request.headers.get("X-Forwarded-For")
-            if forwarded:
-                return forwarded.split(",")[0].strip()
-        return peer
+        trusted = self.trusted
+        if not trusted.trusts(peer):
+            return peer  # the common case, a set lookup: no header is read
+        headers = request.headers
+        return trusted.client(peer, client_id=headers.getall("X-Client-ID", ()),
+                              forwarded_for=headers.getall("X-Forwarded-For", ()))
 
 
 STATE = web.AppKey("state", NodeState)
@@ -164,6 +180,8 @@ def instrumented(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
         state.active += 1
         try:
             response = await handler(request)
+        except BadClientId as exc:
+            response = json_error(400, "bad_client_id", str(exc), limit_bytes=exc.limit_bytes)
         except Exception as exc:  # noqa: BLE001 - errors become JSON responses that still get counted and tagged
             response = error_response(request, exc)
         finally:
@@ -256,12 +274,18 @@ async def _call_downstream(state: NodeState) -> tuple[bool, str, int | None]:
 
 async def stats(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    config = {k: v for k, v in asdict(state.config).items() if k not in ("limiter_cls", "registry_token")}
-    return web.json_response({
+    config = {k: v for k, v in asdict(state.config).items()
+              if k not in ("limiter_cls", "registry_token", "admin_token")}
+    body = {
         "node_id": state.config.node_id, "uptime_s": state.clock() - state.started_at,
         "active_requests": state.active, "busy_workers": state.pipeline.busy,
         "queued": state.pipeline.waiting, "requests": state.metrics.counts(),
-        "faults": asdict(state.faults), "config": config})
+        "faults": asdict(state.faults), "config": config}
+    limiter = state.pipeline.limiter
+    if isinstance(limiter, TokenBucket):
+        body["rate_limiter"] = {"clients": limiter.tracked_clients, "max_clients": limiter.max_clients,
+                                "evicted": limiter.evicted}
+    return web.json_response(body)
 
 
 def _disabled(what: str, flag: str) -> web.Response:
@@ -313,6 +337,30 @@ async def fallback(request: web.Request) -> web.Response:
     if methods:
         raise web.HTTPMethodNotAllowed(request.method, methods)
     raise web.HTTPNotFound()
+
+
+def admin_only(handler: Callable[[web.Request], Awaitable[web.StreamResponse]], token: str) -> Callable[
+        [web.Request], Awaitable[web.StreamResponse]]:
+    """``handler`` behind ``Authorization: Bearer <token>``: anything else is a 401 JSON error.
+
+    The header is compared as the bytes that came (aiohttp decodes header values as
+    UTF-8 with ``surrogateescape``, which encodes back exactly), in constant time, so
+    no header value, however malformed, can raise; the scheme is case-insensitive
+    (RFC 9110 11.1)."""
+    expected = token.encode()
+    challenge = {"WWW-Authenticate": 'Bearer realm="testbed-admin"'}
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        given = request.headers.get("Authorization")
+        if given is None:
+            return json_error(401, "unauthorized", "this node's /admin endpoints need 'Authorization: Bearer <token>' "
+                              "with the node's --admin-token", headers=challenge)
+        scheme, _, credentials = given.encode("utf-8", "surrogateescape").strip().partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials.strip(), expected):
+            return json_error(401, "unauthorized", "the Authorization header does not carry this node's admin token "
+                              "('Authorization: Bearer <token>')", headers=challenge)
+        return await handler(request)
+    return guarded
 
 
 async def get_faults(request: web.Request) -> web.Response:
@@ -380,12 +428,15 @@ def make_node_app(config: NodeConfig, *, clock: Callable[[], float] | None = Non
             token=config.registry_token, clock=clock,
             metadata={"workers": config.workers, "load_factor_ms": config.load_factor_ms})
     app[STATE] = state
-    routes = [("GET", "/health", health), ("GET", "/work", work), ("GET", "/stats", stats),
-              ("GET", "/queue-stats", queue_stats), ("GET", "/circuit-status", circuit_status),
-              ("GET", "/discovery-status", discovery_status), ("GET", "/peers", peers), ("GET", "/metrics", metrics)]
+    routes: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = [
+        ("GET", "/health", health), ("GET", "/work", work), ("GET", "/stats", stats),
+        ("GET", "/queue-stats", queue_stats), ("GET", "/circuit-status", circuit_status),
+        ("GET", "/discovery-status", discovery_status), ("GET", "/peers", peers), ("GET", "/metrics", metrics)]
     if config.faults_admin:
-        routes += [("GET", "/admin/faults", get_faults), ("POST", "/admin/faults", set_faults),
-                   ("DELETE", "/admin/faults", clear_faults)]
+        admin = [("GET", "/admin/faults", get_faults), ("POST", "/admin/faults", set_faults),
+                 ("DELETE", "/admin/faults", clear_faults)]
+        token = config.admin_token
+        routes += [(m, path, admin_only(h, token) if token else h) for m, path, h in admin]
     routes.append(("GET", "/openapi.json", serve_openapi(node_description(faults=config.faults_admin))))
     app[ROUTES] = frozenset((path, m) for method, path, _ in routes
                             for m in ((method, "HEAD") if method == "GET" else (method,)))

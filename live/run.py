@@ -7,7 +7,8 @@ its workload with a :class:`live.loadgen.LoadGenerator` and plays its faults
 on schedule, from the same time origin as the workload:
 
 * ``error_rate`` / ``extra_latency_ms``: ``POST /admin/faults`` on the node at
-  ``start_s``, ``DELETE`` at ``end_s`` (the simulator's fault, set and cleared);
+  ``start_s``, ``DELETE`` at ``end_s`` (the simulator's fault, set and cleared),
+  with the cluster's random admin token (:attr:`live.cluster.Cluster.admin_token`);
 * ``down``: SIGKILL at ``start_s`` (what the node held fails), the same node
   command on the same port at ``end_s``; it registers again and the balancer
   takes it back.
@@ -61,11 +62,11 @@ class LiveRunError(RuntimeError):
 
 async def _fault(cluster: Cluster, node_id: str, fault: Fault, t0: float, log: list[dict[str, Any]]) -> None:
     pool = UpstreamPool(timeout_s=5.0)
+    headers = [("Content-Type", "application/json"), ("Authorization", f"Bearer {cluster.admin_token}")]
 
     async def admin(method: str, body: bytes) -> str:
         try:
-            status, _, text = await pool.request(cluster.nodes[node_id].url, method, "/admin/faults",
-                                                 [("Content-Type", "application/json")], body)
+            status, _, text = await pool.request(cluster.nodes[node_id].url, method, "/admin/faults", headers, body)
             return "ok" if status == 200 else f"answered {status}: {text[:200].decode(errors='replace')}"
         except (UpstreamError, asyncio.TimeoutError) as exc:
             return f"failed: {exc or type(exc).__name__}"

@@ -60,3 +60,31 @@ def test_scenario_key() -> None:
     assert s.nodes[0].max_per_client == 2
     with pytest.raises(ScenarioError, match=r"nodes\[0\].max_per_client = 0"):
         Scenario.from_mapping({"name": "x", "nodes": [{"id": "a", "max_per_client": 0}]})
+
+
+def test_its_table_never_holds_more_clients_than_requests_inside_the_node() -> None:
+    """Bounded like the node (issue 11, item 7): one entry per client with a request inside, whatever the
+    refusals and ways out; with --backpressure N that is at most N entries, each keyed on at most 256 bytes."""
+    import random
+
+    rng = random.Random(11)
+    p = NodePipeline(NodeSpec("n1", workers=2, backpressure=6, max_per_client=2,
+                              circuit_breaker=BreakerSpec(failure_threshold=3, recovery_timeout_s=0.5)))
+    inside: list[Ticket] = []
+    for step in range(20_000):
+        now = step * 0.001
+        if inside and rng.random() < 0.5:
+            ticket = inside.pop(rng.randrange(len(inside)))
+            if ticket.started and rng.random() < 0.8:
+                p.complete(ticket, failed=rng.random() < 0.3, now=now)
+            else:
+                p.abandon(ticket, now=now)
+        else:
+            admitted = p.admit(f"client-{rng.randrange(10_000)}", now=now)
+            if isinstance(admitted, Ticket):
+                inside.append(admitted)
+        assert p.bulkhead is not None
+        assert p.bulkhead.clients <= len(inside) <= 6, step
+    for ticket in inside:
+        p.abandon(ticket, now=30.0)
+    assert p.bulkhead.clients == 0

@@ -117,3 +117,72 @@ def test_bad_configuration_names_the_field(cls, args, field) -> None:
         cls(*args)
     assert info.value.field == field
 
+
+
+# -- the max_clients cap (issue 11, item 7): least recently used evicted, erring toward allowing --------------
+def test_the_table_holds_max_clients_and_evicts_the_least_recently_used(cls) -> None:
+    bucket = cls(0.001, capacity=1, max_clients=3)  # a spent token takes 1000 s to come back
+    assert [bucket.is_allowed(c, now=t) for c, t in [("a", 0.0), ("b", 1.0), ("c", 2.0)]] == [True] * 3
+    assert not bucket.is_allowed("a", now=3.0)  # a is now the most recently used: b, c, a
+    assert bucket.is_allowed("d", now=4.0)      # full: b, the least recently used, goes
+    assert bucket.tracked_clients == 3 and bucket.evicted == 1
+    assert bucket.is_allowed("b", now=5.0)      # b comes back with a full bucket; c goes: a, d, b
+    assert bucket.is_allowed("c", now=6.0)      # and so does c; a goes: d, b, c
+    assert bucket.evicted == 3 and bucket.tracked_clients == 3
+    assert not bucket.is_allowed("d", now=7.0) and not bucket.is_allowed("b", now=7.0)  # kept: still owed
+    assert bucket.is_allowed("a", now=8.0)      # evicted at 6.0: forgiven
+
+
+def test_a_cap_only_ever_allows_more_than_an_unbounded_table(cls) -> None:
+    import random
+
+    # An evicted client starts again from a full bucket, which holds at least what its old one did; so at
+    # every moment it has been allowed at least as many requests as it would have been without the cap.
+    rng = random.Random(7)
+    capped, unbounded = cls(0.5, capacity=2, max_clients=8), cls(0.5, capacity=2, max_clients=10**9)
+    allowed = {"capped": dict.fromkeys(range(40), 0), "unbounded": dict.fromkeys(range(40), 0)}
+    for i in range(20_000):
+        c, now = rng.randrange(40), i * 0.01
+        allowed["capped"][c] += capped.is_allowed(f"c{c}", now=now)
+        allowed["unbounded"][c] += unbounded.is_allowed(f"c{c}", now=now)
+        assert allowed["capped"][c] >= allowed["unbounded"][c], f"request {i}: client c{c} got fewer with the cap"
+    assert capped.tracked_clients <= 8 and capped.evicted > 0
+    assert sum(allowed["capped"].values()) > sum(allowed["unbounded"].values())
+
+
+def test_a_cap_above_the_clients_changes_nothing(cls) -> None:
+    capped, unbounded = cls(3, max_clients=37), cls(3)
+    for i in range(5000):
+        client, now = f"c{i % 37}", i * 0.011
+        assert capped.is_allowed(client, now=now) == unbounded.is_allowed(client, now=now)
+    assert capped.evicted == 0
+
+
+def test_many_distinct_ids_at_a_slow_rate_stay_within_the_cap(cls) -> None:
+    # The issue's 1,000,000 ids at 0.001/s: every bucket is still owed a token, so sweeps free nothing.
+    bucket = cls(0.001, max_clients=5000)
+    assert all(bucket.is_allowed(f"id-{i}", now=i * 1e-4) for i in range(200_000))
+    assert bucket.tracked_clients == 5000 and bucket.evicted == 195_000
+
+
+def test_sweeps_stay_amortized_when_the_table_is_full(cls) -> None:
+    sweeps = []
+
+    class Counting(cls):  # type: ignore[misc, valid-type]
+        def sweep(self, *, now: float) -> int:
+            sweeps.append(len(self._buckets))
+            return super().sweep(now=now)
+
+    bucket = Counting(0.001, max_clients=2000)
+    n = 100_000
+    for i in range(n):
+        bucket.is_allowed(f"id-{i}", now=i * 1e-4)
+    # Each sweep of a full table (2000 buckets, none full) follows ~2000 new clients: O(1) per client.
+    assert sum(sweeps) <= 2 * n and len(sweeps) <= n / 1000
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "10", True])
+def test_bad_max_clients_names_the_field(cls, value) -> None:
+    with pytest.raises(ConfigError, match="max_clients") as info:
+        cls(5, max_clients=value)
+    assert info.value.field == "max_clients"
