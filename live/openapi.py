@@ -70,13 +70,15 @@ STRING: Schema = {"type": "string"}
 RETRY_AFTER: Schema = {"description": "Whole seconds to wait before trying again (RFC 9110 10.2.3).",
                        "schema": {"type": "integer", "minimum": 0}}
 #: Node ids: what the registry accepts, so a ``/heartbeat/{id}`` URL always reaches the heartbeat route.
-NODE_ID: Schema = {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,200}$"}
+NODE_ID: Schema = {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,200}$", "not": {"enum": [".", ".."]}}
 
 
 def _obj(required: dict[str, Schema], optional: dict[str, Schema] | None = None, *, more: bool = True) -> Schema:
     """An object schema: ``required`` properties, ``optional`` ones; ``more``: other properties allowed."""
-    return {"type": "object", "required": list(required), "properties": {**required, **(optional or {})},
-            "additionalProperties": more}
+    schema: Schema = {"type": "object", "properties": {**required, **(optional or {})}, "additionalProperties": more}
+    if required:
+        schema["required"] = list(required)
+    return schema
 
 
 def _nullable(schema: Schema) -> Schema:
@@ -103,7 +105,7 @@ def _error(status: int, description: str, *, retry_after: bool = False) -> dict[
 
 def _operation(summary: str, ok: dict[str, dict[str, Any]], errors: dict[int, str], *, tag: str,
                description: str = "", parameters: list[dict[str, Any]] | None = None,
-               body: Schema | None = None, secured: str | None = None,
+               body: Schema | None = None, body_required: bool = True, secured: str | None = None,
                retry_after: frozenset[int] = frozenset({429, 503})) -> dict[str, Any]:
     """One operation: its success responses, its own errors and the server layer's (:data:`SERVER_LAYER`)."""
     merged = dict(SERVER_LAYER)
@@ -119,7 +121,7 @@ def _operation(summary: str, ok: dict[str, dict[str, Any]], errors: dict[int, st
     if parameters:
         operation["parameters"] = parameters
     if body is not None:
-        operation["requestBody"] = {"required": True, "content": {JSON: {"schema": body}}}
+        operation["requestBody"] = {"required": body_required, "content": {JSON: {"schema": body}}}
     if secured:
         operation["security"] = [{secured: []}]
     return operation
@@ -245,53 +247,83 @@ def node_description(*, faults: bool = False, admin_token: bool = False) -> dict
 
 # -- the registry --------------------------------------------------------------
 _MEMBER = _obj({"id": STRING, "address": STRING, "metadata": {"type": "object"},
-                "status": {"enum": ["alive", "dead"]}})
+                "status": {"enum": ["alive", "dead"]}, "registered_at": NUMBER, "incarnation": INTEGER},
+               {"last_heartbeat": NUMBER, "seconds_since_heartbeat": SECONDS})
 _METADATA: Schema = {
-    "type": "object", "maxProperties": 32, "propertyNames": {"maxLength": 64},
+    "type": "object", "maxProperties": 32, "propertyNames": {"minLength": 1, "maxLength": 64},
     "additionalProperties": {"type": ["string", "number", "boolean", "null"]},
-    "description": "JSON scalars under at most 32 keys of at most 64 characters, at most 4 KiB as JSON.",
+    "description": "JSON scalars (finite numbers) under at most 32 keys of 1-64 characters, at most 4 KiB as JSON.",
 }
 _WRITE_ERRORS = {400: "Not a JSON object (`empty_body`, `bad_json`), an unknown field (`unknown_field`), a missing or "
                       "bad field (`missing_field`, `bad_field`, naming it).",
                  413: "Body over the registry's 16 KiB limit (`body_too_large`)."}
+_LEASE_MISMATCH = "The lease is missing or not the current one (`lease_mismatch`, `action: register`)."
+
+
+def _lease(required: bool, description: str) -> dict[str, Any]:
+    return {"name": "X-Lease", "in": "header", "required": required, "description": description,
+            "schema": STRING}
 
 
 def registry_description(*, token: bool = False) -> dict[str, Any]:
-    """The registry's API; ``token``: started with ``--token`` (writes then need ``Authorization: Bearer``)."""
+    """The registry's API; ``token``: started with ``--token`` (writes then need ``Authorization: Bearer``).
+
+    A registration belongs to the instance that made it: ``POST /register`` answers with a ``lease`` that the
+    heartbeats and the deregistration of that id carry in ``X-Lease``; the OpenAPI links say so, which lets a
+    stateful run follow a registration with its heartbeats."""
     tag = "registry"
     secured = "registryToken" if token else None
     schemes = {"registryToken": {"type": "http", "scheme": "bearer"}} if token else None
-    registered = _obj({"registered": _MEMBER, "heartbeat_interval_s": SECONDS, "ttl_s": SECONDS})
+    registered = _obj({"registered": _MEMBER, "lease": {"type": "string", "minLength": 1},
+                       "heartbeat_interval_s": SECONDS, "ttl_s": SECONDS})
+    owned = {"X-Lease": "$response.body#/lease"}
+    links = {
+        "Heartbeat": {"operationId": "heartbeat", "parameters": {
+            "path.node_id": "$request.body#/id", **{f"header.{k}": v for k, v in owned.items()}}},
+        "Deregister": {"operationId": "deregister", "requestBody": {"id": "$request.body#/id"},
+                       "parameters": {f"header.{k}": v for k, v in owned.items()}},
+    }
+    register = _operation(
+        "Register a node (or register it again)",
+        {"201": _ok("A new member, with its lease", registered),
+         "200": _ok("A known member registered again (same address or current lease): a new lease", registered)},
+        {**_WRITE_ERRORS,
+         400: _WRITE_ERRORS[400] + " An address that is not `http://host:port` or resolves outside "
+                                   "`--allow-backends` (`bad_address`); metadata over its limits (`bad_field`).",
+         409: "The id is alive, registered from another address, and the request has not its lease (`conflict`).",
+         503: "`--max-nodes` members already (`registry_full`), with `Retry-After`."},
+        tag=tag, secured=secured,
+        parameters=[_lease(False, "The current lease of this id: a re-registration by its owner.")],
+        body=_obj({"id": NODE_ID, "address": {"type": "string", "pattern": "^http://",
+                                              "examples": ["http://127.0.0.1:5001"]}},
+                  {"metadata": _METADATA}, more=False))
+    for status in ("200", "201"):
+        register["responses"][status]["links"] = links
+    heartbeat = _operation(
+        "A node is alive (and, with a body, its new metadata)",
+        {"200": _ok("Heard", _obj({"status": {"const": "ok"}, "node_id": STRING}))},
+        {400: _WRITE_ERRORS[400], 413: _WRITE_ERRORS[413],
+         404: "Unknown id (`unknown_node`, `action: register`): register again.", 409: _LEASE_MISMATCH},
+        tag=tag, secured=secured, body=_obj({}, {"metadata": _METADATA}, more=False), body_required=False,
+        parameters=[{"name": "node_id", "in": "path", "required": True, "schema": NODE_ID},
+                    _lease(True, "The lease from the registration.")])
+    deregister = _operation(
+        "A node leaves",
+        {"200": _ok("Gone", _obj({"deregistered": STRING}))},
+        {**_WRITE_ERRORS, 404: "Unknown id (`unknown_node`).", 409: _LEASE_MISMATCH},
+        tag=tag, secured=secured, body=_obj({"id": NODE_ID}, more=False),
+        parameters=[_lease(True, "The lease from the registration.")])
+    heartbeat["operationId"], deregister["operationId"], register["operationId"] = "heartbeat", "deregister", "register"
     paths: dict[str, Any] = {
-        "/register": {"post": _operation(
-            "Register a node (or register it again)",
-            {"201": _ok("A new member", registered), "200": _ok("A known member registered again", registered)},
-            {**_WRITE_ERRORS,
-             400: _WRITE_ERRORS[400] + " An address that is not an allowed `http://host:port` (`bad_address`).",
-             409: "The id is alive and registered by another instance (`conflict`).",
-             503: "`--max-nodes` members already (`registry_full`), with `Retry-After`."},
-            tag=tag, secured=secured,
-            body=_obj({"id": NODE_ID, "address": {"type": "string", "pattern": "^http://"}},
-                      {"metadata": _METADATA}, more=False))},
-        "/heartbeat/{node_id}": {"post": _operation(
-            "A node is alive",
-            {"200": _ok("Heard", _obj({"status": {"const": "ok"}, "node_id": STRING}))},
-            {400: _WRITE_ERRORS[400], 413: _WRITE_ERRORS[413],
-             404: "Unknown id (`unknown_node`, `action: register`): register again.",
-             409: "The registration belongs to another instance (`conflict`)."},
-            tag=tag, secured=secured,
-            parameters=[{"name": "node_id", "in": "path", "required": True, "schema": NODE_ID}])},
-        "/deregister": {"post": _operation(
-            "A node leaves",
-            {"200": _ok("Gone", _obj({"deregistered": STRING}))},
-            {**_WRITE_ERRORS, 404: "Unknown id (`unknown_node`).",
-             409: "The registration belongs to another instance (`conflict`)."},
-            tag=tag, secured=secured, body=_obj({"id": NODE_ID}, more=False))},
-        "/nodes": _get("The members", _obj({"nodes": {"type": "array", "items": _MEMBER}, "count": INTEGER}),
+        "/register": {"post": register},
+        "/heartbeat/{node_id}": {"post": heartbeat},
+        "/deregister": {"post": deregister},
+        "/nodes": _get("The members (sorted by id)", _obj({"nodes": {"type": "array", "items": _MEMBER},
+                                                           "count": INTEGER}),
                        tag=tag, parameters=[{
                            "name": "all", "in": "query", "required": False, "schema": STRING,
-                           "description": "`1`, `true` or `yes`: the dead not yet forgotten too; "
-                                          "any other value: the alive only."}]),
+                           "description": "`1`, `true` or `yes`: the dead not yet forgotten too, and the heartbeat "
+                                          "times; any other value: the alive only."}]),
         "/health": _get("Liveness and member counts", _obj({"status": {"const": "ok"}, "alive": INTEGER,
                                                              "dead": INTEGER}), tag=tag),
         "/metrics": _metrics(tag),
