@@ -437,7 +437,8 @@ def make_node_app(config: NodeConfig, *, clock: Callable[[], float] | None = Non
                  ("DELETE", "/admin/faults", clear_faults)]
         token = config.admin_token
         routes += [(m, path, admin_only(h, token) if token else h) for m, path, h in admin]
-    routes.append(("GET", "/openapi.json", serve_openapi(node_description(faults=config.faults_admin))))
+    routes.append(("GET", "/openapi.json", serve_openapi(node_description(faults=config.faults_admin,
+                                                                          admin_token=bool(config.admin_token)))))
     app[ROUTES] = frozenset((path, m) for method, path, _ in routes
                             for m in ((method, "HEAD") if method == "GET" else (method,)))
     for method, path, handler in routes:
