@@ -20,8 +20,8 @@ body is ``{"error": {"status", "code", "message", ...details}}`` whose
 ``status`` equals the HTTP status and whose ``code`` is a snake_case word
 (the codes each response can carry are named in its description). Every
 operation also lists what the server layer may answer before any handler runs,
-whatever the path: ``400``/``431`` for bad framing or oversized headers and
-``503`` when the process's connection cap is full (:data:`SERVER_LAYER`).
+whatever the path (:data:`SERVER_LAYER`): bad framing, a slow client, a full
+connection cap.
 
 Only what a handler of the process itself answers is described: the balancer
 proxies every other method and path to a backend, so those are the node's API,
@@ -44,11 +44,16 @@ OPENAPI_VERSION = "3.1.0"
 JSON = "application/json"
 Schema = dict[str, Any]
 
-#: Statuses the server layer may answer to any request, before any handler runs.
+#: Statuses the server layer (:mod:`live.connections`) may answer to any request before any handler runs, each
+#: with ``Connection: close``: malformed framing, a slow client, a full connection cap.
 SERVER_LAYER: dict[int, str] = {
-    400: "Malformed request (bad request line, framing, header syntax): `bad_request` or a more precise code.",
-    431: "Request headers too large or too many: `headers_too_large`.",
-    503: "The process's connection cap is full: `too_many_connections`, with `Retry-After`; try again later.",
+    400: "Malformed request (`bad_request_line`, `bad_method`, `bad_header`, `bad_content_length`, `bad_framing`, "
+         "`bad_transfer_encoding`, `not_http`, `bad_request`).",
+    408: "The request's headers did not arrive within `--header-timeout` (`header_timeout`).",
+    414: "Request line too long (`uri_too_long`).",
+    431: "A header line too long, or too many headers (`headers_too_large`).",
+    503: "The process's connection cap (`--max-connections`) is full (`too_many_connections`), with `Retry-After`.",
+    505: "Not HTTP/1.0 or 1.1 (`http_version_not_supported`).",
 }
 
 ERROR: Schema = {
@@ -115,6 +120,9 @@ def _operation(summary: str, ok: dict[str, dict[str, Any]], errors: dict[int, st
         merged.setdefault(401, "Missing or wrong credentials (`unauthorized`).")
     responses = {**ok, **{str(status): _error(status, text, retry_after=status in retry_after)
                           for status, text in sorted(merged.items())}}
+    if secured:
+        responses["401"]["headers"] = {"WWW-Authenticate": {"description": "The scheme wanted (RFC 9110 11.6.1).",
+                                                            "schema": STRING}}
     operation: dict[str, Any] = {"summary": summary, "tags": [tag], "responses": responses}
     if description:
         operation["description"] = description
@@ -199,7 +207,9 @@ def node_description(*, faults: bool = False, admin_token: bool = False) -> dict
         "/stats": _get("Counters and configuration", _obj(
             {"node_id": STRING, "uptime_s": SECONDS, "active_requests": INTEGER, "busy_workers": INTEGER,
              "queued": INTEGER, "requests": {"type": "object", "additionalProperties": INTEGER},
-             "faults": _FAULTS, "config": _obj({"node_id": STRING, "workers": INTEGER})}), tag=tag, headers=hdr),
+             "faults": _FAULTS, "config": _obj({"node_id": STRING, "workers": INTEGER})},
+            {"rate_limiter": _obj({"clients": INTEGER, "max_clients": INTEGER, "evicted": INTEGER})}),
+            tag=tag, headers=hdr),
         "/queue-stats": _get("The backpressure gate (`--backpressure`)", _obj(
             {"current": INTEGER, "max": INTEGER, "utilization_percent": SECONDS, "accepted": INTEGER,
              "rejected": INTEGER, "rejection_rate": SECONDS, "peak": INTEGER, "in_service": INTEGER,
@@ -348,7 +358,8 @@ def balancer_description() -> dict[str, Any]:
     paths = {
         "/lb-stats": _get("Per-backend books", _obj(
             {"strategy": STRING, "requests": INTEGER, "no_healthy_backend": INTEGER,
-             "backends": {"type": "object", "additionalProperties": _BACKEND}}), tag=tag),
+             "backends": {"type": "object", "additionalProperties": _BACKEND}},
+            {"id": {"type": "string", "description": "This balancer's name in `Via` (loop detection)."}}), tag=tag),
         "/metrics": _metrics(tag),
         "/openapi.json": _openapi(tag),
     }
@@ -356,9 +367,11 @@ def balancer_description() -> dict[str, Any]:
         "testbed balancer",
         "The load balancer's own endpoints. Every other method and path is proxied to a backend picked by the "
         "strategy (the backend's status, headers and body come back, plus `X-Backend`), except `/admin/*`, which "
-        "is never proxied; the balancer's own refusals (`no_healthy_backend` 503, `backend_timeout` 504, "
-        "`backend_unreachable`/`backend_error` 502, `body_too_large` 413, `loop_detected` 508, bad header values "
-        "400) are the `Error` shape.", paths)
+        "is never proxied (403 `admin_not_proxied`). The balancer's own refusals on proxied requests are the "
+        "`Error` shape too: 400 (a header value the upstream cannot carry, a body cut short), 408 "
+        "(`request_timeout`), 413 (`body_too_large`, past `--max-body`), 417 (`expectation_failed`), 502 "
+        "(`backend_unreachable`, `backend_error`), 503 (`no_healthy_backend`), 504 (`backend_timeout`), 508 "
+        "(`loop_detected`).", paths)
 
 
 # -- serving and reading -------------------------------------------------------
