@@ -51,6 +51,21 @@ class CIDRList(click.ParamType):
         return tuple(networks)
 
 
+class AllowBackends(click.ParamType):
+    """``--allow-backends``: comma-separated networks a backend may resolve into, or ``any``."""
+
+    name = "CIDR,...|any"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from core.addresses import AddressError, AllowList
+
+        try:
+            AllowList.parse(str(value))
+        except AddressError as exc:
+            self.fail(str(exc), param, ctx)
+        return str(value)
+
+
 @click.command("balancer")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0 picks a free port.")
 @server_options
@@ -80,14 +95,33 @@ class CIDRList(click.ParamType):
 @click.option("--trust-clients", type=CIDRList(), default="", show_default="none",
               help="Networks whose clients may name themselves: their X-Client-ID passes and their "
                    "X-Forwarded-For is extended. From anyone else both are replaced by the peer address.")
+@click.option("--health-timeout", type=click.FloatRange(0.01, 60), default=None,
+              show_default="half of --health-interval",
+              help="Seconds a /health check may take before it counts as failed (at most --health-interval).")
+@click.option("--health-concurrency", type=click.IntRange(1, 1024), default=32, show_default=True,
+              help="Health checks running at once; the others wait their turn.")
+@click.option("--stall-after", type=click.FloatRange(0), default=None, show_default="--health-timeout",
+              help="A backend holding requests and silent this long (or --stall-factor latency EWMAs, if "
+                   "longer) is ejected for --ejection-time (0: never).")
+@click.option("--stall-factor", type=click.FloatRange(1, 1000), default=10.0, show_default=True,
+              help="See --stall-after.")
+@click.option("--max-backends", type=click.IntRange(1, 1_000_000), default=1000, show_default=True,
+              help="Backends followed at most; newer registry members past it are left out (one WARNING "
+                   "per poll, counted in /lb-stats).")
+@click.option("--allow-backends", type=AllowBackends(), default=None,
+              show_default="loopback when --host is loopback, else all but link-local/metadata",
+              help="Networks a backend's address may resolve into, comma-separated CIDRs, or 'any'. A --nodes "
+                   "backend outside them is a usage error; a registry member is skipped with a WARNING.")
 @impl_option
 def balancer_command(port: int, host: str, nodes: tuple[str, ...] | None,
                      registry: str | None, strategy: str, health_interval: float, unhealthy_after: int,
                      refresh_interval: float, timeout: float, eject_after: int,
                      ejection_time: float, no_retry: bool, seed: int | None, impl: str,
-                     max_body: int, trust_clients: tuple[str, ...]) -> None:
+                     max_body: int, trust_clients: tuple[str, ...], health_timeout: float | None,
+                     health_concurrency: int, stall_after: float | None, stall_factor: float, max_backends: int,
+                     allow_backends: str | None) -> None:
     """The load balancer: proxies everything; GET /lb-stats and /metrics are its own."""
-    from live.balancer import BalancerConfig, make_balancer_app
+    from live.balancer import STATE, BalancerConfig, make_balancer_app
 
     if not nodes and not registry:
         raise click.UsageError("give --nodes (e.g. 5001,5002,5003) or --registry URL")
@@ -100,5 +134,20 @@ def balancer_command(port: int, host: str, nodes: tuple[str, ...] | None,
                             health_interval_s=health_interval, unhealthy_after=unhealthy_after,
                             refresh_s=refresh_interval, timeout_s=timeout, eject_after_failures=eject_after,
                             ejection_time_s=ejection_time, retry_connect_failures=not no_retry, seed=seed,
-                            max_body_bytes=max_body, trust_clients=trust_clients)
-    serve_app(make_balancer_app(config, strategy_cls=strategy_cls), port, name="balancer")
+                            max_body_bytes=max_body, trust_clients=trust_clients,
+                            health_timeout_s=health_timeout, health_concurrency=health_concurrency,
+                            stall_after_s=stall_after, stall_factor=stall_factor, max_backends=max_backends,
+                            allow_backends=allow_backends)
+    from core.addresses import AddressError
+    from live.backends import check_nodes, listening
+
+    if health_timeout is not None and health_timeout > health_interval:
+        raise click.UsageError(f"--health-timeout {health_timeout:g} is longer than --health-interval "
+                               f"{health_interval:g}: a check must end before the next one is due")
+    try:
+        check_nodes(config)  # every --nodes backend in the allowed networks, none of them this balancer
+    except AddressError as exc:
+        raise click.UsageError(str(exc)) from None
+    app = make_balancer_app(config, strategy_cls=strategy_cls)
+    lb = app[STATE]
+    serve_app(app, port, name="balancer", on_listening=lambda bound: listening(lb, bound))

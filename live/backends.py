@@ -1,91 +1,347 @@
-"""The balancer's background work on its backends: active health checks and following the registry.
+"""The balancer's background work on its backends: health checks, the stall tick, following the registry.
 
 Theory of operation
 -------------------
-Every ``health_interval_s`` the balancer asks each backend's ``GET /health``;
-core's health tracker (:meth:`core.balancer_state.BalancerState.checked`)
-decides what a run of failed checks means. With ``--registry``, the registry's
-``GET /nodes`` is polled every ``refresh_s``: new or moved members join the
-books, members no longer listed leave once nothing is in flight to them. The
-proxy path itself is :mod:`live.balancer`.
+**Health checks.** One task wakes at each tick of core's fixed schedule
+(:meth:`core.balancer_state.BalancerState.due_checks`: ten ticks per health
+interval, the backends spread over them) and hands the due backends to at
+most ``health_concurrency`` checks at a time; the others wait their turn in
+arrival order, and a backend whose last check is still waiting or running is
+not queued twice. However many backends there are, the proxy path shares the
+event loop with a bounded number of checks. A check is ``GET /health`` with
+its own timeout (``health_timeout_s``, by default half the interval: see
+:mod:`core.health`); core's health tracker decides what a run of results
+means. On the same tick, :meth:`~core.balancer_state.BalancerState.tick`
+ejects backends that hold requests and have gone silent (:mod:`core.outlier`;
+the pick path judges the backend it picks as well), and each stall is logged.
+
+**Following the registry.** With ``--registry``, ``GET /nodes`` is polled every
+``refresh_s``; :class:`core.registry_follower.RegistryFollower` says what an
+unchanged list needs (nothing) and what a changed one does: members gone and
+idle leave, new or moved members are admitted (below) and join *held*, out of
+rotation until their first health check passes, and members past
+``max_backends`` are left out. Each poll that leaves members out or refuses
+some says so in one WARNING.
+
+**Admitting a backend.** Every address, from ``--nodes`` at start
+(:func:`check_nodes`: a refused one is a usage error) or from the registry (a
+refused one is skipped and counted), must resolve only into
+``allow_backends`` (default :meth:`core.addresses.AllowList.default_for` the
+balancer's ``--host``; :func:`live.resolve.check_backend`) and must not be the
+balancer's own listening address (:class:`core.registry_follower.OwnAddress`;
+the port comes from ``--port`` or, with port 0, from :func:`listening`).
+
+The proxy path itself is :mod:`live.balancer`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import ipaddress
+import json
 import logging
-from typing import TYPE_CHECKING, Any
+import socket
+from collections import deque
+from typing import Any, Callable, Iterable, Protocol
 
 import aiohttp
 
-from core.balancer_state import BackendEntry
-from core.health import counts_as_failure
+from core.addresses import AddressError, AllowList
+from core.balancer_state import BackendEntry, BalancerState
+from core.health import counts_as_failure, default_health_timeout_s
+from core.outlier import StallRule
+from core.registry_follower import Listed, OwnAddress, RegistryFollower, parse_listing
+from live.http import cancel_and_wait
+from live.resolve import check_backend, resolve_host
 
-if TYPE_CHECKING:
-    from live.balancer import Balancer
-
-__all__ = ["apply_membership", "follow_registry", "health_checks"]
+__all__ = ["admit", "backends_stats", "check_nodes", "entry_stats", "follow_registry", "health_checks",
+           "health_timeout_s", "listening", "own_address", "stall_rule"]
 
 log = logging.getLogger("testbed.balancer")
 
+#: The most of a backend's ``/health`` body a check reads (it is a few hundred bytes).
+MAX_HEALTH_BODY = 64 * 1024
+#: How many new registry members are resolved and checked at once.
+ADMIT_CONCURRENCY = 32
 
+
+class BalancerConfig(Protocol):
+    """What this module reads of :class:`live.balancer.BalancerConfig` (named here, not imported:
+    ``live.balancer`` imports this module)."""
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def nodes(self) -> tuple[str, ...]: ...
+    @property
+    def registry(self) -> str | None: ...
+    @property
+    def refresh_s(self) -> float: ...
+    @property
+    def health_interval_s(self) -> float: ...
+    @property
+    def health_timeout_s(self) -> float | None: ...
+    @property
+    def health_concurrency(self) -> int: ...
+    @property
+    def stall_after_s(self) -> float | None: ...
+    @property
+    def stall_factor(self) -> float: ...
+    @property
+    def max_backends(self) -> int: ...
+    @property
+    def allow_backends(self) -> str | None: ...
+
+
+class Balancer(Protocol):
+    """What this module uses of :class:`live.balancer.Balancer`."""
+
+    @property
+    def config(self) -> BalancerConfig: ...
+    @property
+    def state(self) -> BalancerState: ...
+    @property
+    def session(self) -> aiohttp.ClientSession | None: ...
+    @property
+    def clock(self) -> Callable[[], float]: ...
+    def join(self, backend_id: str, url: str, weight: int) -> BackendEntry: ...
+
+
+def health_timeout_s(config: BalancerConfig) -> float:
+    """The health checks' timeout: ``--health-timeout``, by default half the interval; never past the interval."""
+    given = config.health_timeout_s
+    timeout = default_health_timeout_s(config.health_interval_s) if given is None else given
+    return min(timeout, config.health_interval_s)
+
+
+def stall_rule(config: BalancerConfig) -> StallRule | None:
+    """The hung-backend rule: silent for ``max(stall_after_s, stall_factor * EWMA)``; None when off."""
+    floor = health_timeout_s(config) if config.stall_after_s is None else config.stall_after_s
+    return StallRule(floor, config.stall_factor) if floor > 0 else None
+
+
+def allow_list(config: BalancerConfig) -> AllowList:
+    """``--allow-backends`` (CIDRs, or ``any``), by default loopback only when bound to loopback."""
+    text = config.allow_backends
+    return AllowList.parse(text) if text is not None else AllowList.default_for(config.host)
+
+
+# -- health checks --------------------------------------------------------------------------------------
 async def health_checks(lb: Balancer) -> None:
-    """Check every backend's ``/health`` every health interval, for the balancer's lifetime."""
-    timeout = aiohttp.ClientTimeout(total=min(2.0, lb.config.health_interval_s))
-    while True:
-        await asyncio.gather(*(_check(lb, b, timeout) for b in list(lb.state.backends.values())))
-        await asyncio.sleep(lb.config.health_interval_s)
+    """Check each backend's ``/health`` once per interval and run the stall tick, for the balancer's lifetime."""
+    state = lb.state
+    state.stall_rule = stall_rule(lb.config)
+    checks = _Checks(lb, aiohttp.ClientTimeout(total=health_timeout_s(lb.config)))
+    try:
+        while True:
+            now = lb.clock()
+            checks.submit(state.due_checks(now=now))
+            state.tick(now=now)
+            for s in state.drain_stalls():
+                log.warning("backend %s stalled: %d requests in flight and no answer for %.2f s (more than %.2f s): "
+                            "ejected", s.backend, s.in_flight, s.silent_s, s.threshold_s)
+            deadline = state.checks.next_deadline()
+            await asyncio.sleep(max(0.001, (deadline if deadline is not None else now) - lb.clock()))
+    finally:
+        await checks.close()
+
+
+class _Checks:
+    """At most ``health_concurrency`` checks running; the rest wait in arrival order."""
+
+    def __init__(self, lb: Balancer, timeout: aiohttp.ClientTimeout) -> None:
+        self.lb, self.timeout = lb, timeout
+        self.limit = lb.config.health_concurrency
+        self.waiting: deque[BackendEntry] = deque()
+        self.pending: set[BackendEntry] = set()  # waiting or running
+        self.running: set[asyncio.Task[None]] = set()
+
+    def submit(self, entries: Iterable[BackendEntry]) -> None:
+        for entry in entries:
+            if entry not in self.pending:
+                self.pending.add(entry)
+                self.waiting.append(entry)
+        self._launch()
+
+    def _launch(self) -> None:
+        backends = self.lb.state.backends
+        while self.waiting and len(self.running) < self.limit:
+            entry = self.waiting.popleft()
+            if backends.get(entry.id) is not entry:  # it left (or moved) while waiting
+                self.pending.discard(entry)
+                continue
+            task = asyncio.create_task(_check(self.lb, entry, self.timeout))
+            self.running.add(task)
+            task.add_done_callback(functools.partial(self._done, entry))
+
+    def _done(self, entry: BackendEntry, task: asyncio.Task[None]) -> None:
+        self.running.discard(task)
+        self.pending.discard(entry)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("health check of %s failed: %r", entry.id, task.exception())
+        self._launch()
+
+    async def close(self) -> None:
+        self.waiting.clear()
+        await cancel_and_wait(*self.running)
 
 
 async def _check(lb: Balancer, backend: BackendEntry, timeout: aiohttp.ClientTimeout) -> None:
     assert lb.session is not None
     try:
-        async with lb.session.get(f"{backend.url}/health", timeout=timeout,
-                                    headers={"X-Client-ID": "testbed-balancer-health-check"}) as resp:
+        async with lb.session.get(f"{backend.url}/health", timeout=timeout, allow_redirects=False,
+                                  headers={"X-Client-ID": "testbed-balancer-health-check"}) as resp:
             ok = not counts_as_failure(resp.status)
             if resp.status == 200:
-                data = await resp.json(content_type=None)
-                if isinstance(data, dict) and isinstance(data.get("workers"), int) and data["workers"] >= 1:
-                    backend.weight = data["workers"]
+                data = json.loads(await resp.content.read(MAX_HEALTH_BODY) or b"null")
+                workers = data.get("workers") if isinstance(data, dict) else None
+                if type(workers) is int and 1 <= workers <= 1_000_000:
+                    backend.weight = workers
             backend.driver.last_check = f"{resp.status}"
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
         ok = False
-        backend.driver.last_check = f"{type(exc).__name__}: {exc}"[:200]
+        reason = str(exc) or ("timed out" if isinstance(exc, asyncio.TimeoutError) else "")
+        backend.driver.last_check = f"{type(exc).__name__}: {reason}"[:200]
     lb.state.checked(backend, ok)
+
+
+# -- following the registry ------------------------------------------------------------------------------
+def follower_of(lb: Balancer) -> RegistryFollower:
+    """The balancer's registry follower (made on first use, with ``max_backends``)."""
+    if lb.state.follower is None:
+        lb.state.follower = RegistryFollower(lb.config.max_backends, static=lb.config.nodes)
+    return lb.state.follower
 
 
 async def follow_registry(lb: Balancer) -> None:
     """Poll the registry's ``GET /nodes`` every ``refresh_s`` and follow its membership."""
     assert lb.session is not None and lb.config.registry
     url = lb.config.registry.rstrip("/") + "/nodes"
+    follower = follower_of(lb)
+    if follower.own is None and lb.config.port:
+        follower.own = own_address(lb.config.host, lb.config.port)
     while True:
         try:
             async with lb.session.get(url, timeout=aiohttp.ClientTimeout(total=2.0)) as resp:
                 if resp.status == 200:
-                    apply_membership(lb, (await resp.json()).get("nodes", []))
+                    listing = parse_listing((await resp.json()).get("nodes"))
+                    await apply_listing(lb, listing)
                 else:
                     log.warning("registry %s answered %s", url, resp.status)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            log.warning("registry %s: %s (keeping the last membership)", url, exc)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError) as exc:
+            log.warning("registry %s: %s (keeping the last membership)", url, exc or type(exc).__name__)
         await asyncio.sleep(lb.config.refresh_s)
 
 
-def apply_membership(lb: Balancer, nodes: list[dict[str, Any]]) -> None:
-    """Join the registry's new or moved members; drop the ones it no longer lists (once idle)."""
-    seen = set()
-    for n in nodes:
-        node_id, address = n.get("id"), n.get("address")
-        if not isinstance(node_id, str) or not isinstance(address, str):
+async def apply_listing(lb: Balancer, listing: dict[str, Listed]) -> None:
+    """Follow one listing of the registry: leave, admit and join as core's follower plans."""
+    state, follower = lb.state, follower_of(lb)
+    plan = follower.plan(listing, in_books=len(state.backends),
+                         busy=lambda node_id: (e := state.backends.get(node_id)) is not None and e.active > 0)
+    if plan is None:
+        return
+    for node_id in plan.leave:
+        log.info("backend %s left", node_id)
+        state.remove(node_id)
+    allow = allow_list(lb.config)
+    gate = asyncio.Semaphore(ADMIT_CONCURRENCY)
+
+    async def one(node_id: str, listed: Listed) -> tuple[str, Listed, str | None, str | None]:
+        async with gate:
+            try:
+                return node_id, listed, await admit(listed.url, allow, follower.own), None
+            except AddressError as exc:
+                return node_id, listed, None, str(exc)
+    refused = []
+    for node_id, listed, url, reason in await asyncio.gather(*(one(i, m) for i, m in plan.check)):
+        if url is None:
+            follower.refused_at(node_id, listed)
+            state.remove(node_id)  # a member that moved somewhere refused loses its old entry too
+            refused.append(f"{node_id} at {listed.url}: {reason}")
             continue
-        seen.add(node_id)
-        workers = (n.get("metadata") or {}).get("workers", 1)
-        weight = workers if isinstance(workers, int) and workers >= 1 else 1
-        current = lb.state.backends.get(node_id)
-        if current is None or current.url != address.rstrip("/"):
-            log.info("backend %s joined at %s", node_id, address)
-            lb.join(node_id, address.rstrip("/"), weight)
-    backends = lb.state.backends
-    for gone in [k for k in backends if k not in seen and k not in lb.config.nodes]:
-        if backends[gone].active == 0:
-            log.info("backend %s left", gone)
-            lb.state.remove(gone)
+        log.info("backend %s joined at %s", node_id, url)
+        entry = lb.join(node_id, url, listed.weight)
+        state.hold(entry)  # no traffic until its first health check passes
+        follower.joined(node_id, listed)
+    if refused:
+        log.warning("refused %d registry member(s) whose address is not allowed: %s%s", len(refused),
+                    "; ".join(refused[:3]), f"; and {len(refused) - 3} more" if len(refused) > 3 else "")
+    if plan.left_out:
+        log.warning("left out %d registry member(s): the balancer follows at most %d backends (--max-backends)",
+                    plan.left_out, follower.max_backends)
+
+
+# -- admitting backends ------------------------------------------------------------------------------------
+async def admit(url: str, allow: AllowList, own: OwnAddress | None) -> str:
+    """``url`` normalised if every address it resolves to is allowed and none is this balancer's
+    own; AddressError naming the problem otherwise."""
+    backend = await check_backend(url, allow)
+    if own is not None and backend.port == own.port:
+        for ip in await resolve_host(backend.host, backend.port):
+            if own.reaches(ip, backend.port):
+                raise AddressError(f"{backend.url} is this balancer's own address")
+    return backend.url
+
+
+def check_nodes(config: BalancerConfig) -> None:
+    """Check ``--nodes`` before the balancer starts: AddressError (a usage error) for the first refused."""
+    if len(config.nodes) > config.max_backends:
+        raise AddressError(f"{len(config.nodes)} --nodes are more than --max-backends {config.max_backends}")
+    own = own_address(config.host, config.port) if config.port else None
+    allow = allow_list(config)
+
+    async def check_all() -> None:
+        for url in config.nodes:
+            try:
+                await admit(url, allow, own)
+            except AddressError as exc:
+                raise AddressError(f"backend {url}: {exc}") from None
+    asyncio.run(check_all())
+
+
+def own_address(host: str, port: int) -> OwnAddress:
+    """Where a balancer bound to ``host``:``port`` listens (the host resolved; an unspecified host
+    adds this machine's own addresses). Blocking: call it at start."""
+    ips: set[str] = set()
+    try:
+        ips.update(str(info[4][0]) for info in socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM))
+    except (OSError, UnicodeError):
+        ips.add(host)
+    if any(_unspecified(ip) for ip in ips):
+        try:
+            ips.update(str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), port,
+                                                                       type=socket.SOCK_STREAM))
+        except (OSError, UnicodeError):
+            pass
+    return OwnAddress(frozenset(ips), port)
+
+
+def _unspecified(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip.split("%", 1)[0]).is_unspecified
+    except ValueError:
+        return False
+
+
+def listening(lb: Balancer, port: int) -> None:
+    """Tell a balancer the port it is bound to (``serve``'s ``on_listening``, for ``--port 0``): from
+    then on a registry member at that address is refused as the balancer itself."""
+    follower_of(lb).own = own_address(lb.config.host, port)
+
+
+# -- what /lb-stats shows ------------------------------------------------------------------------------------
+def backends_stats(lb: Balancer) -> dict[str, Any]:
+    """The membership figures for ``/lb-stats``: the cap, members left out past it, members refused."""
+    follower = lb.state.follower
+    return {"max_backends": lb.config.max_backends,
+            "left_out": follower.left_out if follower is not None else 0,
+            "refused": len(follower.refused) if follower is not None else 0}
+
+
+def entry_stats(entry: BackendEntry, now: float) -> dict[str, Any]:
+    """One backend's figures for ``/lb-stats`` beside the proxy's: stalls found, time since the last request."""
+    return {"stalls": entry.stall.stalls,
+            "last_sent_ago_s": None if entry.last_sent is None else max(0.0, now - entry.last_sent)}

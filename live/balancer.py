@@ -198,6 +198,13 @@ class BalancerConfig:
     trust_clients: tuple[str, ...] = ()           # CIDRs whose X-Client-ID / X-Forwarded-For are believed
     balancer_id: str = ""                         # this balancer's name in Via ("": a random lb-<hex>)
 
+    # The backends (live/backends.py): health checks, hung backends, the registry's members.
+    health_timeout_s: float | None = None         # a health check's timeout (None: half the interval)
+    health_concurrency: int = 32                  # health checks running at once
+    stall_after_s: float | None = None            # hung-backend floor (None: the health timeout; 0: off)
+    stall_factor: float = 10.0                    # ... or this many latency EWMAs, if longer
+    max_backends: int = 1000                      # registry members past it are left out
+    allow_backends: str | None = None             # CIDR,... where backends may be (None: AllowList.default_for(host))
     def __post_init__(self) -> None:
         if self.max_body_bytes < 0:
             raise ValueError(f"max_body_bytes must be >= 0, got {self.max_body_bytes}")

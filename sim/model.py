@@ -11,7 +11,11 @@ A request goes through exactly what a live request goes through:
    that is down refuses the connection: the balancer marks it unhealthy and
    retries once on another node. Active health checks run every
    ``health_check_interval_s``. The per-backend *ejector* counts 5xx and
-   refused connections and takes a failing node out of rotation for a while.
+   refused connections and takes a failing node out of rotation for a while;
+   core's stall rule (:mod:`core.outlier`) ejects a node that holds requests
+   and has answered none for far longer than usual (a fault's huge
+   ``extra_latency_ms`` is how a scenario hangs a node), judged at each pick
+   and on the health-check tick, as in the live balancer.
 2. **Node**: :class:`core.node_pipeline.NodePipeline`, the live node's own
    request path: the per-client token bucket (429), the backpressure gate
    (429), the circuit breaker guarding the node's work (503), and ``workers``
@@ -218,6 +222,7 @@ class Simulation:
             yield self.env.timeout(interval)
             for entry in self.balancer.backends.values():
                 self.balancer.checked(entry, entry.driver.up)
+            self.balancer.tick(now=self.env.now)  # hung backends the strategy no longer picks (core.outlier)
 
     def _fault(self, node: SimNode, start: float, end: float, error_rate: float, extra_ms: float,
                down: bool) -> Any:

@@ -107,3 +107,28 @@ def test_membership_changes_and_health_checks() -> None:
         state.pick(now=0.0)
     fresh = state.add("n1", "http://127.0.0.1:6001", weight=4)  # back at another address: fresh books
     assert fresh.health.healthy and fresh.weight == 4 and state.pick(now=0.0).backend is fresh
+
+
+def test_the_check_schedule_follows_membership_and_a_held_backend_waits_for_its_check() -> None:
+    state = books(2)
+    n1, n2 = state.backends["n1"], state.backends["n2"]
+    assert state.due_checks(now=0.0) == [n1, n2]  # checked at once
+    fresh = state.add("n1", "http://127.0.0.1:6001")  # moved: a fresh entry replaces the old in the schedule
+    state.hold(fresh)
+    n3 = state.add("n3", "http://127.0.0.1:6003")
+    state.remove("n2")
+    assert state.due_checks(now=0.05) == [fresh, n3]
+    assert not fresh.available(0.05)
+    assert all(state.pick(now=0.05).backend is n3 for _ in range(3))  # the held one gets nothing
+    state.checked(fresh, True)
+    assert fresh.available(0.1)
+    due = [e for t in range(1, 11) for e in state.due_checks(now=0.1 * t + 0.001)]
+    assert sorted(e.id for e in due) == ["n1", "n3"]  # once each per interval; n2 has left
+
+
+def test_the_books_remember_when_a_backend_last_got_a_request() -> None:
+    state = books(2)
+    assert state.backends["n1"].last_sent is None
+    state.pick(now=3.0, exclude=("n2",))
+    state.pick(now=4.0, exclude=("n1",))
+    assert state.backends["n1"].last_sent == 3.0 and state.backends["n2"].last_sent == 4.0

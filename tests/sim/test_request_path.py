@@ -97,3 +97,28 @@ def test_a_client_bulkhead_bounds_what_an_overloaded_node_holds() -> None:
     assert bounded["requests"]["ok"] > 250 and bounded["requests"]["backpressure"] > 200, bounded["requests"]
     assert bounded["latency_ms"]["max"] <= 400.0 + 1e-6, bounded["latency_ms"]
     assert unbounded["requests"]["backpressure"] == 0 and unbounded["latency_ms"]["max"] > 5_000
+
+
+def test_a_hung_node_stops_getting_new_requests_within_two_health_intervals() -> None:
+    """Node a hangs (every request it holds takes 20 s more) for 10 s: the balancer's stall rule,
+    core's and the live balancer's, ejects it about half a second later (it holds requests and has
+    answered none for longer than the 0.5 s floor), so the new requests go to b. Without the rule
+    the health checks (which a hung node in the simulator passes) never take it out and it keeps
+    half the traffic."""
+    interval_s, hang_s = 1.0, 20_000
+    nodes = [{"id": "a", "workers": 2, "load_factor_ms": 5, "service": "deterministic",
+              "faults": [{"start_s": FAULT_START_S, "end_s": FAULT_END_S + 5, "extra_latency_ms": hang_s}]},
+             {"id": "b", "workers": 2, "load_factor_ms": 5, "service": "deterministic"}]
+
+    def to_a_while_hung(rule: bool) -> tuple[int, int]:
+        sim = simulation(scenario(nodes, health_check_interval_s=interval_s, ejection_time_s=5.0))
+        if not rule:
+            sim.balancer.stall_rule = None
+        c = sim.run().log.columns()
+        hung = (c["arrival"] >= FAULT_START_S + 2 * interval_s) & (c["arrival"] < FAULT_END_S + 5)
+        return int((c["node"][hung] == 0).sum()), sim.balancer.backends["a"].stall.stalls
+
+    late, stalls = to_a_while_hung(True)
+    # One probe per ejection period at most (5 s of 8), and it is held by the hang: nothing else.
+    assert late <= 2 and stalls >= 1, (late, stalls)
+    assert to_a_while_hung(False)[0] > 150  # half of the 400 arrivals in those 8 s
