@@ -6,6 +6,8 @@ from typing import Any, NoReturn
 
 import click
 
+from live.server_limits import FDS_PER_CONNECTION, RESERVED_FDS, ServerLimits
+
 __all__ = ["URL", "NodeList", "serve_app", "server_options"]
 
 
@@ -54,6 +56,22 @@ def server_options(f: Any) -> Any:
         click.option("--shutdown-timeout", type=click.FloatRange(0, 600), default=10.0, show_default=True,
                      expose_value=False, callback=_keep,
                      help="Seconds in-flight requests get to finish on SIGINT/SIGTERM."),
+        click.option("--header-timeout", type=click.FloatRange(0, 3600, min_open=True),
+                     default=ServerLimits.header_timeout_s, show_default=True, expose_value=False, callback=_keep,
+                     help="Seconds a client gets to send a request's headers, from connecting or from the "
+                          "request's first byte (past it: 408, closed)."),
+        click.option("--keepalive-timeout", type=click.FloatRange(0, 3600, min_open=True),
+                     default=ServerLimits.keepalive_timeout_s, show_default=True, expose_value=False, callback=_keep,
+                     help="Seconds an idle keep-alive connection stays open."),
+        click.option("--max-connections", type=click.IntRange(1, 10_000_000), default=None, expose_value=False,
+                     callback=_keep, show_default=f"open-file limit - {RESERVED_FDS}, divided by {FDS_PER_CONNECTION}",
+                     help="Open connections at most; past it a new client gets 503 and is closed."),
+        click.option("--max-line-bytes", type=click.IntRange(64, 1 << 20), default=ServerLimits.max_line_bytes,
+                     show_default=True, expose_value=False, callback=_keep,
+                     help="Longest request line or header line (past it: 414 or 431)."),
+        click.option("--max-headers", type=click.IntRange(1, 10_000), default=ServerLimits.max_headers,
+                     show_default=True, expose_value=False, callback=_keep,
+                     help="Most header lines in a request (past it: 431)."),
     ]):
         f = option(f)
     return f

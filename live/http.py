@@ -6,8 +6,21 @@ Every error any of them returns is JSON of one shape, with the right status::
 
 :func:`error_middleware` turns aiohttp's own errors (404 for an unknown path,
 405, 413 for an oversized body, ...) and unexpected exceptions into that shape,
-so no client ever sees an HTML page or a traceback. :func:`read_json` reads a
-request body as a JSON object and names what is wrong with it.
+so no client ever sees an HTML page or a traceback. Requests too malformed to
+reach an app (bad framing, oversized headers) get the same shape from the
+connection layer, :mod:`live.connections`, which renders it with
+:func:`error_bytes`.
+
+:func:`read_json` reads a request body as a JSON object and names what is
+wrong with it. It accepts only what JSON itself allows, so that nothing a
+client sends can be stored and later echoed as invalid JSON or break the
+serialisation of a whole listing: no ``NaN``/``Infinity`` (Python's ``json``
+takes them by default), no number that overflows a double (``1e999`` would be
+``inf``), no integer Python refuses to convert (over 4,300 digits), and no
+nesting deeper than :data:`MAX_JSON_DEPTH` levels (serde_json's fixed limit;
+a 3,000-level body would otherwise raise ``RecursionError``, and a 990-level
+one, stored, would raise it later in whatever serialises it from a deeper
+stack). :func:`reject_unknown` refuses fields an endpoint does not know.
 """
 
 from __future__ import annotations
@@ -15,25 +28,49 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST
 
-__all__ = ["cancel_and_wait", "error_middleware", "error_response", "metrics_response", "json_error", "read_json", "require"]
+__all__ = ["MAX_JSON_DEPTH", "cancel_and_wait", "error_body", "error_bytes", "error_middleware", "error_response",
+           "metrics_response", "json_error", "parse_json_object", "read_json", "reject_unknown", "require"]
 
 log = logging.getLogger("testbed.http")
 
 _CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-          413: "body_too_large", 415: "unsupported_media_type", 429: "too_many_requests", 500: "internal_error",
-          502: "bad_gateway", 503: "unavailable", 504: "gateway_timeout"}
+          408: "request_timeout", 413: "body_too_large", 414: "uri_too_long", 415: "unsupported_media_type",
+          429: "too_many_requests", 431: "headers_too_large", 500: "internal_error", 502: "bad_gateway",
+          503: "unavailable", 504: "gateway_timeout", 505: "http_version_not_supported"}
+
+#: Deepest nesting of arrays and objects :func:`read_json` accepts (serde_json's fixed recursion limit).
+MAX_JSON_DEPTH = 128
+
+
+def error_body(status: int, code: str | None = None, message: str = "", **details: Any) -> dict[str, Any]:
+    """The project-wide error object: ``{"error": {"status", "code", "message", ...details}}``."""
+    return {"error": {"status": status, "code": code or _CODES.get(status, "error"), "message": message, **details}}
 
 
 def json_error(status: int, code: str | None = None, message: str = "", *,
                headers: dict[str, str] | None = None, **details: Any) -> web.Response:
     """A JSON error response of the project-wide shape."""
-    body = {"error": {"status": status, "code": code or _CODES.get(status, "error"), "message": message, **details}}
-    return web.json_response(body, status=status, headers=headers)
+    return web.json_response(error_body(status, code, message, **details), status=status, headers=headers)
+
+
+def error_bytes(status: int, reason: str, code: str, message: str, *, headers: dict[str, str] | None = None,
+                **details: Any) -> bytes:
+    """A whole HTTP/1.1 error response with ``Connection: close``, as bytes for a raw transport.
+
+    For answers given outside any request (a refused connection, a header timeout), where there
+    is no aiohttp request to build a response on; computed once per kind, not per connection."""
+    body = json.dumps(error_body(status, code, message, **details)).encode()
+    head = {"Content-Type": "application/json; charset=utf-8", "Content-Length": str(len(body)),
+            "Connection": "close", **(headers or {})}
+    lines = "".join(f"{name}: {value}\r\n" for name, value in head.items())
+    return f"HTTP/1.1 {status} {reason}\r\n{lines}\r\n".encode("latin-1") + body
 
 
 @web.middleware
@@ -63,6 +100,10 @@ def error_response(request: web.Request, exc: Exception) -> web.StreamResponse:
         elif exc.status == 413:
             message = f"request body too large (the limit is {request.app._client_max_size} bytes)"
         return json_error(exc.status, message=message)
+    if isinstance(exc, RequestPayloadError):
+        # The body broke off or was mis-framed (a bad chunk, fewer bytes than Content-Length): the client's fault.
+        return json_error(400, "bad_body", f"the request body could not be read: {exc}",
+                          headers={"Connection": "close"})
     log.error("unhandled error in %s %s", request.method, request.path, exc_info=exc)
     return json_error(500, message="internal error; the server log has the details")
 
@@ -80,17 +121,62 @@ def metrics_response(body: bytes) -> web.Response:
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object; raise a 400/413 JSON error naming the problem."""
+    """The body as a JSON object; raise a 400/413 JSON error naming the problem.
+
+    Strict JSON only (see the module docstring): ``NaN``, ``Infinity``, numbers out of a
+    double's range, integers of more than 4,300 digits and nesting deeper than
+    :data:`MAX_JSON_DEPTH` are each a 400 ``bad_json`` that says which."""
     raw = await request.read()
     if not raw:
         raise _bad("empty_body", "the request body is empty; send a JSON object")
+    return parse_json_object(raw)
+
+
+def parse_json_object(raw: bytes | str) -> dict[str, Any]:
+    """:func:`read_json` without the request: ``raw`` as a strict JSON object, or a 400 ``bad_json``."""
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise _bad("bad_json", f"the request body is nested too deeply (the limit is {MAX_JSON_DEPTH} levels)")
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits, NaN/Infinity, 1e999
         raise _bad("bad_json", f"the request body is not valid JSON: {exc}")
     if not isinstance(data, dict):
         raise _bad("bad_json", f"the request body must be a JSON object, not {type(data).__name__}")
+    if _deeper_than(data, MAX_JSON_DEPTH):
+        raise _bad("bad_json", f"the request body is nested too deeply (the limit is {MAX_JSON_DEPTH} levels)")
     return data
+
+
+def reject_unknown(data: dict[str, Any], allowed: set[str] | frozenset[str]) -> None:
+    """Raise a 400 ``unknown_field`` naming the first field of ``data`` not in ``allowed``, and the known ones."""
+    for field in data:
+        if field not in allowed:
+            known = ", ".join(sorted(allowed))
+            raise _bad("unknown_field", f"unknown field {field!r}; the known fields are: {known}",
+                       field=field, allowed=sorted(allowed))
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range (beyond a double)")
+    return value
+
+
+def _deeper_than(data: Any, limit: int) -> bool:
+    """Whether arrays/objects in ``data`` nest more than ``limit`` levels (iterative: no recursion to exhaust)."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 def require(data: dict[str, Any], field: str, kind: type | tuple[type, ...], *, optional: bool = False,

@@ -5,6 +5,12 @@ picks a free port, which is how the tests start servers): ``<name> listening
 on http://127.0.0.1:PORT``. On a signal the server stops accepting, lets
 in-flight requests finish for up to ``shutdown_timeout`` seconds, runs the
 app's cleanup (a node deregisters there) and exits 0.
+
+Every connection is guarded by :mod:`live.connections`: a header timeout, an
+idle keep-alive timeout, a cap on open connections (503 past it) and JSON
+answers to requests too malformed to reach the app. Their defaults are those
+of :class:`~live.connections.ServerLimits`; the command line's server options
+(``experiments/server_options.py``) pass each as a keyword argument here.
 """
 
 from __future__ import annotations
@@ -19,12 +25,25 @@ from typing import Callable
 
 from aiohttp import web
 
+from live.connections import GuardedAppRunner
+from live.server_limits import ServerLimits, default_max_connections
+
 __all__ = ["serve"]
 
 
 def serve(app: web.Application, host: str, port: int, *, name: str, shutdown_timeout: float = 10.0,
+          header_timeout: float = ServerLimits.header_timeout_s,
+          keepalive_timeout: float = ServerLimits.keepalive_timeout_s, max_connections: int | None = None,
+          max_line_bytes: int = ServerLimits.max_line_bytes, max_headers: int = ServerLimits.max_headers,
           on_listening: Callable[[int], None] | None = None) -> int:
-    """Serve ``app`` until a signal; ``on_listening(port)`` learns the bound port (``--port 0``)."""
+    """Serve ``app`` until a signal; ``on_listening(port)`` learns the bound port (``--port 0``).
+
+    ``header_timeout`` and ``keepalive_timeout`` are in seconds; ``max_connections=None`` is
+    :func:`~live.connections.default_max_connections` (from the open-file limit)."""
+    limits = ServerLimits(header_timeout_s=header_timeout, keepalive_timeout_s=keepalive_timeout,
+                          max_connections=default_max_connections() if max_connections is None else max_connections,
+                          max_line_bytes=max_line_bytes, max_headers=max_headers)
+
     async def main() -> int:
         # Signals are ours before anyone can learn the port: a supervisor that stops us right
         # after reading the "listening on" line gets a clean shutdown, not a kill.
@@ -32,7 +51,7 @@ def serve(app: web.Application, host: str, port: int, *, name: str, shutdown_tim
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout, access_log=None)
+        runner = GuardedAppRunner(app, limits=limits, shutdown_timeout=shutdown_timeout, access_log=None)
         await runner.setup()
         try:
             await web.TCPSite(runner, host, port).start()
