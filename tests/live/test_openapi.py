@@ -99,9 +99,21 @@ def test_a_token_is_in_the_description_when_the_process_wants_one() -> None:
 
 
 # -- the real processes ------------------------------------------------------------
+def start_registry() -> Proc:
+    # Nothing expires while the test runs, however slow the machine: the same requests get the same answers.
+    return Proc("registry", "--port", "0", "--ttl", "600")
+
+
 @pytest.fixture(scope="module")
 def registry() -> Iterator[Proc]:
-    proc = Proc("registry", "--port", "0")
+    proc = start_registry()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def empty_registry() -> Iterator[Proc]:
+    proc = start_registry()
     yield proc
     proc.stop()
 
@@ -146,6 +158,23 @@ def error_shape(ctx: Any, response: Any, case: Any) -> bool | None:
     assert error["status"] == response.status_code, body
     assert isinstance(error["code"], str) and error["code"] and isinstance(error["message"], str), body
     return True
+
+
+def test_the_error_shape_check_refuses_any_other_error() -> None:
+    class Response:
+        status_code = 400
+        headers = {"content-type": ["application/json"]}
+        content = b'{"error": {"status": 400, "code": "bad_json", "message": "..."}}'
+
+    assert error_shape(None, Response, None)
+    for content_type, body in [("text/plain", b"400: Bad Request"),
+                               ("application/json", b'{"error": {"status": 500, "code": "x", "message": ""}}'),
+                               ("application/json", b'{"error": {"status": 400, "code": "", "message": ""}}'),
+                               ("application/json", b'{"error": {"status": 400, "code": "x"}}'),
+                               ("application/json", b'{"detail": "bad"}')]:
+        Response.headers, Response.content = {"content-type": [content_type]}, body
+        with pytest.raises((AssertionError, KeyError)):
+            error_shape(None, Response, None)
 
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
@@ -208,11 +237,13 @@ def test_registry_api(case: Any, registry: Proc) -> None:
     case.call_and_validate(base_url=registry.url, checks=[*CHECKS, unsupported_method], timeout=CALL_TIMEOUT_S)
 
 
-def test_registry_workflows_follow_the_links(registry: Proc) -> None:
+def test_registry_workflows_follow_the_links(empty_registry: Proc) -> None:
     """Register, then heartbeat and deregister with the lease it gave (the description's links), in chains.
 
-    Each chain deregisters what it registered when it ends, so every chain starts from the same registry and
-    Hypothesis, which replays chains, sees the same answers to the same requests."""
+    Each chain starts from an empty registry (its own process, and each chain deregisters what it registered
+    when it ends), so Hypothesis, which replays chains, sees the same answers to the same requests."""
+    registry = empty_registry
+
     class Workflows(REGISTRY_API.as_state_machine()):  # type: ignore[misc]
         def setup(self) -> None:
             self.leases: dict[str, str] = {}
