@@ -273,9 +273,8 @@ def test_a_new_id_pushes_out_the_longest_dead_member() -> None:
     ({"blob": "x" * 5000}, "max_bytes"),
     ({"w": float("nan")}, "values"),
     ({"w": float("inf")}, "values"),
-    ({"w": [1.0, float("-inf")]}, "values"),
-    ({"w": {"x": {"y": 1}}}, "values"),
-    ({"w": [[1]]}, "values"),
+    ({"w": [1]}, "values"),
+    ({"w": {"x": 1}}, "values"),
 ])
 def test_metadata_over_a_limit_is_refused_naming_it(metadata: dict, limit: str) -> None:
     table = Membership()
@@ -290,8 +289,8 @@ def test_metadata_over_a_limit_is_refused_naming_it(metadata: dict, limit: str) 
 
 
 def test_metadata_within_the_limits_is_kept() -> None:
-    ok = {"workers": 4, "load_factor_ms": 25.0, "zone": "a", "on": True, "x": None, "tags": ["a", 1],
-          "k" * 64: {"x": 1}, **{f"f{i}": i for i in range(25)}}
+    ok = {"workers": 4, "load_factor_ms": 25.0, "zone": "a", "on": True, "x": None, "y": -1e300, "z": "é" * 100,
+          "k" * 64: 10**30, **{f"f{i}": i for i in range(24)}}
     assert len(ok) == 32
     assert Membership().register("n", A, ok, now=0.0).metadata == ok
 
@@ -331,3 +330,15 @@ def test_the_lease_never_appears_in_a_listing() -> None:
     assert member.lease not in repr(member)
     assert "lease" not in member.as_dict(now=1.0) and "lease" not in member.summary()
     assert set(member.as_dict(now=1.0)) - set(member.summary()) == {"last_heartbeat", "seconds_since_heartbeat"}
+
+
+def test_alive_json_is_the_summaries_of_the_alive_members() -> None:
+    import json
+    table = Membership(ttl_s=5.0)
+    lease = table.register("b", A, {"workers": 4, "zone": "é\"\\"}, now=0.0).lease
+    table.register("a", B, now=1.0)
+    table.register("c", B, now=1.0)
+    table.heartbeat("b", now=2.0, metadata={"workers": 2}, lease=lease)  # a changed entry is made again
+    assert json.loads(table.alive_json(now=5.5)) == [m.summary() for m in table.members(now=5.5)]
+    assert [m["id"] for m in json.loads(table.alive_json(now=5.5))] == ["a", "b", "c"]
+    assert json.loads(table.alive_json(now=6.0)) == [table.get("b", now=6.0).summary()]
