@@ -9,11 +9,13 @@ configuration (a node started without ``--faults`` has no ``/admin/faults``, a
 registry without ``--token`` asks for no credentials), and :func:`serve` turns a
 description into a handler that answers with bytes serialised once.
 
-The descriptions are a contract, checked two ways by the test suite: every
-route an app registers is documented and every documented operation is
-registered (the route walk of ``tests/live/test_openapi.py``), and Schemathesis
-fuzzes each real process against its own description (no ``5xx``, every status,
-media type, header and body as documented).
+The descriptions are a contract, checked by ``tests/live/test_openapi.py``:
+every route an app registers is documented and every documented operation is
+registered (a walk of ``app.router.routes()``); each real process serves a
+valid OpenAPI document equal to this data; and Schemathesis fuzzes each real
+process against it (no ``5xx``; every status, media type, header and body as
+documented; what the schemas call invalid refused with a ``4xx``). A change to
+a handler's answers is a change here too.
 
 One error shape for everything (:func:`live.http.json_error`): a ``4xx``/``5xx``
 body is ``{"error": {"status", "code", "message", ...details}}`` whose
@@ -70,7 +72,7 @@ ERROR: Schema = {
 }
 INTEGER: Schema = {"type": "integer", "minimum": 0}
 NUMBER: Schema = {"type": "number"}
-SECONDS: Schema = {"type": "number", "minimum": 0}
+NONNEG: Schema = {"type": "number", "minimum": 0}
 STRING: Schema = {"type": "string"}
 RETRY_AFTER: Schema = {"description": "Whole seconds to wait before trying again (RFC 9110 10.2.3).",
                        "schema": {"type": "integer", "minimum": 0}}
@@ -197,7 +199,7 @@ def node_description(*, faults: bool = False, admin_token: bool = False) -> dict
             parameters=_CLIENT_HEADERS),
         "/work": {"get": _operation(
             "One unit of work: waits FIFO for a worker, then takes a service time",
-            {"200": _ok("Done", _obj({"node_id": STRING, "queue_wait_ms": SECONDS, "service_ms": SECONDS,
+            {"200": _ok("Done", _obj({"node_id": STRING, "queue_wait_ms": NONNEG, "service_ms": NONNEG,
                                       "downstream_status": _nullable(INTEGER)}), headers=ok_hdr)},
             {**_REFUSALS,
              500: "The work failed (`work_failed`): an injected fault (`/admin/faults`, `--error-rate`).",
@@ -205,18 +207,18 @@ def node_description(*, faults: bool = False, admin_token: bool = False) -> dict
              503: "The circuit breaker refuses (`circuit_open`), with `Retry-After`."},
             tag=tag, parameters=_CLIENT_HEADERS)},
         "/stats": _get("Counters and configuration", _obj(
-            {"node_id": STRING, "uptime_s": SECONDS, "active_requests": INTEGER, "busy_workers": INTEGER,
+            {"node_id": STRING, "uptime_s": NONNEG, "active_requests": INTEGER, "busy_workers": INTEGER,
              "queued": INTEGER, "requests": {"type": "object", "additionalProperties": INTEGER},
              "faults": _FAULTS, "config": _obj({"node_id": STRING, "workers": INTEGER})},
             {"rate_limiter": _obj({"clients": INTEGER, "max_clients": INTEGER, "evicted": INTEGER})}),
             tag=tag, headers=hdr),
         "/queue-stats": _get("The backpressure gate (`--backpressure`)", _obj(
-            {"current": INTEGER, "max": INTEGER, "utilization_percent": SECONDS, "accepted": INTEGER,
-             "rejected": INTEGER, "rejection_rate": SECONDS, "peak": INTEGER, "in_service": INTEGER,
+            {"current": INTEGER, "max": INTEGER, "utilization_percent": NONNEG, "accepted": INTEGER,
+             "rejected": INTEGER, "rejection_rate": NONNEG, "peak": INTEGER, "in_service": INTEGER,
              "waiting_for_worker": INTEGER, "workers": INTEGER}), tag=tag, headers=hdr, errors=_NOT_ENABLED),
         "/circuit-status": _get("The circuit breaker (`--circuit-breaker`)", _obj(
             {"name": STRING, "state": {"enum": ["CLOSED", "OPEN", "HALF_OPEN"]}, "generation": INTEGER,
-             "retry_after_s": SECONDS, "opened_at": _nullable(NUMBER), "next_transition_at": _nullable(NUMBER),
+             "retry_after_s": NONNEG, "opened_at": _nullable(NUMBER), "next_transition_at": _nullable(NUMBER),
              "consecutive_failures": INTEGER, "window": {"type": "object"}, "half_open": {"type": "object"},
              "counts": {"type": "object"}, "config": {"type": "object"},
              "transitions": {"type": "array", "items": _obj(
@@ -225,8 +227,8 @@ def node_description(*, faults: bool = False, admin_token: bool = False) -> dict
         "/discovery-status": _get("Registration with the registry (`--registry`)", _obj(
             {"registry": STRING, "node_id": STRING, "address": _nullable(STRING), "registered": {"type": "boolean"},
              "registrations": INTEGER, "heartbeats_ok": INTEGER, "failures": INTEGER,
-             "last_error": _nullable(STRING), "seconds_since_heartbeat": _nullable(SECONDS),
-             "heartbeat_interval_s": SECONDS}), tag=tag, headers=hdr, errors=_NOT_ENABLED),
+             "last_error": _nullable(STRING), "seconds_since_heartbeat": _nullable(NONNEG),
+             "heartbeat_interval_s": NONNEG}), tag=tag, headers=hdr, errors=_NOT_ENABLED),
         "/peers": _get("The other nodes the registry lists (`--registry`)", _obj(
             {"node_id": STRING, "peers": {"type": "array", "items": _obj({"id": STRING, "address": STRING})}}),
             tag=tag, headers=hdr, errors=_NOT_ENABLED),
@@ -258,7 +260,7 @@ def node_description(*, faults: bool = False, admin_token: bool = False) -> dict
 # -- the registry --------------------------------------------------------------
 _MEMBER = _obj({"id": STRING, "address": STRING, "metadata": {"type": "object"},
                 "status": {"enum": ["alive", "dead"]}, "registered_at": NUMBER, "incarnation": INTEGER},
-               {"last_heartbeat": NUMBER, "seconds_since_heartbeat": SECONDS})
+               {"last_heartbeat": NUMBER, "seconds_since_heartbeat": NONNEG})
 _METADATA: Schema = {
     "type": "object", "maxProperties": 32, "propertyNames": {"minLength": 1, "maxLength": 64},
     "additionalProperties": {"type": ["string", "number", "boolean", "null"]},
@@ -285,7 +287,7 @@ def registry_description(*, token: bool = False) -> dict[str, Any]:
     secured = "registryToken" if token else None
     schemes = {"registryToken": {"type": "http", "scheme": "bearer"}} if token else None
     registered = _obj({"registered": _MEMBER, "lease": {"type": "string", "minLength": 1},
-                       "heartbeat_interval_s": SECONDS, "ttl_s": SECONDS})
+                       "heartbeat_interval_s": NONNEG, "ttl_s": NONNEG})
     owned = {"X-Lease": "$response.body#/lease"}
     links = {
         "Heartbeat": {"operationId": "heartbeat", "parameters": {
@@ -347,9 +349,9 @@ def registry_description(*, token: bool = False) -> dict[str, Any]:
 
 # -- the balancer --------------------------------------------------------------
 _BACKEND = _obj({"url": STRING, "weight": INTEGER, "requests": INTEGER, "active": INTEGER, "errors": INTEGER,
-                 "share": SECONDS, "healthy": {"type": "boolean"}, "last_check": STRING,
+                 "share": NONNEG, "healthy": {"type": "boolean"}, "last_check": STRING,
                  "ejector": _nullable(STRING), "latency_ms": _nullable(_obj(
-                     {"p50": SECONDS, "p95": SECONDS, "p99": SECONDS, "ewma": SECONDS}))})
+                     {"p50": NONNEG, "p95": NONNEG, "p99": NONNEG, "ewma": NONNEG}))})
 
 
 def balancer_description() -> dict[str, Any]:
