@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from aiohttp import web
 
 from live.upstream import ConnectFailed, UpstreamError, UpstreamPool
+from tests.live.polling import until
 from tests.live.procs import free_port
 
 
@@ -130,3 +132,135 @@ async def test_post_body_and_headers_arrive(aiohttp_server) -> None:
     status, _, body = await UpstreamPool().request(str(server.make_url("")).rstrip("/"), "POST", "/e",
                                                    [("X-A", "b")], b"payload")
     assert status == 200 and body == b'{"body": "payload", "h": "b"}'
+
+
+# -- interim responses, streaming, flow control ------------------------------------------
+async def test_interim_responses_are_skipped_and_101_is_an_error() -> None:
+    async def interim(reader, writer):
+        while True:
+            try:
+                req = await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            if b"/switch" in req:
+                writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n")
+            else:  # a 100 nobody asked for, then 103 Early Hints, then the answer
+                writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+                             b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nX-Final: 1\r\n\r\ndone")
+            await writer.drain()
+    url, server, _ = await raw_server(interim)
+    pool = UpstreamPool(timeout_s=2)
+    status, headers, body = await pool.request(url, "GET", "/", [], b"")
+    assert (status, body) == (200, b"done") and headers == [("Content-Length", "4"), ("X-Final", "1")]
+    with pytest.raises(UpstreamError, match="101"):
+        await pool.request(url, "GET", "/switch", [], b"")
+    pool.close()
+    server.close()
+
+
+async def test_a_body_framed_by_the_close_ends_at_the_close() -> None:
+    async def old_style(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end")
+        await writer.drain()
+    url, server, _ = await raw_server(old_style)
+    assert (await UpstreamPool(timeout_s=2).request(url, "GET", "/", [], b""))[::2] == (200, b"until the end")
+    server.close()
+
+
+async def test_a_large_response_is_read_in_pieces_and_the_socket_waits_for_the_reader() -> None:
+    size = 8_000_000
+    sent = {"bytes": 0}
+
+    async def big(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        for _ in range(size // 100_000):
+            writer.write(b"b" * 100_000)
+            await writer.drain()
+            sent["bytes"] += 100_000
+    url, server, _ = await raw_server(big)
+    pool = UpstreamPool(timeout_s=5)
+    response = await pool.exchange(url, "GET", b"/", b"")
+    assert response.status == 200 and not response.complete
+    conn = response._conn
+    assert conn is not None
+    await until(lambda: _now(conn.reading_paused), what="the connection to stop reading")
+    assert conn.buffered < 1_000_000  # what it holds for the reader is bounded, not the 8 MB
+    got = 0
+    while chunk := await response.read():
+        assert len(chunk) <= 1_000_000
+        got += len(chunk)
+    assert got == size == sent["bytes"]
+    assert len(pool._idle[url]) == 1  # complete and kept alive: back in the pool
+    pool.close()
+    server.close()
+
+
+async def _now(value: bool) -> bool:
+    return value
+
+
+async def test_a_streamed_body_goes_chunked_or_with_its_length(aiohttp_server) -> None:
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.read()
+        return web.json_response({"size": len(body), "te": request.headers.get("Transfer-Encoding"),
+                                  "cl": request.headers.get("Content-Length"), "tail": body[-3:].decode()})
+    app = web.Application()
+    app.router.add_post("/e", echo)
+    server = await aiohttp_server(app)
+    url = str(server.make_url("")).rstrip("/")
+    pieces = [b"x" * 300_000, b"y" * 300_000, b"end"]
+
+    def source():
+        it = iter(pieces + [b""])
+
+        async def read_chunk() -> bytes:
+            return next(it)
+        return read_chunk
+    pool = UpstreamPool(timeout_s=5)
+    for length, te, cl in ((None, "chunked", None), (600_003, None, "600003")):
+        response = await pool.exchange(url, "POST", b"/e", b"", source(), length=length)
+        assert response.complete
+        assert json.loads(response.body()) == {"size": 600_003, "te": te, "cl": cl, "tail": "end"}
+    pool.close()
+
+
+async def test_an_early_answer_ends_the_upload_and_is_the_response() -> None:
+    async def refuse_early(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\nConnection: close\r\n\r\nno!")
+        await writer.drain()
+        await asyncio.sleep(5)  # reads nothing more, keeps the connection open
+    url, server, count = await raw_server(refuse_early)
+    served = {"chunks": 0}
+
+    async def endless() -> bytes:
+        served["chunks"] += 1
+        await asyncio.sleep(0)
+        return b"z" * 1_000_000
+    pool = UpstreamPool(timeout_s=5)
+    response = await pool.exchange(url, "POST", b"/", b"", endless)
+    assert (response.status, response.body()) == (413, b"no!")
+    assert served["chunks"] < 50  # it stopped sending once the answer was in, not after 5 s of writes
+    pool.close()
+    server.close()
+
+
+async def test_request_keeps_one_deadline_but_a_stream_waits_per_piece() -> None:
+    async def trickle(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n")
+        for _ in range(50):
+            await asyncio.sleep(0.02)
+            writer.write(b".")
+            await writer.drain()
+    url, server, _ = await raw_server(trickle)
+    with pytest.raises(asyncio.TimeoutError):  # at least 1 s in all: past request()'s 0.8 s deadline
+        await UpstreamPool(timeout_s=0.8).request(url, "GET", "/", [], b"")
+    response = await UpstreamPool(timeout_s=0.8).exchange(url, "GET", b"/", b"")
+    parts = []
+    while chunk := await response.read():  # a byte every 0.02 s: never 0.8 s without one
+        parts.append(chunk)
+    assert b"".join(parts) == b"." * 50
+    server.close()
