@@ -47,7 +47,8 @@ from core.addresses import AddressError, AllowList, parse_backend_url
 from core.rate_limiter import retry_after
 from core.registry import (NODE_ID_RULE, HeartbeatResult, IdTaken, LeaseMismatch, Membership, MetadataLimits,
                            MetadataRefused, RegistryFull, RegistryRefusal, valid_node_id)
-from live.http import cancel_and_wait, error_middleware, json_error, metrics_response, read_json, require
+from live.http import (cancel_and_wait, error_middleware, json_error, metrics_response, read_json, reject_unknown,
+                       require)
 from live.metrics import RegistryMetrics
 from live.openapi import registry_description, serve as serve_openapi
 from live.resolve import DEFAULT_RESOLVE_TIMEOUT_S, check_backend
@@ -167,14 +168,6 @@ def _refused(exc: RegistryRefusal) -> web.Response:
     return json_error(exc.status, exc.code, str(exc))
 
 
-def _reject_unknown(data: dict[str, Any], allowed: frozenset[str]) -> web.Response | None:
-    for field in data:
-        if field not in allowed:
-            return json_error(400, "unknown_field", f"unknown field {field!r}; the known fields are: "
-                              f"{', '.join(sorted(allowed))}", field=field, allowed=sorted(allowed))
-    return None
-
-
 def _bad_id(node_id: str, field: str) -> web.Response:
     return json_error(400, "bad_field", f"field {field!r} must be a node id of {NODE_ID_RULE}, got {node_id[:250]!r}",
                       field=field)
@@ -182,8 +175,7 @@ def _bad_id(node_id: str, field: str) -> web.Response:
 
 async def register(request: web.Request) -> web.Response:
     data = await read_json(request)
-    if (unknown := _reject_unknown(data, REGISTER_FIELDS)) is not None:
-        return unknown
+    reject_unknown(data, REGISTER_FIELDS)
     node_id = require(data, "id", str)
     if not valid_node_id(node_id):
         return _bad_id(node_id, "id")
@@ -216,8 +208,7 @@ async def heartbeat(request: web.Request) -> web.Response:
     metadata = None
     if request.can_read_body:
         data = await read_json(request)
-        if (unknown := _reject_unknown(data, HEARTBEAT_FIELDS)) is not None:
-            return unknown
+        reject_unknown(data, HEARTBEAT_FIELDS)
         metadata = require(data, "metadata", dict, optional=True)
     try:
         result = request.app[MEMBERSHIP].heartbeat(node_id, now=_now(request), metadata=metadata,
@@ -232,8 +223,7 @@ async def heartbeat(request: web.Request) -> web.Response:
 
 async def deregister(request: web.Request) -> web.Response:
     data = await read_json(request)
-    if (unknown := _reject_unknown(data, DEREGISTER_FIELDS)) is not None:
-        return unknown
+    reject_unknown(data, DEREGISTER_FIELDS)
     node_id = require(data, "id", str)
     if not valid_node_id(node_id):
         return _bad_id(node_id, "id")
