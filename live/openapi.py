@@ -228,7 +228,7 @@ def node_description(*, faults: bool = False, admin_token: bool = False) -> dict
             {"registry": STRING, "node_id": STRING, "address": _nullable(STRING), "registered": {"type": "boolean"},
              "registrations": INTEGER, "heartbeats_ok": INTEGER, "failures": INTEGER,
              "last_error": _nullable(STRING), "seconds_since_heartbeat": _nullable(NONNEG),
-             "heartbeat_interval_s": NONNEG}), tag=tag, headers=hdr, errors=_NOT_ENABLED),
+             "heartbeat_interval_s": NONNEG}, {"conflicts": INTEGER}), tag=tag, headers=hdr, errors=_NOT_ENABLED),
         "/peers": _get("The other nodes the registry lists (`--registry`)", _obj(
             {"node_id": STRING, "peers": {"type": "array", "items": _obj({"id": STRING, "address": STRING})}}),
             tag=tag, headers=hdr, errors=_NOT_ENABLED),

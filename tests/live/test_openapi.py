@@ -45,6 +45,7 @@ MAX_EXAMPLES = 25
 STEPS = 6
 CALL_TIMEOUT_S = 10.0  # a handler that hangs fails the test instead of hanging it
 ADMIN_TOKEN = "openapi-admin-token"
+REGISTRY_TOKEN = "openapi-registry-token"
 FUZZ = settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
 
@@ -99,14 +100,21 @@ def test_a_token_is_in_the_description_when_the_process_wants_one() -> None:
 
 
 # -- the real processes ------------------------------------------------------------
-def start_registry() -> Proc:
+def start_registry(*flags: str) -> Proc:
     # Nothing expires while the test runs, however slow the machine: the same requests get the same answers.
-    return Proc("registry", "--port", "0", "--ttl", "600")
+    return Proc("registry", "--port", "0", "--ttl", "600", *flags)
 
 
 @pytest.fixture(scope="module")
 def registry() -> Iterator[Proc]:
     proc = start_registry()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def token_registry() -> Iterator[Proc]:
+    proc = start_registry("--token", REGISTRY_TOKEN)
     yield proc
     proc.stop()
 
@@ -188,10 +196,12 @@ def described(description: dict[str, Any]) -> Any:
 
 # What each process serves: the node with every feature but the faults admin, the faults node with it and a token.
 DESCRIPTIONS = {"node": node_description(), "faults_node": node_description(faults=True, admin_token=True),
-                "registry": registry_description(), "balancer": balancer_description()}
+                "registry": registry_description(), "token_registry": registry_description(token=True),
+                "balancer": balancer_description()}
 NODE_API = described(DESCRIPTIONS["node"])
 FAULTS_API = described(DESCRIPTIONS["faults_node"]).include(path="/admin/faults")
 REGISTRY_API = described(DESCRIPTIONS["registry"])
+REGISTRY_WRITES_API = described(DESCRIPTIONS["token_registry"]).include(method="POST")
 BALANCER_API = described(DESCRIPTIONS["balancer"])
 
 
@@ -235,6 +245,15 @@ def test_node_faults_api(case: Any, faults_node: Proc) -> None:
 def test_registry_api(case: Any, registry: Proc) -> None:
     allowed_address(case)
     case.call_and_validate(base_url=registry.url, checks=[*CHECKS, unsupported_method], timeout=CALL_TIMEOUT_S)
+
+
+@REGISTRY_WRITES_API.parametrize()
+@FUZZ
+def test_registry_writes_want_the_token(case: Any, token_registry: Proc) -> None:
+    # ignored_auth: the same request without the token, and with a wrong one, must be refused (401).
+    allowed_address(case)
+    case.call_and_validate(base_url=token_registry.url, headers={"Authorization": f"Bearer {REGISTRY_TOKEN}"},
+                           checks=[*CHECKS, ignored_auth], timeout=CALL_TIMEOUT_S)
 
 
 def test_registry_workflows_follow_the_links(empty_registry: Proc) -> None:
