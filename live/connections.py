@@ -25,8 +25,11 @@ aiohttp's per-connection protocol (``RequestHandler``) and its factory
   aiohttp's own timer does it. Once bytes of a next request arrive, the header
   timeout takes over.
 * **Connection cap** (``max_connections``): the protocol factory counts open
-  connections. Past the cap it hands the new connection a tiny refusal
-  protocol instead of an HTTP handler (no parser is built): it answers
+  connections. At the cap it first makes room by closing the longest-idle
+  keep-alive connection, if any (nginx reuses idle connections the same way:
+  an idle client loses nothing but a reconnect, and idle connections cannot
+  lock new clients out). With none idle, it hands the new connection a tiny
+  refusal protocol instead of an HTTP handler (no parser is built): it answers
   ``503`` JSON with ``Retry-After`` and ``Connection: close``. The listening
   socket keeps accepting, so a client past the cap gets that answer, not an
   empty reply or a hang. The answer is sent when the client's first bytes
@@ -35,7 +38,8 @@ aiohttp's per-connection protocol (``RequestHandler``) and its factory
   ``503`` before the client reads it. At most :data:`MAX_WAITING_REFUSALS`
   refused connections wait at once; past that they are answered at once.
   One WARNING line when the cap is first hit, one when the process is below
-  it again (with how many were refused): a flood does not flood the log.
+  it again (with how many were closed and refused): a flood does not flood
+  the log.
 * **Malformed requests**: every error aiohttp's parser raises (bad request
   line, method or version, header line or request line too long, too many
   headers, bad or duplicate ``Content-Length``, ``Content-Length`` with
@@ -64,7 +68,8 @@ from aiohttp.web_response import StreamResponse
 from live.http import error_bytes, json_error
 from live.server_limits import ServerLimits, default_max_connections
 
-__all__ = ["GuardedAppRunner", "GuardedServer", "MAX_WAITING_REFUSALS", "REFUSAL_WAIT_S", "ServerLimits",
+__all__ = ["GuardedAppRunner", "GuardedServer", "IDLE_SCAN_INTERVAL_S", "MAX_WAITING_REFUSALS", "REFUSAL_WAIT_S",
+           "ServerLimits",
            "default_max_connections", "framing_error"]
 
 log = logging.getLogger("testbed.connections")
@@ -73,6 +78,8 @@ log = logging.getLogger("testbed.connections")
 REFUSAL_WAIT_S = 1.0
 #: Refused connections waiting for their client's first bytes at most; past it the 503 goes out at once.
 MAX_WAITING_REFUSALS = 256
+#: At the cap, seconds between two searches for idle keep-alive connections to close.
+IDLE_SCAN_INTERVAL_S = 1.0
 
 
 class GuardedAppRunner(web.AppRunner):
@@ -92,8 +99,8 @@ class GuardedAppRunner(web.AppRunner):
 class GuardedServer(web.Server):
     """aiohttp's protocol factory, counting connections and refusing those past the cap.
 
-    ``open_connections``, ``refused``, ``header_timeouts`` and ``malformed`` are counters an
-    app (or a test) may read."""
+    ``open_connections``, ``refused``, ``reclaimed`` (idle connections closed to make room),
+    ``header_timeouts`` and ``malformed`` are counters an app (or a test) may read."""
 
     def __init__(self, plain: web.Server, limits: ServerLimits) -> None:
         # Built from the plain server AppRunner made, so the app's handler and request factory,
@@ -105,8 +112,11 @@ class GuardedServer(web.Server):
         self.refused = 0
         self.header_timeouts = 0
         self.malformed = 0
-        self._refused_at_cap = -1  # ``refused`` when the cap was last hit; -1: below the cap
+        self.reclaimed = 0
+        self._cap_episode: tuple[int, int] | None = None  # (refused, reclaimed) when the cap was hit; None: below
         self._waiting_refusals: set[_Refusal] = set()
+        self._idle_candidates: list[_GuardedHandler] = []
+        self._next_idle_scan = 0.0
         self.refusal = error_bytes(
             503, "Service Unavailable", "too_many_connections",
             f"this server already has its maximum of {limits.max_connections} connections open "
@@ -117,7 +127,10 @@ class GuardedServer(web.Server):
 
     def __call__(self) -> Any:
         if self.open_connections >= self.limits.max_connections:
-            return self._refuse()
+            self._at_cap()
+            if not self._reclaim_idle():
+                self.refused += 1
+                return _Refusal(self)
         self.open_connections += 1
         return _GuardedHandler(self, loop=self._loop, **self._kwargs)
 
@@ -126,20 +139,48 @@ class GuardedServer(web.Server):
         for refusal in list(self._waiting_refusals):
             refusal.answer()
 
-    def _refuse(self) -> _Refusal:
-        self.refused += 1
-        if self._refused_at_cap < 0:
-            self._refused_at_cap = self.refused - 1
-            log.warning("connection limit reached: %d connections open (--max-connections); new connections "
-                        "get 503 until some close", self.open_connections)
-        return _Refusal(self)
+    def _at_cap(self) -> None:
+        if self._cap_episode is None:
+            self._cap_episode = (self.refused, self.reclaimed)
+            log.warning("connection limit reached: %d connections open (--max-connections); idle keep-alive "
+                        "connections are closed to make room, new connections get 503 while none is idle",
+                        self.open_connections)
+
+    def _reclaim_idle(self) -> bool:
+        """Close the longest-idle keep-alive connection, if there is one, to make room for a new one.
+
+        Candidates come from a scan of every connection, at most once per ``IDLE_SCAN_INTERVAL_S``
+        (a flood past the cap with no idle connection to take costs one scan a second, not one per
+        connection), longest idle last; each is checked again when its turn comes."""
+        candidates = self._idle_candidates
+        while True:
+            while candidates:
+                handler = candidates.pop()
+                if handler.is_idle():
+                    handler.force_close()
+                    self.reclaimed += 1
+                    return True
+            now = self._loop.time()
+            if now < self._next_idle_scan:
+                return False
+            self._next_idle_scan = now + IDLE_SCAN_INTERVAL_S
+            candidates.extend(h for h in self._connections if isinstance(h, _GuardedHandler) and h.is_idle())
+            candidates.sort(key=_keepalive_deadline, reverse=True)
+            if not candidates:
+                return False
 
     def _closed(self) -> None:
         self.open_connections -= 1
-        if self._refused_at_cap >= 0 and self.open_connections < self.limits.max_connections:
-            log.warning("below the connection limit again; %d connections were refused with 503",
-                        self.refused - self._refused_at_cap)
-            self._refused_at_cap = -1
+        if self._cap_episode is not None and self.open_connections < self.limits.max_connections:
+            refused, reclaimed = self._cap_episode
+            log.warning("below the connection limit again; meanwhile %d idle keep-alive connections were "
+                        "closed to make room and %d new connections refused with 503",
+                        self.reclaimed - reclaimed, self.refused - refused)
+            self._cap_episode = None
+
+
+def _keepalive_deadline(handler: _GuardedHandler) -> float:
+    return handler._next_keepalive_close_time
 
 
 class _GuardedHandler(RequestHandler):
@@ -189,6 +230,12 @@ class _GuardedHandler(RequestHandler):
             if self._keepalive_handle is not None:
                 self._keepalive_handle.cancel()
                 self._keepalive_handle = None  # aiohttp re-arms it after the next response
+
+    def is_idle(self) -> bool:
+        """Kept alive between requests with nothing of a next request received: safe to close."""
+        waiter = self._waiter
+        return (waiter is not None and not waiter.done() and self._header_handle is None
+                and self._request_count > 0 and self.transport is not None and not self._force_close)
 
     def _fail_unfinished_bodies(self, error: _ErrInfo) -> None:
         """The parser failed inside a body: make whoever reads that body see it.

@@ -215,6 +215,7 @@ async def test_past_the_cap_a_new_client_gets_503_json_then_is_served_once_some_
         assert body["error"]["code"] == "too_many_connections" and body["error"]["status"] == 503
         await close(writer)
     assert server.guard.refused == 3 and server.guard.open_connections == 20
+    assert server.guard.reclaimed == 0  # a connection with a request in progress is never taken
 
     server.release.set()
     for reader, writer in holders:
@@ -236,6 +237,7 @@ async def test_slow_clients_filling_the_cap_time_out_and_new_clients_are_served(
     reader, writer = await server.connect()
     writer.write(GET_OK)
     assert parse(await read_to_eof(reader))[0] == 503
+    assert server.guard.reclaimed == 0  # nor one whose request has begun
     await close(writer)
     for reader, writer in slow:
         assert parse(await read_to_eof(reader))[0] == 408
@@ -245,6 +247,25 @@ async def test_slow_clients_filling_the_cap_time_out_and_new_clients_are_served(
     writer.write(GET_OK)
     assert (await read_response(reader))[0] == 200
     await close(writer)
+
+
+async def test_at_the_cap_the_longest_idle_keepalive_connection_makes_room(servers) -> None:
+    server = await servers(max_connections=3, header_timeout_s=60, keepalive_timeout_s=60)
+    idle = []
+    for _ in range(3):
+        reader, writer = await server.connect()
+        writer.write(GET_OK)
+        assert (await read_response(reader))[0] == 200
+        idle.append((reader, writer))
+    reader, writer = await server.connect()  # a 4th: the first idle one goes, this one is served
+    writer.write(GET_OK)
+    assert (await read_response(reader))[0] == 200
+    assert await read_to_eof(idle[0][0]) == b""
+    assert server.guard.reclaimed == 1 and server.guard.refused == 0
+    idle[1][1].write(GET_OK)  # the others were left alone
+    assert (await read_response(idle[1][0]))[0] == 200
+    for _, w in [*idle, (reader, writer)]:
+        await close(w)
 
 
 async def test_a_refused_client_that_sends_nothing_still_gets_its_503(servers) -> None:
