@@ -421,7 +421,10 @@ class Balancer:
             length = _content_length(response.headers)
             if length is not None:
                 out.content_length = length
-            await out.prepare(request)
+            try:
+                await out.prepare(request)
+            except ConnectionError:
+                return out  # the client left before the headers went out: unjudged
             timeout_s = self.config.timeout_s
             while True:
                 try:

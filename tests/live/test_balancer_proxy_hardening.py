@@ -508,6 +508,36 @@ async def test_a_backend_that_stalls_mid_body_is_cut_off_after_the_timeout(aioht
     server.close()
 
 
+async def test_a_client_that_leaves_mid_body_is_not_held_against_the_backend(aiohttp_server, caplog) -> None:
+    done = asyncio.Event()
+
+    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        try:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (200 * MB))
+            for _ in range(200):
+                writer.write(b"m" * MB)
+                await writer.drain()
+        finally:
+            done.set()  # the balancer let go of the upstream connection (or all was sent)
+    url, server, _ = await raw_backend(big)
+    _, port = await serve(aiohttp_server, balancer_app([url], eject_after_failures=1))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    await reader.readuntil(b"\r\n\r\n")
+    await reader.readexactly(MB)
+    writer.close()
+    await asyncio.wait_for(done.wait(), 30)
+
+    async def settled() -> bool:
+        return (await stats(port))["backends"][url]["active"] == 0
+    await until(settled, what="the abandoned attempt to be settled")
+    lb = (await stats(port))["backends"][url]
+    assert lb["errors"] == 0 and lb["ejector"] == "CLOSED", lb
+    assert [r for r in caplog.records if r.levelname == "ERROR"] == []
+    server.close()
+
+
 def balancer_process(backend_port: int) -> Proc:
     return Proc("balancer", "--port", "0", "--nodes", str(backend_port), "--health-interval", "60",
                 "--unhealthy-after", "2", "--impl", "solution")
