@@ -19,7 +19,10 @@ aiohttp's per-connection protocol (``RequestHandler``) and its factory
   common case (a whole request in one read) never arms it. On expiry a client
   that sent part of a request gets a ``408`` JSON error; one that sent nothing
   is closed silently (nginx does the same: an unsolicited response could be
-  read as the answer to a request the client is about to send).
+  read as the answer to a request the client is about to send). One gap: the
+  start of a next request that came in the same read as the end of the
+  previous one (pipelined) and then stalls is bounded by the keep-alive
+  timeout instead, as the parser does not say it holds part of a request.
 * **Keep-alive timeout** (``keepalive_timeout_s``): an idle connection
   (nothing received since the last response) is closed after this long;
   aiohttp's own timer does it. Once bytes of a next request arrive, the header
@@ -47,7 +50,10 @@ aiohttp's per-connection protocol (``RequestHandler``) and its factory
   JSON error (:func:`framing_error` picks status and code: ``414`` for a long
   request line, ``431`` for too many or too long headers, ``505`` for an
   unsupported version, else ``400``) with ``Connection: close``, and one
-  WARNING log line naming the peer and the problem.
+  WARNING log line naming the peer and the problem. A parse error inside a
+  body (a bad chunk) fails the body's stream, so the handler reading it gets
+  ``RequestPayloadError`` (400 ``bad_body``) instead of waiting forever:
+  aiohttp's C parser drops that stream silently.
 
 The limits and their defaults are :class:`~live.server_limits.ServerLimits`
 (apart, so the command line can show them without importing aiohttp).
