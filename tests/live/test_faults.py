@@ -245,11 +245,12 @@ async def test_registry_restart_loses_nothing_and_nodes_reregister_within_two_he
     assert not got["failures"], describe(got["failures"], got["t_kill"])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "live/backends.py apply_membership follows a freshly restarted registry's partial listing: the nodes "
-    "that have not heartbeated since the restart are dropped (once idle), all of them when the registry is "
-    "still empty, and clients get 503 no_healthy_backend until the next refresh after they re-register"))
 async def test_registry_restart_keeps_the_membership_while_the_registry_is_refilling(cluster) -> None:
+    # Fails at 388152f: the balancer follows a freshly restarted registry's partial listing, so the nodes
+    # that have not heartbeated since the restart are dropped (once idle), all of them while the registry
+    # is still empty, and clients get 503 no_healthy_backend until a refresh after they are back (31-218
+    # requests here). Wanted: the last membership kept while the registry refills (e.g. for one TTL after
+    # it restarts, or a member leaves only once it is unlisted and failing its checks).
     # The test above leaves to chance whether the balancer polls the new registry before the nodes are back
     # in it (a matter of phase: the window is up to one heartbeat in every refresh; it happens in some runs)
     # and whether the missing nodes are idle then. Polling every 0.1 s makes that poll certain, and 2 ms
@@ -261,6 +262,10 @@ async def test_registry_restart_keeps_the_membership_while_the_registry_is_refil
 
 
 async def test_balancer_restart_fails_requests_only_while_it_is_down(cluster) -> None:
+    # Fails at 388152f in about 2 runs of 3 (1-3 requests), and every run once new members wait for their
+    # first health check (16 requests): the new balancer accepts connections before it knows a healthy
+    # backend, and answers 503 no_healthy_backend meanwhile. Wanted: it listens once warm (first registry
+    # poll and first checks done, bounded), as Envoy starts listeners after its clusters' initial fetch.
     c = cluster()
     async with aiohttp.ClientSession() as ctl, under_load(c, ctl, max_duration_s=20) as load:
         port = c.balancer.port
