@@ -20,7 +20,7 @@ the first one, whatever the checks cost, so a slow or hung check never delays
 the next round. The backends are spread over the ``slices`` ticks of an
 interval (each joins the least populated slice), so a thousand backends make
 a steady trickle of checks rather than a burst each second; a backend that
-joins is also checked at the very next tick. Each check has its own timeout,
+joins is also due at once (the driver's next look, not its slice's next tick). Each check has its own timeout,
 by default half the interval (:func:`default_health_timeout_s`): a check
 always ends before the same backend's next one is due, so checks never pile
 up on a hung backend, and a hang is noticed within one interval plus that
@@ -112,7 +112,7 @@ class CheckSchedule(Generic[K]):
         return len(self._slice_of)
 
     def add(self, key: K) -> None:
-        """``key`` joins: checked at the next tick, then at every tick of the least populated slice."""
+        """``key`` joins: due at the next :meth:`due`, then at every tick of the least populated slice."""
         if key in self._slice_of:
             return
         index = min(range(len(self._slices)), key=lambda i: len(self._slices[i]))

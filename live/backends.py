@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 **Health checks.** One task wakes at each tick of core's fixed schedule
 (:meth:`core.balancer_state.BalancerState.due_checks`: ten ticks per health
-interval, the backends spread over them) and hands the due backends to at
+interval, the backends spread over them; it sleeps at most ``MAX_TICK_S``, so
+a new member is checked at once whatever the interval) and hands the due backends to at
 most ``health_concurrency`` checks at a time; the others wait their turn in
 arrival order, and a backend whose last check is still waiting or running is
 not queued twice. However many backends there are, the proxy path shares the
@@ -62,6 +63,9 @@ log = logging.getLogger("testbed.balancer")
 
 #: The most of a backend's ``/health`` body a check reads (it is a few hundred bytes).
 MAX_HEALTH_BODY = 64 * 1024
+#: The longest the health task sleeps: how late a new member's first check and the stall tick may be
+#: (the check schedule's own ticks are a tenth of the interval apart: 0.1 s by default).
+MAX_TICK_S = 0.1
 #: How many new registry members are resolved and checked at once.
 ADMIT_CONCURRENCY = 32
 
@@ -144,7 +148,8 @@ async def health_checks(lb: Balancer) -> None:
                 log.warning("backend %s stalled: %d requests in flight and no answer for %.2f s (more than %.2f s): "
                             "ejected", s.backend, s.in_flight, s.silent_s, s.threshold_s)
             deadline = state.checks.next_deadline()
-            await asyncio.sleep(max(0.001, (deadline if deadline is not None else now) - lb.clock()))
+            wait_s = (deadline if deadline is not None else now) - lb.clock()
+            await asyncio.sleep(min(max(0.001, wait_s), MAX_TICK_S))
     finally:
         await checks.close()
 
@@ -267,7 +272,7 @@ async def apply_listing(lb: Balancer, listing: dict[str, Listed]) -> None:
         state.hold(entry)  # no traffic until its first health check passes
         follower.joined(node_id, listed)
     if refused:
-        log.warning("refused %d registry member(s) whose address is not allowed: %s%s", len(refused),
+        log.warning("refused %d registry member(s) as backends: %s%s", len(refused),
                     "; ".join(refused[:3]), f"; and {len(refused) - 3} more" if len(refused) > 3 else "")
     if plan.left_out:
         log.warning("left out %d registry member(s): the balancer follows at most %d backends (--max-backends)",

@@ -1,0 +1,321 @@
+"""The balancer's backends, live: a hung node, a registration flood, refused addresses (issue 11, items 10, 4, 2).
+
+* A node SIGSTOPped under steady load (50 requests/s through a balancer with two
+  real node processes) stops getting new requests within 2 health intervals:
+  the balancer's own record of the last request it sent there says so.
+* A registry listing 5,000 members at loopback addresses where nothing listens
+  plus one real node: the balancer follows at most ``max_backends``, warns once,
+  and the real node stays healthy and serves 30 of 30 requests.
+* Registry members at addresses outside the allowed networks, or at the
+  balancer's own address, are skipped (one WARNING, counted); ``--nodes`` ones
+  are a usage error at start.
+
+The balancer runs in the test's process (its books are read directly), the hung
+node in its own (SIGSTOP needs one). Every wait polls a state with a deadline;
+every process started is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from typing import Any, AsyncIterator, Iterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+from click.testing import CliRunner
+
+from experiments.cli_balancer import balancer_command
+from live.backends import backends_stats, listening
+from live.balancer import STATE, Balancer, BalancerConfig, make_balancer_app
+from live.node import NodeConfig, make_node_app
+from solutions.impl import strategy_class
+from tests.live.polling import until
+from tests.live.procs import Proc
+
+INTERVAL_S = 1.0  # the default --health-interval
+
+
+def balancer_app(**config: Any) -> web.Application:
+    cfg = BalancerConfig(seed=1, **config)
+    return make_balancer_app(cfg, strategy_cls=strategy_class(cfg.strategy, "solution"))
+
+
+def in_rotation(stats: dict[str, Any]) -> bool:
+    return bool(stats["healthy"]) and stats["ejector"] != "OPEN"
+
+
+@contextlib.contextmanager
+def node_processes(n: int) -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    try:
+        for i in range(n):
+            started.append(Proc("node", "--port", "0", "--id", f"node-{i + 1}", "--workers", "4",
+                                "--load-factor", "5"))
+        yield started
+    finally:
+        for p in started:
+            p.send(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+            p.stop()
+
+
+class SteadyLoad:
+    """Open-loop GETs at ``rate_per_s`` until stopped; every request's status is kept."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, rate_per_s: float) -> None:
+        self.session, self.url, self.rate_per_s = session, url, rate_per_s
+        self.requests: list[asyncio.Task[int]] = []
+        self._runner = asyncio.create_task(self._run())
+
+    async def _one(self) -> int:
+        async with self.session.get(self.url) as resp:
+            await resp.read()
+            return resp.status
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while True:
+            self.requests.append(asyncio.create_task(self._one()))
+            await asyncio.sleep(max(0.0, start + len(self.requests) / self.rate_per_s - loop.time()))
+
+    async def stop(self) -> None:
+        self._runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._runner
+
+    async def statuses(self, timeout_s: float) -> list[int]:
+        done = await asyncio.wait_for(asyncio.gather(*self.requests, return_exceptions=True), timeout_s)
+        return [s if isinstance(s, int) else -1 for s in done]
+
+
+def slow_health_app() -> web.Application:
+    """A backend that serves ``/work`` at once but takes 5 s to answer ``/health``: out after its first
+    check, and each later check of it lasts the whole check timeout."""
+    async def health(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.json_response({"status": "ok"})
+
+    async def work(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True}, headers={"X-Node-ID": "slow-health"})
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/work", work)
+    return app
+
+
+async def test_a_sigstopped_node_gets_no_new_request_later_than_two_health_intervals(aiohttp_server) -> None:
+    """Two real nodes and a backend whose checks always time out, 50 requests/s. node-2 is stopped just
+    after one of its checks passed: the worst moment for a balancer that waits for checks. Without
+    passive detection its next check comes an interval later and fails a timeout after that; had the
+    rounds waited for the slowest check (interval + timeout apart), later still."""
+    loop = asyncio.get_running_loop()
+    slow = await aiohttp_server(slow_health_app())
+    with node_processes(2) as (node_1, node_2):
+        app = balancer_app(nodes=(node_1.url, node_2.url, str(slow.make_url("")).rstrip("/")))  # defaults
+        server = await aiohttp_server(app)
+        lb: Balancer = app[STATE]
+        hung = lb.state.backends[node_2.url]
+        checks: list[tuple[str, bool, float]] = []  # (backend, passed, when): what the balancer concluded
+        book_check = lb.state.checked
+
+        def checked(entry: Any, ok: bool) -> None:
+            checks.append((entry.id, ok, loop.time()))
+            book_check(entry, ok)
+        lb.state.checked = checked  # type: ignore[method-assign]  # observe, then do as before
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            load = SteadyLoad(session, str(server.make_url("/work")), rate_per_s=50)
+            try:
+                async def both_serving() -> bool:
+                    return hung.requests >= 20 and lb.state.backends[node_1.url].requests >= 20
+                await until(both_serving, timeout_s=15, what="both nodes serving")
+                seen = len(checks)
+
+                async def node_2_just_checked() -> bool:
+                    return any(b == node_2.url and ok for b, ok, _ in checks[seen:])
+                await until(node_2_just_checked, timeout_s=10, what="a passing check of node-2")
+                node_2.send(signal.SIGSTOP)
+                t_stop = loop.time()  # the balancer's clock is the loop's (time.monotonic)
+                sent_before = hung.requests
+
+                async def out_of_rotation() -> bool:
+                    async with session.get(server.make_url("/lb-stats")) as resp:
+                        return not in_rotation((await resp.json())["backends"][node_2.url])
+                await until(out_of_rotation, timeout_s=15, what="the hung node out of rotation (/lb-stats)")
+                out_after_s = loop.time() - t_stop
+
+                # Keep the load on past 2 health intervals, then read the balancer's own records.
+                async def two_intervals_and_a_second_passed() -> bool:
+                    return loop.time() > t_stop + 2 * INTERVAL_S + 1.0
+                await until(two_intervals_and_a_second_passed, timeout_s=10, what="the observation window")
+                last_sent_after_s = (hung.last_sent or 0.0) - t_stop
+                sent_while_hung = hung.requests - sent_before
+                failed_check_s = next((t - t_stop for b, ok, t in checks if b == node_2.url and not ok), None)
+                await load.stop()
+            finally:
+                node_2.send(signal.SIGCONT)
+            statuses = await load.statuses(timeout_s=40)  # those the hung node held end when it resumes
+
+            async def back_in_rotation() -> bool:
+                async with session.get(server.make_url("/work")) as resp:  # traffic for the probe
+                    assert resp.status == 200
+                async with session.get(server.make_url("/lb-stats")) as resp:
+                    return in_rotation((await resp.json())["backends"][node_2.url])
+            await until(back_in_rotation, timeout_s=20, what="the resumed node back in rotation")
+
+    print(f"SIGSTOP at 50 req/s: out of rotation per /lb-stats {out_after_s:.2f} s after the stop; "
+          f"{sent_while_hung} requests sent to it after the stop, the last {last_sent_after_s:.2f} s after; "
+          f"its first failed check {failed_check_s} s after; stalls found {hung.stall.stalls}")
+    assert last_sent_after_s <= 2 * INTERVAL_S, (
+        f"a request went to the hung node {last_sent_after_s:.2f} s after SIGSTOP (more than 2 health intervals)")
+    assert statuses.count(200) == len(statuses), f"not all 200: {sorted(set(statuses))}"
+
+
+# -- a registration flood -------------------------------------------------------------------------------
+@pytest.fixture
+def dead_port() -> Iterator[int]:
+    """A port held (bound on every address, never listening): a connection to any 127.x.y.z there is refused."""
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        yield s.getsockname()[1]
+
+
+class FakeRegistry:
+    """``GET /nodes`` answering whatever ``members`` holds (id -> address)."""
+
+    def __init__(self) -> None:
+        self.members: dict[str, str] = {}
+        self.polls = 0
+        self.app = web.Application()
+        self.app.router.add_get("/nodes", self.nodes)
+
+    async def nodes(self, request: web.Request) -> web.Response:
+        self.polls += 1
+        nodes = [{"id": k, "address": v, "metadata": {"workers": 1}} for k, v in self.members.items()]
+        return web.json_response({"nodes": nodes, "count": len(nodes)})
+
+
+@contextlib.asynccontextmanager
+async def registry_and_node(aiohttp_server: Any) -> AsyncIterator[tuple[FakeRegistry, str, str]]:
+    registry = FakeRegistry()
+    registry_server = await aiohttp_server(registry.app)
+    node_server = await aiohttp_server(make_node_app(NodeConfig(node_id="real")))
+    yield registry, str(registry_server.make_url("")).rstrip("/"), str(node_server.make_url("")).rstrip("/")
+
+
+async def test_a_registration_flood_is_capped_and_the_real_node_keeps_serving(aiohttp_server, dead_port,
+                                                                             caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="testbed.balancer")
+    async with registry_and_node(aiohttp_server) as (registry, registry_url, node_url):
+        registry.members["real"] = node_url
+        app = balancer_app(registry=registry_url, refresh_s=0.1)
+        server = await aiohttp_server(app)
+        lb: Balancer = app[STATE]
+
+        async def real_serving() -> bool:
+            entry = lb.state.backends.get("real")
+            return entry is not None and entry.health.healthy
+        await until(real_serving, timeout_s=10, what="the real node followed and checked")
+        real = lb.state.backends["real"]
+        transitions = real.health.transitions  # 1: held until its first check passed
+
+        registry.members.update({f"junk-{i}": f"http://127.1.{i // 250}.{i % 250 + 1}:{dead_port}"
+                                 for i in range(5000)})
+        async def capped() -> bool:
+            return len(lb.state.backends) == lb.config.max_backends
+        await until(capped, timeout_s=20, what="the balancer at its cap")
+        polls = registry.polls
+
+        async def junk_checked() -> bool:  # every junk member has failed its first check
+            return registry.polls >= polls + 3 and all(
+                e.driver.last_check != "not checked yet" for e in lb.state.backends.values())
+        await until(junk_checked, timeout_s=30, what="a first check of every backend")
+
+        async with aiohttp.ClientSession() as session:
+            statuses, served_by = [], set()
+            for _ in range(30):
+                async with session.get(server.make_url("/work")) as resp:
+                    await resp.read()
+                    statuses.append(resp.status)
+                    served_by.add(resp.headers.get("X-Node-ID"))
+            async with session.get(server.make_url("/lb-stats")) as resp:
+                stats = await resp.json()
+
+    assert statuses == [200] * 30 and served_by == {"real"}
+    assert len(stats["backends"]) == 1000 and stats["backends"]["real"]["healthy"]
+    assert real.health.transitions == transitions, "the real node was taken out while the flood was checked"
+    assert lb.state.backends["real"] is real
+    assert backends_stats(lb) == {"max_backends": 1000, "left_out": 4001, "refused": 0}
+    left_out = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert left_out == ["left out 4001 registry member(s): the balancer follows at most 1000 backends "
+                        "(--max-backends)"], left_out  # once: later polls list the same members
+
+
+async def test_registry_members_at_refused_addresses_or_the_balancer_itself_are_skipped(aiohttp_server,
+                                                                                       caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="testbed.balancer")
+    async with registry_and_node(aiohttp_server) as (registry, registry_url, node_url):
+        app = balancer_app(registry=registry_url, refresh_s=0.1)
+        server = await aiohttp_server(app)
+        lb: Balancer = app[STATE]
+        listening(lb, server.port)  # what `testbed balancer` does once bound
+        registry.members.update({
+            "metadata": "http://169.254.169.254:80", "decimal": "http://2852039166:80",
+            "mapped": "http://[::ffff:169.254.169.254]:80", "lan": "http://10.0.0.5:5001",
+            "itself": f"http://127.0.0.1:{server.port}", "bad-port": "http://127.0.0.1:99999",
+            "real": node_url})
+
+        async def followed() -> bool:
+            return "real" in lb.state.backends and backends_stats(lb)["refused"] == 6
+        await until(followed, timeout_s=10, what="the registry's members followed or refused")
+        async def real_checked() -> bool:
+            return lb.state.backends["real"].health.healthy
+        await until(real_checked, timeout_s=10, what="the real node's first check")
+        async with aiohttp.ClientSession() as session:
+            async with session.get(server.make_url("/work")) as resp:
+                assert resp.status == 200 and resp.headers["X-Node-ID"] == "real"
+        polls = registry.polls
+        async def more_polls() -> bool:
+            return registry.polls >= polls + 3
+        await until(more_polls, timeout_s=10, what="three more polls")
+
+    assert list(lb.state.backends) == ["real"]
+    warnings = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("refused 6 registry member(s)"), warnings
+    assert "169.254.169.254 is not in the allowed backend networks" in warnings[0]
+
+
+async def test_a_registry_member_is_held_until_its_first_check_passes(aiohttp_server) -> None:
+    async with registry_and_node(aiohttp_server) as (registry, registry_url, node_url):
+        registry.members["real"] = node_url
+        app = balancer_app(registry=registry_url, refresh_s=0.1, health_interval_s=60)
+        await aiohttp_server(app)
+        lb: Balancer = app[STATE]
+
+        async def joined() -> bool:
+            return "real" in lb.state.backends
+        await until(joined, timeout_s=10, what="the member followed")
+        entry = lb.state.backends["real"]
+        # A 60 s interval: had the member joined healthy, nothing would have checked it before now.
+        async def checked() -> bool:
+            return entry.driver.last_check == "200"
+        await until(checked, timeout_s=10, what="its first check, at once")
+        assert entry.health.healthy
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--nodes", "169.254.169.254:80"], "169.254.169.254 is not in the allowed backend networks"),
+    (["--nodes", "2852039166:80"], "169.254.169.254 is not in the allowed backend networks"),
+    (["--nodes", "http://[::ffff:169.254.169.254]:80"], "not in the allowed backend networks"),
+    (["--nodes", "5001", "--port", "5001"], "this balancer's own address"),
+    (["--nodes", "5001,5002", "--max-backends", "1"], "more than --max-backends 1"),
+    (["--nodes", "5001", "--allow-backends", "10.0.0.1/8"], "did you mean 10.0.0.0/8"),
+    (["--nodes", "5001", "--health-timeout", "2"], "longer than --health-interval"),
+])
+def test_refused_nodes_and_bad_flags_are_usage_errors(args: list[str], words: str) -> None:
+    result = CliRunner().invoke(balancer_command, args)
+    assert result.exit_code == 2 and words in result.output, result.output
