@@ -255,6 +255,80 @@ async def test_a_registration_flood_is_capped_and_the_real_node_keeps_serving(ai
                         "(--max-backends)"], left_out  # once: later polls list the same members
 
 
+class BlackHole:
+    """A TCP server that accepts connections and never answers; counts how many it holds at once."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.most_open = 0
+        self.accepted = 0
+        self.server: asyncio.AbstractServer | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def _hold(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
+        self.open += 1
+        self.accepted += 1
+        self.most_open = max(self.most_open, self.open)
+        try:
+            while await reader.read(65536):
+                pass
+        except ConnectionError:
+            pass
+        finally:
+            self.open -= 1
+            self.writers.discard(writer)
+            writer.close()
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._hold, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in list(self.writers):
+            writer.close()
+        await self.server.wait_closed()
+
+
+async def test_health_checks_of_many_hung_backends_run_a_few_at_a_time(aiohttp_server) -> None:
+    """200 registry members at an address that accepts and never answers: their checks (each ending
+    at the 0.5 s timeout) run at most --health-concurrency at a time, and the real node beside them
+    stays healthy and serves every request."""
+    hole = BlackHole()
+    async with registry_and_node(aiohttp_server) as (registry, registry_url, node_url), hole as hole_url:
+        registry.members["real"] = node_url
+        app = balancer_app(registry=registry_url, refresh_s=0.1, health_concurrency=8)
+        server = await aiohttp_server(app)
+        lb: Balancer = app[STATE]
+
+        async def real_serving() -> bool:
+            entry = lb.state.backends.get("real")
+            return entry is not None and entry.health.healthy
+        await until(real_serving, timeout_s=10, what="the real node followed and checked")
+        real = lb.state.backends["real"]
+        transitions = real.health.transitions
+        registry.members.update({f"hung-{i}": hole_url for i in range(200)})
+
+        async def many_checks() -> bool:
+            return hole.accepted >= 40
+        await until(many_checks, timeout_s=20, what="checks of the hung members")
+        async with aiohttp.ClientSession() as session:
+            statuses = []
+            for _ in range(30):
+                async with session.get(server.make_url("/work")) as resp:
+                    await resp.read()
+                    statuses.append(resp.status)
+        most_open = hole.most_open
+
+    print(f"200 hung members, --health-concurrency 8: at most {most_open} checks open at once; "
+          f"{hole.accepted} checks of them so far")
+    assert most_open <= 8, most_open
+    assert statuses == [200] * 30
+    assert real.health.transitions == transitions
+
+
 async def test_registry_members_at_refused_addresses_or_the_balancer_itself_are_skipped(aiohttp_server,
                                                                                        caplog) -> None:
     caplog.set_level(logging.WARNING, logger="testbed.balancer")
