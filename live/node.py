@@ -50,7 +50,7 @@ from core.scenario import BreakerSpec, NodeSpec
 from core.workload import chunks, service_times, stream
 from live.discovery import DiscoveryClient
 from live.http import (
-    cancel_and_wait, error_response, json_error, metrics_response, read_json, require,
+    cancel_and_wait, error_response, json_error, metrics_response, read_json, reject_unknown, require,
 )
 from live.metrics import NodeMetrics
 from live.openapi import node_description, serve as serve_openapi
@@ -367,13 +367,13 @@ async def get_faults(request: web.Request) -> web.Response:
     return web.json_response(asdict(request.app[STATE].faults))
 
 
+_FAULT_FIELDS = frozenset({"error_rate", "extra_latency_ms"})
+
+
 async def set_faults(request: web.Request) -> web.Response:
     state = request.app[STATE]
     data = await read_json(request)
-    unknown = sorted(set(data) - {"error_rate", "extra_latency_ms"})
-    if unknown:
-        return json_error(400, "unknown_field", f"unknown field {unknown[0]!r}; known: error_rate, extra_latency_ms",
-                          field=unknown[0])
+    reject_unknown(data, _FAULT_FIELDS)
     rate = require(data, "error_rate", (int, float), optional=True, check=lambda v: 0 <= v <= 1,
                    allowed="a number from 0 to 1")
     extra = require(data, "extra_latency_ms", (int, float), optional=True, check=lambda v: 0 <= v <= 600_000,
