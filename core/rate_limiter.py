@@ -31,8 +31,9 @@ That bound is in clients seen per refill time, which a slow rate makes large
 (a million one-off clients at 0.001/s are all still owed tokens). So the table
 also holds at most ``max_clients`` buckets (default
 :data:`DEFAULT_MAX_CLIENTS`): it is kept in least-recently-used order (a
-lookup of a known client moves it to the end, O(1)), and a new client that
-finds the table full evicts the least recently used bucket first, O(1). An
+lookup of a known client moves it to the end, O(1): about 0.1 us, the one
+cost a known client pays), and a new client that finds the table full evicts
+the least recently used bucket first, O(1). An
 evicted client comes back with a full bucket, exactly as a swept one does: the
 cap errs toward allowing, never toward refusing, and only a client that has
 been quiet longer than ``max_clients`` others can gain by it. Evictions count
@@ -40,8 +41,10 @@ toward the sweep mark as the buckets would have, so sweeps stay amortized O(1)
 with the table full. Keys are capped upstream (a node keys on at most 256
 bytes, :mod:`core.client_key`), so ``max_clients`` bounds the table in bytes
 too: a bucket and its table entry take about 190 bytes besides its key
-(measured with tracemalloc, CPython 3.11), a 256-byte key 305 more, so the
-default table stays under 50 MB whatever clients send (25 MB with IP keys).
+(tracemalloc, CPython 3.11) and a 256-byte key 305 more, so the default table
+holds about 50 MB at most whatever clients send. Measured on a node: 300,000
+distinct 256-byte ids at 0.001/s grew its RSS by 54 MB, 1,000,000 short ones
+by 42 MB (268 MB uncapped).
 
 Student exercise 1 is :meth:`TokenBucket.is_allowed`; everything else here is
 complete and is what the live node and the simulator call
