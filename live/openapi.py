@@ -244,7 +244,7 @@ def node_description(*, faults: bool = False, admin_token: bool = False) -> dict
             "get": _operation("The injected faults", current, {}, tag="admin", secured=secured),
             "post": _operation(
                 "Set injected faults (the fields given)", current,
-                {400: "Not a JSON object (`empty_body`, `bad_json`), an unknown field (`unknown_field`) or a value "
+                {400: "Not a JSON object (`empty_body`, `bad_json`, `bad_body`), an unknown field (`unknown_field`) or a value "
                       "out of range (`bad_field`, naming the field).",
                  413: "Body over the node's 64 KiB limit (`body_too_large`)."},
                 tag="admin", body=_obj({}, _FAULT_FIELDS, more=False), secured=secured),
@@ -266,7 +266,7 @@ _METADATA: Schema = {
     "additionalProperties": {"type": ["string", "number", "boolean", "null"]},
     "description": "JSON scalars (finite numbers) under at most 32 keys of 1-64 characters, at most 4 KiB as JSON.",
 }
-_WRITE_ERRORS = {400: "Not a JSON object (`empty_body`, `bad_json`), an unknown field (`unknown_field`), a missing or "
+_WRITE_ERRORS = {400: "Not a JSON object (`empty_body`, `bad_json`, `bad_body`), an unknown field (`unknown_field`), a missing or "
                       "bad field (`missing_field`, `bad_field`, naming it).",
                  413: "Body over the registry's 16 KiB limit (`body_too_large`)."}
 _LEASE_MISMATCH = "The lease is missing or not the current one (`lease_mismatch`, `action: register`)."
