@@ -27,7 +27,8 @@ An address key is the canonical text of the IP (``2001:db8::1``, an
 IPv4-mapped IPv6 address as its IPv4, ports and zone ids dropped), so one
 client is one key however a proxy spells it, and no address key is longer than
 39 bytes. An ``X-Client-ID`` key is taken as given (an empty one names no one,
-as before), but only if it is at most :data:`MAX_CLIENT_ID_BYTES` bytes of
+as before), but only if it is at most ``max_client_id_bytes`` (default
+:data:`MAX_CLIENT_ID_BYTES`, 256) bytes of
 printable text (no control or format characters, valid UTF-8) and comes once;
 anything else raises :class:`BadClientId`, which the node answers with ``400
 bad_client_id``. Refusing rather than hashing a long id
@@ -52,21 +53,24 @@ import functools
 import ipaddress
 from typing import Iterable, Sequence, Union
 
+from core._validate import integer
+
 __all__ = ["BadClientId", "MAX_CLIENT_ID_BYTES", "TrustedProxies", "canonical_ip"]
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
-#: Longest X-Client-ID a node keys on, in bytes (UTF-8).
+#: Longest X-Client-ID a node keys on by default, in bytes (UTF-8); ``--max-client-id-bytes``.
 MAX_CLIENT_ID_BYTES = 256
-_SAFE_CHARS = MAX_CLIENT_ID_BYTES // 4  # this many characters are at most MAX_CLIENT_ID_BYTES bytes in UTF-8
 _LONGEST_HOP = 64  # "[v6 address%zone]:port" fits; longer is not an address
 
 
 class BadClientId(ValueError):
-    """An ``X-Client-ID`` the node will not key on; the message says why."""
+    """An ``X-Client-ID`` the node will not key on; the message says why, ``limit_bytes`` what is allowed."""
 
-    limit_bytes = MAX_CLIENT_ID_BYTES
+    def __init__(self, message: str, limit_bytes: int) -> None:
+        super().__init__(message)
+        self.limit_bytes = limit_bytes
 
 
 def _address(text: str) -> IPAddress | None:
@@ -114,15 +118,16 @@ class TrustedProxies:
     #: Addresses (beyond the literal set) whose verdict is remembered.
     CACHE_SIZE = 4096
 
-    def __init__(self, networks: Iterable[IPNetwork] = ()) -> None:
+    def __init__(self, networks: Iterable[IPNetwork] = (), *, max_client_id_bytes: int = MAX_CLIENT_ID_BYTES) -> None:
         self.networks = tuple(networks)
+        self.max_client_id_bytes = integer("max_client_id_bytes", max_client_id_bytes, ge=1)
         # A single address is a set lookup; only real networks need ipaddress, and then once per address.
         self._exact = frozenset(str(n.network_address) for n in self.networks if n.num_addresses == 1)
         self._wide = tuple(n for n in self.networks if n.num_addresses > 1)
         self._verdict = functools.lru_cache(maxsize=self.CACHE_SIZE)(self._in_networks)
 
     @classmethod
-    def parse(cls, entries: str | Iterable[str]) -> TrustedProxies:
+    def parse(cls, entries: str | Iterable[str], *, max_client_id_bytes: int = MAX_CLIENT_ID_BYTES) -> TrustedProxies:
         """``"127.0.0.1,10.0.0.0/8,::1"`` (or those as a list); ValueError naming a bad entry."""
         items = entries.split(",") if isinstance(entries, str) else list(entries)
         networks = []
@@ -138,7 +143,7 @@ class TrustedProxies:
                                      f"{ipaddress.ip_network(item, strict=False)}?") from None
                 raise ValueError(f"{item!r} is not an IP address or a CIDR network (e.g. 127.0.0.1 or "
                                  "10.0.0.0/8)") from None
-        return cls(networks)
+        return cls(networks, max_client_id_bytes=max_client_id_bytes)
 
     def __bool__(self) -> bool:
         return bool(self.networks)
@@ -165,7 +170,7 @@ class TrustedProxies:
         if not self.trusts(peer):
             return peer
         if any(client_id):  # an empty X-Client-ID is no name (as before): the chain or the peer decides
-            return _checked_client_id([v for v in client_id if v])
+            return _checked_client_id([v for v in client_id if v], self.max_client_id_bytes)
         if not forwarded_for:
             return peer
         hops = ",".join(forwarded_for).split(",")
@@ -182,15 +187,16 @@ class TrustedProxies:
         return vouched  # every hop trusted: the leftmost
 
 
-def _checked_client_id(values: Sequence[str]) -> str:
+def _checked_client_id(values: Sequence[str], limit: int) -> str:
     if len(values) > 1:
-        raise BadClientId(f"X-Client-ID appears {len(values)} times; send it once")
+        raise BadClientId(f"X-Client-ID appears {len(values)} times; send it once", limit)
     value = values[0]
-    if len(value) <= _SAFE_CHARS and value.isprintable():
-        return value  # the fast path: short, printable, so at most MAX_CLIENT_ID_BYTES bytes
+    if 4 * len(value) <= limit and value.isprintable():
+        return value  # the fast path: a character is at most 4 bytes in UTF-8, so this is within the limit
     size = len(value.encode("utf-8", "surrogateescape"))  # the bytes as they came (undecodable ones included)
-    if size > MAX_CLIENT_ID_BYTES:
-        raise BadClientId(f"X-Client-ID is {size} bytes; the limit is {MAX_CLIENT_ID_BYTES} bytes")
+    if size > limit:
+        raise BadClientId(f"X-Client-ID is {size} bytes; the limit is {limit} bytes", limit)
     if not value.isprintable():  # control and format characters, and bytes that were not UTF-8
-        raise BadClientId("X-Client-ID must be printable UTF-8 text (no control characters or undecodable bytes)")
+        raise BadClientId("X-Client-ID must be printable UTF-8 text (no control characters or undecodable bytes)",
+                          limit)
     return value

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from core._validate import ConfigError
-from core.client_key import TrustedProxies
+from core.client_key import MAX_CLIENT_ID_BYTES, TrustedProxies
 from core.rate_limiter import DEFAULT_MAX_CLIENTS
 from core.scenario import BreakerSpec
 from experiments.options import echo_notice, impl_option
@@ -37,6 +37,8 @@ __all__ = ["node_command", "node_config"]
 @click.option("--max-clients", type=click.IntRange(1), default=DEFAULT_MAX_CLIENTS, show_default=True,
               help="Rate-limiter buckets kept at most; past it the least recently used client is forgotten "
                    "(it comes back with a full bucket). About 500 bytes each at most.")
+@click.option("--max-client-id-bytes", type=click.IntRange(1, 8190), default=MAX_CLIENT_ID_BYTES, show_default=True,
+              help="Longest X-Client-ID (from a --trust-proxy peer) the node keys on; longer is a 400.")
 @click.option("--trust-proxy", default="", metavar="IPS",
               help="Comma-separated IPs and CIDR networks (127.0.0.1,10.0.0.0/8) of proxies whose X-Client-ID "
                    "names the client, and whose X-Forwarded-For is read from the right up to the first hop "

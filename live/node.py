@@ -15,9 +15,9 @@ queues, does the work, and tells it how the work ended (or that the client
 went away). The client is the peer address, or, when the peer is a trusted
 proxy (``--trust-proxy IPS/CIDRS``), its ``X-Client-ID`` or the rightmost
 untrusted ``X-Forwarded-For`` hop (:mod:`core.client_key`, which also refuses
-an ``X-Client-ID`` over 256 bytes or not printable UTF-8: ``400
-bad_client_id``). The rate limiter keeps at most ``--max-clients`` buckets,
-least recently used evicted first. The breaker counts 5xx and exceptions of
+an ``X-Client-ID`` over ``--max-client-id-bytes`` (256) or not printable
+UTF-8: ``400 bad_client_id``). The rate limiter keeps at most
+``--max-clients`` buckets, least recently used evicted first. The breaker counts 5xx and exceptions of
 the work (and of the ``--downstream`` call) as failures; 4xx are not.
 
 ``/admin/faults`` exists only with ``--faults``; with ``--admin-token`` (or
@@ -43,7 +43,7 @@ import aiohttp
 import numpy as np
 from aiohttp import web
 
-from core.client_key import BadClientId, TrustedProxies
+from core.client_key import MAX_CLIENT_ID_BYTES, BadClientId, TrustedProxies
 from core.node_pipeline import NodePipeline, Rejected, Ticket
 from core.rate_limiter import DEFAULT_MAX_CLIENTS, TokenBucket
 from core.scenario import BreakerSpec, NodeSpec
@@ -70,6 +70,7 @@ class NodeConfig:
     rate_limit_per_s: float | None = None
     rate_limit_burst: float | None = None
     max_clients: int = DEFAULT_MAX_CLIENTS  # buckets the rate limiter keeps (least recently used evicted)
+    max_client_id_bytes: int = MAX_CLIENT_ID_BYTES  # longer X-Client-IDs (from trusted peers) are a 400
     backpressure: int | None = None
     max_per_client: int | None = None
     circuit_breaker: bool = False
@@ -128,7 +129,7 @@ class NodeState:
         # The request path is core's; whose rate limiter runs is the command line's choice.
         self.pipeline = NodePipeline(config.spec, functools.partial(config.limiter_cls or TokenBucket,
                                                                     max_clients=config.max_clients))
-        self.trusted = TrustedProxies.parse(config.trust_proxy)
+        self.trusted = TrustedProxies.parse(config.trust_proxy, max_client_id_bytes=config.max_client_id_bytes)
         self.faults = Faults(config.error_rate, config.extra_latency_ms)
         self.discovery: DiscoveryClient | None = None
         self.metrics = NodeMetrics(config.node_id)

@@ -119,3 +119,13 @@ def test_canonical_ip() -> None:
     assert canonical_ip("[::ffff:10.0.0.1]:8080") == "10.0.0.1"
     assert canonical_ip("1.2.3.4:99999") is None and canonical_ip("1.2.3.4:") is None
     assert canonical_ip("") is None and canonical_ip("a" * 100) is None
+
+
+def test_the_client_id_limit_is_configurable() -> None:
+    short = TrustedProxies.parse("127.0.0.1", max_client_id_bytes=8)
+    assert short.client("127.0.0.1", client_id=["12345678"]) == "12345678"
+    with pytest.raises(BadClientId, match="9 bytes; the limit is 8 bytes") as info:
+        short.client("127.0.0.1", client_id=["123456789"])
+    assert info.value.limit_bytes == 8
+    with pytest.raises(BadClientId, match="3 bytes"):  # one character, three bytes
+        TrustedProxies.parse("127.0.0.1", max_client_id_bytes=2).client("127.0.0.1", client_id=["€"])

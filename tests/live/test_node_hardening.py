@@ -156,7 +156,14 @@ def test_a_real_node_behind_a_trusted_proxy_counts_the_real_client() -> None:
 def test_a_real_node_refuses_a_long_client_id_and_wants_its_token(node) -> None:
     status, headers, body = raw_get(node.port, "/work", [("X-Client-ID", b"x" * 300)])
     assert status == 400 and headers["X-Node-ID"] == "fuzzed"
-    assert_json_error(400, json.loads(body), "bad_client_id")
+    assert assert_json_error(400, json.loads(body), "bad_client_id")["limit_bytes"] == 256
+    short = Proc("node", "--port", "0", "--trust-proxy", "127.0.0.1", "--max-client-id-bytes", "16")
+    try:
+        assert raw_get(short.port, "/health", [("X-Client-ID", b"x" * 16)])[0] == 200
+        status, _, body = raw_get(short.port, "/health", [("X-Client-ID", b"x" * 17)])
+        assert status == 400 and json.loads(body)["error"]["limit_bytes"] == 16
+    finally:
+        short.stop()
     assert request(node.url + "/admin/faults", "POST", {"error_rate": 0.5})[0] == 401
     status, _, body = raw_get(node.port, "/admin/faults", [("Authorization", b"Bearer \xff\xfe" + TOKEN.encode())])
     assert status == 401 and json.loads(body)["error"]["code"] == "unauthorized"
@@ -168,6 +175,7 @@ def test_a_real_node_refuses_a_long_client_id_and_wants_its_token(node) -> None:
     (["--trust-proxy", "127.0.0.1,nonsense"], "'nonsense' is not an IP address or a CIDR network"),
     (["--trust-proxy", "10.0.0.1/8"], "did you mean 10.0.0.0/8"),
     (["--max-clients", "0"], "--max-clients"),
+    (["--max-client-id-bytes", "0"], "--max-client-id-bytes"),
     (["--faults", "--admin-token", "has space"], "--admin-token"),
 ])
 def test_bad_flags_are_usage_errors_naming_the_entry(args, words) -> None:
