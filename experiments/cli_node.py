@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -16,12 +17,12 @@ from experiments.server_options import URL, serve_app, server_options
 if TYPE_CHECKING:
     from live.node import NodeConfig
 
-__all__ = ["node_command", "node_config"]
+__all__ = ["default_node_id", "node_command", "node_config"]
 
 
 @click.command("node")
 @click.option("--port", type=click.IntRange(0, 65535), default=5001, show_default=True, help="0 picks a free port.")
-@click.option("--id", "node_id", default=None, help="Node id [default: node-PORT].")
+@click.option("--id", "node_id", default=None, help="Node id [default: node-PORT; with --port 0, node-pidPID].")
 @server_options
 @click.option("--workers", type=click.IntRange(1, 10_000), default=1, show_default=True,
               help="Requests served at once; the rest wait FIFO.")
@@ -95,6 +96,12 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def default_node_id(port: int) -> str:
+    """``node-PORT``; with ``--port 0`` the port is not known yet, and ``node-0`` for every such node would make
+    them one id to the registry (the second gets 409), so the process id names it instead."""
+    return f"node-{port}" if port else f"node-pid{os.getpid()}"
+
+
 def node_config(*, port: int, node_id: str | None, host: str, trust_proxy: str, **options: Any) -> NodeConfig:
     """The node's configuration from ``testbed node``'s parameters; bad combinations are usage errors."""
     from live.node import NodeConfig
@@ -111,8 +118,11 @@ def node_config(*, port: int, node_id: str | None, host: str, trust_proxy: str, 
                                   and " " not in token):
         raise click.BadParameter("must be 1 to 512 visible ASCII characters, no spaces (a bearer token)",
                                  param_hint="'--admin-token' / TESTBED_ADMIN_TOKEN")
+    if options.get("registry") and not options.get("advertise") and host in ("0.0.0.0", "::", ""):
+        raise click.UsageError(f"--host {host or repr('')} listens on every interface, so it is no address to register; "
+                               "give --advertise http://ADDRESS:PORT (the address the balancer should use)")
     config = NodeConfig(
-        node_id=node_id or f"node-{port}", host=host, port=port, load_factor_ms=options.pop("load_factor"),
+        node_id=node_id or default_node_id(port), host=host, port=port, load_factor_ms=options.pop("load_factor"),
         rate_limit_per_s=options.pop("rate_limit"), rate_limit_burst=options.pop("burst"),
         recovery_timeout_s=options.pop("recovery_timeout"), heartbeat_interval_s=options.pop("heartbeat_interval"),
         trust_proxy=tuple(t.strip() for t in trust_proxy.split(",") if t.strip()), limiter_cls=limiter_cls,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 
@@ -229,3 +230,21 @@ def test_a_scenario_node_round_trips_through_the_node_command_line() -> None:
     params = node_command.make_context("node", args[1:]).params
     params.pop("shutdown_timeout", None)  # a server option: kept for serve_app, not a parameter
     assert node_config(**params).spec == spec
+
+
+def test_nodes_on_port_0_get_ids_of_their_own_and_a_wildcard_host_needs_advertise() -> None:
+    """`--port 0` without `--id` was `node-0` for every such node, one id to the registry (the second got 409);
+    a node listening on every interface has no address to register unless `--advertise` names one."""
+    import click
+
+    from experiments.cli_node import default_node_id, node_command, node_config
+
+    assert default_node_id(5001) == "node-5001"
+    assert default_node_id(0) != "node-0" and str(os.getpid()) in default_node_id(0)
+    params = node_command.make_context("node", ["--port", "0", "--host", "0.0.0.0",
+                                                "--registry", "http://127.0.0.1:1"]).params
+    with pytest.raises(click.UsageError, match="--advertise"):
+        node_config(**params)
+    params = node_command.make_context("node", ["--port", "0", "--host", "0.0.0.0", "--registry", "http://127.0.0.1:1",
+                                                "--advertise", "http://127.0.0.1:9"]).params
+    assert node_config(**params).address == "http://127.0.0.1:9"
