@@ -42,6 +42,7 @@ from core.results import scenario_results
 from core.scenario import Fault, Scenario
 from live.cluster import ChildFailed, Cluster
 from live.limits import DEFAULT_MAX_IN_FLIGHT, default_drain_s
+from live.server_limits import raise_open_file_limit
 from live.loadgen import LoadGenerator, clock
 from live.upstream import UpstreamError, UpstreamPool
 
@@ -166,6 +167,8 @@ def run_live(scenario: Scenario, *, command: Sequence[str], impl: str = "auto",
     Ctrl-C and SIGTERM cancel the run: the cluster is stopped, then
     ``KeyboardInterrupt`` propagates. Raises :class:`LiveRunError` when a process fails.
     """
+    raise_open_file_limit()  # the generator holds up to max_in_flight connections; the children inherit it
+
     async def main() -> dict[str, Any]:
         task = asyncio.current_task()
         assert task is not None

@@ -26,7 +26,7 @@ from typing import Callable
 from aiohttp import web
 
 from live.connections import GuardedAppRunner
-from live.server_limits import ServerLimits, default_max_connections
+from live.server_limits import ServerLimits, default_max_connections, raise_open_file_limit
 
 __all__ = ["serve"]
 
@@ -40,6 +40,7 @@ def serve(app: web.Application, host: str, port: int, *, name: str, shutdown_tim
 
     ``header_timeout`` and ``keepalive_timeout`` are in seconds; ``max_connections=None`` is
     :func:`~live.connections.default_max_connections` (from the open-file limit)."""
+    raise_open_file_limit()  # before the default connection cap is read from it
     limits = ServerLimits(header_timeout_s=header_timeout, keepalive_timeout_s=keepalive_timeout,
                           max_connections=default_max_connections() if max_connections is None else max_connections,
                           max_line_bytes=max_line_bytes, max_headers=max_headers)

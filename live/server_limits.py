@@ -16,12 +16,33 @@ import resource
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FDS_PER_CONNECTION", "RESERVED_FDS", "ServerLimits", "default_max_connections"]
+__all__ = ["FDS_PER_CONNECTION", "RESERVED_FDS", "ServerLimits", "default_max_connections", "raise_open_file_limit"]
 
 #: Descriptors kept free under the open-file limit (listening socket, logs, registry, health checks, files).
 RESERVED_FDS = 256
 #: Descriptors one client connection may cost: the balancer's client side and its upstream side.
 FDS_PER_CONNECTION = 2
+
+
+#: The soft open-file limit a process raises itself to (when the hard limit allows).
+OPEN_FILE_TARGET = 65_536
+
+
+def raise_open_file_limit(target: int = OPEN_FILE_TARGET) -> int:
+    """Raise the soft ``RLIMIT_NOFILE`` to ``min(hard, target)`` if it is lower; return the soft limit now.
+
+    Many systems start processes with a soft limit of 1,024 and a far higher hard limit; a server bounded by
+    the soft one would refuse its 385th client. The hard limit is the administrator's word, the soft one only a
+    default, so servers raise it (Go's runtime does at start, nginx has ``worker_rlimit_nofile``)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = target if hard == resource.RLIM_INFINITY else min(hard, target)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass  # not allowed here: keep the soft limit, and the defaults that follow from it
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 def default_max_connections(open_file_limit: int | None = None) -> int:

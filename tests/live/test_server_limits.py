@@ -340,3 +340,24 @@ def test_each_process_takes_the_server_options(command) -> None:
             s.close()
         proc.stop()
     assert "connection limit reached" in proc.output() and "incomplete after 3 s" in proc.output()
+
+
+def test_a_server_raises_its_soft_open_file_limit_to_the_hard_one_in_a_child() -> None:
+    """A soft limit of 1,024 under a higher hard limit (a common default) would cap a server at 384
+    connections; serve() raises the soft limit first, within the hard one (checked in a child process, so the
+    test's own limits stay as they are)."""
+    import resource
+    import subprocess
+    import sys
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 1024:
+        pytest.skip("the hard open-file limit leaves nothing to raise")
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (512, resource.getrlimit("
+            "resource.RLIMIT_NOFILE)[1])); from live.server_limits import raise_open_file_limit, "
+            "default_max_connections; print(raise_open_file_limit(), default_max_connections())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    raised, cap = int(out[0]), int(out[1])
+    expected = 65_536 if hard == resource.RLIM_INFINITY else min(hard, 65_536)
+    assert raised == expected
+    assert cap == (expected - 256) // 2
