@@ -13,9 +13,10 @@ Three ways the descriptions and the code are kept the same:
   deregister with the lease the registration gave).
 
 The runs are bounded (``MAX_EXAMPLES`` per operation and phase, ``STEPS`` per chain, deadline off, derandomized,
-no example database), so each process takes a few seconds on a busy 2-core machine. Schemathesis's pytest
-loader for fixtures (``from_fixture``) needs a pytest before 9, so the descriptions are loaded from the Python
-data at collection time and each request is sent to the process's ``base_url``.
+no example database), so each process takes a few seconds on a busy 2-core machine. Schemathesis's loader for
+schemas from fixtures (``schemathesis.pytest.from_fixture``) fails on pytest 9 (it sets ``Function._nodeid``,
+which pytest 9 no longer has), so the descriptions are loaded from the Python data at collection time and each
+request is sent to the process's ``base_url``.
 """
 
 from __future__ import annotations
