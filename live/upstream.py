@@ -32,8 +32,13 @@ module does exactly that, with an ``asyncio.Protocol`` per connection and
 * A connection that fails to open raises :class:`ConnectFailed` (nothing was
   sent, so the caller may retry elsewhere). A *reused* connection that dies
   before the first response byte (the backend closed it while idle) is retried
-  once on a fresh connection, as every keep-alive proxy does. A streamed body
-  cannot be replayed, so it always goes on a fresh connection.
+  on a fresh connection, as every keep-alive proxy does, but only for an
+  idempotent method (GET, HEAD, OPTIONS, TRACE, PUT, DELETE): the request may
+  have reached the backend before the close, and RFC 9110 9.2.2 allows an
+  automatic retry only where doing it twice is the same as doing it once. A
+  POST (or PATCH, ...) gets the :class:`UpstreamError` instead (the balancer
+  answers 502). A streamed body cannot be replayed, so it always goes on a
+  fresh connection.
 * Time: ``timeout_s`` bounds each wait on the backend: to connect, for the
   response headers once the request is sent, for room to write more of the
   body, and for each next piece of the response body (nginx's
@@ -52,6 +57,8 @@ from typing import Any, Awaitable, Callable, Union, cast
 from urllib.parse import urlsplit
 
 import httptools
+
+from core.balancer_state import IDEMPOTENT
 
 __all__ = ["ConnectFailed", "UpstreamError", "UpstreamPool", "UpstreamResponse"]
 
@@ -360,7 +367,8 @@ class UpstreamPool:
         ``body`` is bytes, or a coroutine function returning the next piece (``b""`` at the end) whose total is
         ``length`` bytes if known (else it goes chunked); an exception it raises ends the exchange and propagates.
         ``deadline`` (loop time) replaces ``timeout_s`` for waits on the headers. Raises ConnectFailed (nothing
-        sent), UpstreamError, TimeoutError."""
+        sent), UpstreamError (also for a non-idempotent ``method`` whose reused connection died before any
+        answer: see the module docstring), TimeoutError."""
         _, _, host = self._address(base_url)
         start = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s" % (method.encode("latin-1"), target, host, header_lines)
         head = method == "HEAD"
@@ -376,9 +384,12 @@ class UpstreamPool:
                     continue
                 try:
                     return await self._whole(base_url, conn, payload, head, deadline)
-                except UpstreamError:
+                except UpstreamError as exc:
                     if conn.received_any:
                         raise
+                    if method not in IDEMPOTENT:  # it may have been done: not ours to do again
+                        raise UpstreamError(f"{exc} (a reused connection, before any answer; {method} is not "
+                                            "idempotent, so it is not sent again: RFC 9110 9.2.2)") from exc
                     # A stale keep-alive connection, closed by the backend while idle: try a fresh one.
             return await self._whole(base_url, await self._open(base_url), payload, head, deadline)
         framing = b"Content-Length: %d\r\n\r\n" % length if length is not None else b"Transfer-Encoding: chunked\r\n\r\n"

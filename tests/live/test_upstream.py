@@ -87,6 +87,35 @@ async def test_stale_idle_connection_is_retried_on_a_fresh_one() -> None:
     server.close()
 
 
+async def one_answer_per_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer a connection's first request (keep-alive); at its second, close without a byte of answer:
+    a backend closing an idle keep-alive connection just as the next request arrives."""
+    await read_request(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    await writer.drain()
+    await read_request(reader)  # and close (raw_server), unanswered
+
+
+@pytest.mark.parametrize("method, resent", [("GET", True), ("HEAD", True), ("OPTIONS", True), ("PUT", True),
+                                            ("DELETE", True), ("POST", False), ("PATCH", False)])
+async def test_only_idempotent_methods_are_sent_again_after_a_reused_connection_died(method, resent) -> None:
+    """RFC 9110 9.2.2: the request may have reached the backend before the close; only a method for which
+    twice is the same as once may be retried automatically."""
+    url, server, count = await raw_server(one_answer_per_connection)
+    pool = UpstreamPool(timeout_s=2)
+    assert (await pool.request(url, "GET", "/", [], b""))[0] == 200  # leaves one connection idle
+    body = b"" if method in ("GET", "HEAD", "OPTIONS", "DELETE") else b"{}"
+    if resent:
+        assert (await pool.request(url, method, "/", [], body))[0] == 200
+        assert count["n"] == 2  # the dead one, then a fresh one
+    else:
+        with pytest.raises(UpstreamError, match=f"{method} is not idempotent, so it is not sent again"):
+            await pool.request(url, method, "/", [], body)
+        assert count["n"] == 1  # sent once, never again
+    pool.close()
+    server.close()
+
+
 async def test_connection_refused_is_connect_failed() -> None:
     with pytest.raises(ConnectFailed):
         await UpstreamPool(timeout_s=2).request(f"http://127.0.0.1:{free_port()}", "GET", "/", [], b"")
