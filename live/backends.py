@@ -22,7 +22,21 @@ unchanged list needs (nothing) and what a changed one does: members gone and
 idle leave, new or moved members are admitted (below) and join *held*, out of
 rotation until their first health check passes, and members past
 ``max_backends`` are left out. Each poll that leaves members out or refuses
-some says so in one WARNING.
+some says so in one WARNING. A restarted registry (its listing names a new
+``instance``) lists only the nodes that have registered again so far: the
+follower keeps the others for the registry's TTL meanwhile (the refill
+window, :mod:`core.registry_follower`), with one WARNING when it starts.
+
+**Warming up** (Envoy's cluster warming). The balancer learns its backends
+before it listens: :func:`running` is the app's cleanup context, which aiohttp
+runs before the listening socket opens, and it first awaits :func:`warm_up`:
+the registry's first listing applied (a failed poll tried again every
+``WARMUP_RETRY_S``), then one round of checks of every backend in the books.
+So no client meets a balancer that answers 503 only because it has just
+started and holds its members out until their first check. The warm-up is
+bounded by ``warmup_timeout_s`` (``--warmup-timeout``, default 2 s; 0: none):
+past it, one WARNING says what was missing and the balancer listens anyway,
+the checks still running going on in the background.
 
 **Admitting a backend.** Every address, from ``--nodes`` at start
 (:func:`check_nodes`: a refused one is a usage error) or from the registry (a
@@ -38,13 +52,14 @@ The proxy path itself is :mod:`live.balancer`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ipaddress
 import json
 import logging
 import socket
 from collections import deque
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, AsyncIterator, Callable, Iterable, Protocol
 
 import aiohttp
 
@@ -52,12 +67,13 @@ from core.addresses import AddressError, AllowList
 from core.balancer_state import BackendEntry, BalancerState
 from core.health import counts_as_failure, default_health_timeout_s
 from core.outlier import StallRule
-from core.registry_follower import Listed, OwnAddress, RegistryFollower, parse_listing
+from core.registry_follower import Listed, OwnAddress, Plan, RegistryFollower, Source, parse_listing, parse_source
 from live.http import cancel_and_wait
 from live.resolve import check_backend, resolve_host
 
-__all__ = ["admit", "backends_stats", "check_nodes", "entry_stats", "follow_registry", "health_checks",
-           "health_timeout_s", "listening", "own_address", "stall_rule"]
+__all__ = ["NOT_CHECKED", "HealthChecks", "admit", "apply_listing", "backends_stats", "check_nodes",
+           "entry_stats", "follow_registry", "health_checks", "health_timeout_s", "listening", "own_address",
+           "poll_registry", "running", "stall_rule", "warm_up"]
 
 log = logging.getLogger("testbed.balancer")
 
@@ -68,6 +84,12 @@ MAX_HEALTH_BODY = 64 * 1024
 MAX_TICK_S = 0.1
 #: How many new registry members are resolved and checked at once.
 ADMIT_CONCURRENCY = 32
+#: A registry poll's timeout (seconds).
+REGISTRY_TIMEOUT_S = 2.0
+#: During the warm-up, the wait before another registry poll when one failed (the registry may be starting too).
+WARMUP_RETRY_S = 0.1
+#: A backend's ``last_check`` before its first check has ended.
+NOT_CHECKED = "not checked yet"
 
 
 class BalancerConfig(Protocol):
@@ -98,6 +120,8 @@ class BalancerConfig(Protocol):
     def max_backends(self) -> int: ...
     @property
     def allow_backends(self) -> str | None: ...
+    @property
+    def warmup_timeout_s(self) -> float: ...
 
 
 class Balancer(Protocol):
@@ -133,43 +157,100 @@ def allow_list(config: BalancerConfig) -> AllowList:
     return AllowList.parse(text) if text is not None else AllowList.default_for(config.host)
 
 
-# -- health checks --------------------------------------------------------------------------------------
-async def health_checks(lb: Balancer) -> None:
-    """Check each backend's ``/health`` once per interval and run the stall tick, for the balancer's lifetime."""
-    state = lb.state
-    state.stall_rule = stall_rule(lb.config)
-    checks = _Checks(lb, aiohttp.ClientTimeout(total=health_timeout_s(lb.config)))
+# -- warming up ---------------------------------------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def running(lb: Balancer) -> AsyncIterator[None]:
+    """The balancer's background work around its serving: :func:`warm_up` first (the app's startup, so
+    before it listens), then the health checks and the registry poll until the balancer stops."""
+    checks = HealthChecks(lb)
+    tasks: list[asyncio.Task[None]] = []
     try:
-        while True:
-            now = lb.clock()
-            checks.submit(state.due_checks(now=now))
-            state.tick(now=now)
-            for s in state.drain_stalls():
-                log.warning("backend %s stalled: %d requests in flight and no answer for %.2f s (more than %.2f s): "
-                            "ejected", s.backend, s.in_flight, s.silent_s, s.threshold_s)
-            deadline = state.checks.next_deadline()
-            wait_s = (deadline if deadline is not None else now) - lb.clock()
-            await asyncio.sleep(min(max(0.001, wait_s), MAX_TICK_S))
+        polled = await warm_up(lb, checks)
+        tasks.append(asyncio.create_task(health_checks(lb, checks)))
+        if lb.config.registry:
+            tasks.append(asyncio.create_task(follow_registry(lb, polled=polled)))
+        yield
     finally:
+        await cancel_and_wait(*tasks)
         await checks.close()
 
 
-class _Checks:
-    """At most ``health_concurrency`` checks running; the rest wait in arrival order."""
+async def warm_up(lb: Balancer, checks: HealthChecks) -> bool:
+    """Learn the backends before listening, within ``warmup_timeout_s``: the registry's first listing applied
+    (a failed poll is tried again every ``WARMUP_RETRY_S``), then every backend's first check done. Past the
+    timeout, one WARNING says what was missing and the balancer listens anyway (the checks still running go
+    on). Returns whether a registry listing was applied."""
+    config, state, follower = lb.config, lb.state, follower_of(lb)
+    if config.registry and follower.own is None and config.port:
+        follower.own = own_address(config.host, config.port)
+    timeout_s, started = config.warmup_timeout_s, lb.clock()
+    if timeout_s <= 0:
+        return False
+    polled, error = not config.registry, None
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not polled:
+                error = await poll_registry(lb)
+                polled = error is None
+                if not polled:
+                    await asyncio.sleep(WARMUP_RETRY_S)
+            checks.submit(state.due_checks(now=lb.clock()))
+            await checks.settled()
+    except asyncio.TimeoutError:
+        if not polled:
+            missing = f"no listing from the registry {config.registry} ({error or 'no answer yet'})"
+        else:
+            unchecked = sum(1 for e in state.backends.values() if e.driver.last_check == NOT_CHECKED)
+            missing = f"{unchecked} of {len(state.backends)} backends not checked yet"
+        log.warning("not warm after %g s (--warmup-timeout): %s; listening anyway", timeout_s, missing)
+        return polled
+    healthy = sum(1 for e in state.backends.values() if e.health.healthy)
+    log.info("warm in %.3f s: %d of %d backends healthy", lb.clock() - started, healthy, len(state.backends))
+    return polled
 
-    def __init__(self, lb: Balancer, timeout: aiohttp.ClientTimeout) -> None:
-        self.lb, self.timeout = lb, timeout
+
+# -- health checks --------------------------------------------------------------------------------------
+async def health_checks(lb: Balancer, checks: HealthChecks) -> None:
+    """Check each backend's ``/health`` once per interval and run the stall tick, for the balancer's lifetime."""
+    state = lb.state
+    while True:
+        now = lb.clock()
+        checks.submit(state.due_checks(now=now))
+        state.tick(now=now)
+        for s in state.drain_stalls():
+            log.warning("backend %s stalled: %d requests in flight and no answer for %.2f s (more than %.2f s): "
+                        "ejected", s.backend, s.in_flight, s.silent_s, s.threshold_s)
+        deadline = state.checks.next_deadline()
+        wait_s = (deadline if deadline is not None else now) - lb.clock()
+        await asyncio.sleep(min(max(0.001, wait_s), MAX_TICK_S))
+
+
+class HealthChecks:
+    """At most ``health_concurrency`` checks running; the rest wait in arrival order. :meth:`settled` waits
+    until none is waiting or running (the warm-up's first round)."""
+
+    def __init__(self, lb: Balancer) -> None:
+        self.lb = lb
+        self.timeout = aiohttp.ClientTimeout(total=health_timeout_s(lb.config))
         self.limit = lb.config.health_concurrency
         self.waiting: deque[BackendEntry] = deque()
         self.pending: set[BackendEntry] = set()  # waiting or running
         self.running: set[asyncio.Task[None]] = set()
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+        lb.state.stall_rule = stall_rule(lb.config)
 
     def submit(self, entries: Iterable[BackendEntry]) -> None:
         for entry in entries:
             if entry not in self.pending:
                 self.pending.add(entry)
                 self.waiting.append(entry)
+                self._quiet.clear()
         self._launch()
+
+    async def settled(self) -> None:
+        """Until every check submitted so far has ended."""
+        await self._quiet.wait()
 
     def _launch(self) -> None:
         backends = self.lb.state.backends
@@ -181,6 +262,8 @@ class _Checks:
             task = asyncio.create_task(_check(self.lb, entry, self.timeout))
             self.running.add(task)
             task.add_done_callback(functools.partial(self._done, entry))
+        if not self.pending:
+            self._quiet.set()
 
     def _done(self, entry: BackendEntry, task: asyncio.Task[None]) -> None:
         self.running.discard(task)
@@ -221,36 +304,64 @@ def follower_of(lb: Balancer) -> RegistryFollower:
     return lb.state.follower
 
 
-async def follow_registry(lb: Balancer) -> None:
-    """Poll the registry's ``GET /nodes`` every ``refresh_s`` and follow its membership."""
+async def follow_registry(lb: Balancer, *, polled: bool = False) -> None:
+    """Poll the registry's ``GET /nodes`` every ``refresh_s`` and follow its membership (the first poll
+    after one interval if the warm-up's was applied: ``polled``)."""
+    assert lb.config.registry
+    while True:
+        if polled:
+            await asyncio.sleep(lb.config.refresh_s)
+        polled = True
+        error = await poll_registry(lb)
+        if error is not None:
+            log.warning("registry %s: %s (keeping the last membership)", lb.config.registry, error)
+
+
+async def poll_registry(lb: Balancer) -> str | None:
+    """One ``GET /nodes``, applied; None if it was, else what went wrong (the membership is unchanged)."""
     assert lb.session is not None and lb.config.registry
     url = lb.config.registry.rstrip("/") + "/nodes"
-    follower = follower_of(lb)
-    if follower.own is None and lb.config.port:
-        follower.own = own_address(lb.config.host, lb.config.port)
-    while True:
-        try:
-            async with lb.session.get(url, timeout=aiohttp.ClientTimeout(total=2.0)) as resp:
-                if resp.status == 200:
-                    listing = parse_listing((await resp.json()).get("nodes"))
-                    await apply_listing(lb, listing)
-                else:
-                    log.warning("registry %s answered %s", url, resp.status)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError) as exc:
-            log.warning("registry %s: %s (keeping the last membership)", url, exc or type(exc).__name__)
-        await asyncio.sleep(lb.config.refresh_s)
+    try:
+        async with lb.session.get(url, timeout=aiohttp.ClientTimeout(total=REGISTRY_TIMEOUT_S)) as resp:
+            if resp.status != 200:
+                return f"answered {resp.status}"
+            body = await resp.json()
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        return str(exc) or type(exc).__name__
+    if not isinstance(body, dict):
+        return "answered JSON that is not an object"
+    await apply_listing(lb, parse_listing(body.get("nodes")), parse_source(body))
+    return None
 
 
-async def apply_listing(lb: Balancer, listing: dict[str, Listed]) -> None:
-    """Follow one listing of the registry: leave, admit and join as core's follower plans."""
+async def apply_listing(lb: Balancer, listing: dict[str, Listed], source: Source = Source()) -> None:
+    """Follow one listing of the registry: leave, admit and join as core's follower plans. Cancelled
+    mid-way (a warm-up past its timeout, shutdown), the next listing is planned in full again."""
     state, follower = lb.state, follower_of(lb)
-    plan = follower.plan(listing, in_books=len(state.backends),
+    previous = follower.instance
+    plan = follower.plan(listing, now=lb.clock(), source=source, in_books=len(state.backends),
                          busy=lambda node_id: (e := state.backends.get(node_id)) is not None and e.active > 0)
     if plan is None:
         return
+    if plan.new_instance:
+        log.warning("registry %s is a new instance (%s, was %s): the %d member(s) it does not list yet are kept "
+                    "for %g s (its TTL) while nodes register again", lb.config.registry, source.instance, previous,
+                    len(plan.kept), source.refill_s)
     for node_id in plan.leave:
         log.info("backend %s left", node_id)
         state.remove(node_id)
+    try:
+        await _admit_and_join(lb, plan)
+    except BaseException:
+        follower.replan()
+        raise
+    if plan.left_out:
+        log.warning("left out %d registry member(s): the balancer follows at most %d backends (--max-backends)",
+                    plan.left_out, follower.max_backends)
+
+
+async def _admit_and_join(lb: Balancer, plan: Plan) -> None:
+    state, follower = lb.state, follower_of(lb)
     allow = allow_list(lb.config)
     gate = asyncio.Semaphore(ADMIT_CONCURRENCY)
 
@@ -274,9 +385,6 @@ async def apply_listing(lb: Balancer, listing: dict[str, Listed]) -> None:
     if refused:
         log.warning("refused %d registry member(s) as backends: %s%s", len(refused),
                     "; ".join(refused[:3]), f"; and {len(refused) - 3} more" if len(refused) > 3 else "")
-    if plan.left_out:
-        log.warning("left out %d registry member(s): the balancer follows at most %d backends (--max-backends)",
-                    plan.left_out, follower.max_backends)
 
 
 # -- admitting backends ------------------------------------------------------------------------------------
@@ -333,8 +441,16 @@ def _unspecified(ip: str) -> bool:
 
 def listening(lb: Balancer, port: int) -> None:
     """Tell a balancer the port it is bound to (``serve``'s ``on_listening``, for ``--port 0``): from
-    then on a registry member at that address is refused as the balancer itself."""
-    follower_of(lb).own = own_address(lb.config.host, port)
+    then on a registry member at that address is refused as the balancer itself. Members the warm-up
+    followed at that port before it was known are dropped and checked again at the next poll."""
+    follower = follower_of(lb)
+    own = own_address(lb.config.host, port)
+    if follower.own == own:
+        return
+    for node_id in follower.own_known(own):
+        log.info("backend %s dropped: listed at this balancer's port %d, checked again at the next poll",
+                 node_id, port)
+        lb.state.remove(node_id)
 
 
 # -- what /lb-stats shows ------------------------------------------------------------------------------------

@@ -26,7 +26,9 @@ A connection that fails before anything was sent is retried once on another
 backend for idempotent methods (core's rule, :meth:`BalancerState.may_retry`).
 No healthy backend: 503. A backend slower than ``timeout_s`` to answer: 504.
 Membership comes from ``--nodes`` or, with ``--registry``, from the registry's
-``GET /nodes``, refreshed every ``refresh_s``.
+``GET /nodes``, refreshed every ``refresh_s``. The balancer listens once it
+knows its backends (first listing, first checks: the warm-up of
+:mod:`live.backends`, at most ``warmup_timeout_s``).
 
 What is refused before any backend is picked (so no permit is taken)
 ---------------------------------------------------------------------
@@ -91,8 +93,8 @@ from multidict import CIMultiDict
 from core.balancer_state import Attempt, BackendEntry, BalancerState, feeds_latency
 from core.scenario import BalancerSpec
 from core.strategies import STRATEGIES, BaseStrategy, NoHealthyBackend, Strategy
-from live.backends import follow_registry, health_checks
-from live.http import cancel_and_wait, error_response, json_error, metrics_response
+from live.backends import NOT_CHECKED, backends_stats, entry_stats, running
+from live.http import error_response, json_error, metrics_response
 from live.metrics import BalancerMetrics
 from live.openapi import balancer_description, serve as serve_openapi
 from live.upstream import Body, ConnectFailed, UpstreamError, UpstreamPool, UpstreamResponse
@@ -205,10 +207,13 @@ class BalancerConfig:
     stall_factor: float = 10.0                    # ... or this many latency EWMAs, if longer
     max_backends: int = 1000                      # registry members past it are left out
     allow_backends: str | None = None             # CIDR,... where backends may be (None: AllowList.default_for(host))
+    warmup_timeout_s: float = 2.0                 # first registry poll and checks before listening, at most (0: none)
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 0:
             raise ValueError(f"max_body_bytes must be >= 0, got {self.max_body_bytes}")
+        if not 0 <= self.warmup_timeout_s <= 3600:
+            raise ValueError(f"warmup_timeout_s must be 0-3600 s, got {self.warmup_timeout_s}")
         for cidr in self.trust_clients:
             try:
                 ipaddress.ip_network(cidr, strict=False)
@@ -229,7 +234,7 @@ class Seen:
 
     def __init__(self) -> None:
         self.recent: deque[float] = deque(maxlen=10_000)  # elapsed s of answers that feed the latency EWMA
-        self.last_check = "not checked yet"
+        self.last_check = NOT_CHECKED
 
 
 def _entry_stats(entry: BackendEntry, now: float, total: int) -> dict[str, Any]:
@@ -243,6 +248,7 @@ def _entry_stats(entry: BackendEntry, now: float, total: int) -> dict[str, Any]:
         "latency_ms": None if lat is None else {
             "p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
             "p99": float(np.percentile(lat, 99)), "ewma": (entry.latency.value or 0.0) * 1000},
+        **entry_stats(entry, now),
     }
 
 
@@ -519,7 +525,7 @@ class Balancer:
         backends = self.state.backends
         total = self.state.total_requests
         return {"id": self.id, "strategy": self.config.strategy, "requests": total, "no_healthy_backend": self.no_backend,
-                "backends": {b.id: _entry_stats(b, now, total) for b in backends.values()}}
+                **backends_stats(self), "backends": {b.id: _entry_stats(b, now, total) for b in backends.values()}}
 
 
 STATE = web.AppKey("balancer", Balancer)
@@ -564,16 +570,17 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
 
 
 async def _background(app: web.Application) -> Any:
+    """The clients, then the warm-up and the background work (:func:`live.backends.running`): aiohttp runs
+    this before the listening socket opens, so the balancer listens once it knows its backends."""
     lb = app[STATE]
     lb.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=lb.config.timeout_s))
     lb.upstream = UpstreamPool(timeout_s=lb.config.timeout_s)
-    tasks = [asyncio.create_task(health_checks(lb))]
-    if lb.config.registry:
-        tasks.append(asyncio.create_task(follow_registry(lb)))
-    yield
-    await cancel_and_wait(*tasks)
-    await lb.session.close()
-    lb.upstream.close()
+    try:
+        async with running(lb):
+            yield
+    finally:
+        await lb.session.close()
+        lb.upstream.close()
 
 
 def make_balancer_app(config: BalancerConfig, *, strategy_cls: type[BaseStrategy] | None = None,

@@ -21,6 +21,13 @@ with :func:`live.resolve.check_backend`, after the cheap checks so a refused
 request costs no lookup) are each a 400 naming the problem; a new id past
 ``--max-nodes`` is ``503 registry_full`` with ``Retry-After``.
 
+Every ``GET /nodes`` body says which registry answered: ``"registry":
+{"instance", "ttl_s", "heartbeat_interval_s"}``, the instance drawn at random
+when the process starts. A restarted registry has a new instance and has
+forgotten every member until they register again; a balancer that sees the
+instance change keeps the members it followed for one ``ttl_s`` meanwhile
+(:mod:`core.registry_follower`), instead of following the partial listing.
+
 ``GET /nodes`` is served from a cached body, rebuilt only when the table's
 ``generation`` moves (a join, death, revival, departure or new metadata), so a
 balancer polling it four times a second costs a dictionary lookup, not a
@@ -74,9 +81,14 @@ class Settings:
 
 
 class Listing:
-    """The serialised ``GET /nodes`` bodies, rebuilt when the table's generation moves."""
+    """The serialised ``GET /nodes`` bodies, rebuilt when the table's generation moves; each names the
+    registry ``instance`` and its timings (a fixed piece of JSON, made once)."""
 
-    def __init__(self) -> None:
+    def __init__(self, instance: str, table: Membership) -> None:
+        self.instance = instance
+        self.info: dict[str, Any] = {"instance": instance, "ttl_s": table.ttl_s,
+                                     "heartbeat_interval_s": table.heartbeat_interval_s}
+        self.registry = _dumps(self.info).decode()
         self.alive_generation = -1
         self.alive = b""
         self.all_generation = -1
@@ -88,7 +100,7 @@ class Listing:
         if generation != self.alive_generation:
             entries = table.alive_json(now=now)
             count = table.counts(now=now)["alive"]
-            self.alive = f'{{"nodes":{entries},"count":{count}}}'.encode()
+            self.alive = f'{{"nodes":{entries},"count":{count},"registry":{self.registry}}}'.encode()
             self.alive_generation = generation
         return self.alive
 
@@ -96,7 +108,8 @@ class Listing:
         generation = table.generation(now=now)
         if generation != self.all_generation or not now - ALL_REFRESH_S < self.all_built_at <= now:
             members = table.members(now=now, include_dead=True)
-            self.all = _dumps({"nodes": [m.as_dict(now=now) for m in members], "count": len(members)})
+            self.all = _dumps({"nodes": [m.as_dict(now=now) for m in members], "count": len(members),
+                               "registry": self.info})
             self.all_generation, self.all_built_at = generation, now
         return self.all
 
@@ -267,9 +280,11 @@ def make_registry_app(*, ttl_s: float = 5.0, token: str | None = None,
                       clock: Callable[[], float] | None = None, host: str = "127.0.0.1",
                       allow_backends: AllowList | None = None, max_nodes: int = DEFAULT_MAX_NODES,
                       metadata_limits: MetadataLimits | None = None,
-                      resolve_timeout_s: float = DEFAULT_RESOLVE_TIMEOUT_S) -> web.Application:
+                      resolve_timeout_s: float = DEFAULT_RESOLVE_TIMEOUT_S,
+                      instance: str | None = None) -> web.Application:
     """The registry's aiohttp application. ``clock`` defaults to ``time.monotonic`` (the event loop's clock);
-    ``allow_backends`` to :meth:`AllowList.default_for` the ``host`` the registry is bound to."""
+    ``allow_backends`` to :meth:`AllowList.default_for` the ``host`` the registry is bound to; ``instance``
+    (the name ``GET /nodes`` gives this registry process) to a random one."""
     app = web.Application(middlewares=[error_middleware, registry_middleware], client_max_size=16 * 1024)
     if clock is None:
         clock = time.monotonic  # what the default event loop's loop.time() reads
@@ -278,7 +293,7 @@ def make_registry_app(*, ttl_s: float = 5.0, token: str | None = None,
     app[CLOCK] = clock
     app[METRICS] = RegistryMetrics()
     app[SETTINGS] = Settings(token or "", allow_backends or AllowList.default_for(host), resolve_timeout_s)
-    app[LISTING] = Listing()
+    app[LISTING] = Listing(instance or secrets.token_hex(8), app[MEMBERSHIP])
     app.router.add_post("/register", register)
     app.router.add_post("/heartbeat/{node_id}", heartbeat)
     app.router.add_post("/deregister", deregister)

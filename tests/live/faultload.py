@@ -183,13 +183,17 @@ def start_all(arg_lists: Sequence[Sequence[str]]) -> list[Proc]:
 
 class Cluster:
     """A registry, ``len(node_ids)`` nodes registered with it, and a balancer following it, all with the
-    default flags but for ``node_args`` and ``balancer_args``. :meth:`stop` stops every process started
+    default flags but for ``node_args`` and ``balancer_args`` (and the balancer's ``--trust-clients
+    127.0.0.1/32``, as the runner starts it). :meth:`stop` stops every process started
     (the stopped one gets SIGCONT first), by PID; processes started again by the test go in ``procs``."""
 
     def __init__(self, node_ids: Sequence[str] = ("node-1", "node-2", "node-3"), *,
                  node_args: Sequence[str] = (), balancer_args: Sequence[str] = ()) -> None:
         self.procs: list[Proc] = []
-        self.balancer_args = ("balancer", "--registry", "{registry}", *balancer_args)
+        # The load generator is the balancer's one trusted client, as in ``testbed live run``
+        # (live/cluster.py balancer_args): its X-Client-IDs reach the nodes.
+        self.balancer_args = ("balancer", "--registry", "{registry}", "--trust-clients", "127.0.0.1/32",
+                              *balancer_args)
         try:
             self.registry = self.start("registry", "--port", "0")
             self.nodes = dict(zip(node_ids, start_all([

@@ -140,3 +140,51 @@ def test_parse_node(spec, url) -> None:
 def test_parse_node_rejects(spec) -> None:
     with pytest.raises(ValueError, match="not a port"):
         parse_node(spec)
+
+
+async def test_lb_stats_shows_the_membership_and_stall_figures(aiohttp_client, aiohttp_server) -> None:
+    urls = await nodes(aiohttp_server, [{}, {}])
+    lb = await balancer(aiohttp_client, urls, strategy="round_robin")
+    assert (await lb.get("/work")).status == 200  # one of the two; the other has had no request yet
+    stats = await (await lb.get("/lb-stats")).json()
+    assert (stats["max_backends"], stats["left_out"], stats["refused"]) == (1000, 0, 0)
+    backends = stats["backends"]
+    used = next(u for u in urls if backends[u]["requests"] == 1)
+    unused = next(u for u in urls if u != used)
+    assert backends[used]["stalls"] == 0 and backends[used]["last_sent_ago_s"] >= 0
+    assert backends[unused]["stalls"] == 0 and backends[unused]["last_sent_ago_s"] is None
+
+
+async def test_a_post_is_not_sent_again_when_its_reused_connection_dies(aiohttp_client) -> None:
+    """The backend answers each connection's first request and closes it at the second, unanswered: the
+    balancer re-sends a GET on a fresh connection, never a POST (RFC 9110 9.2.2), which is a 502."""
+    seen: list[bytes] = []
+
+    async def one_answer_per_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            seen.append(head.split(b" ", 1)[0])
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{\"status\":\"ok\"}")
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+            seen.append(head.split(b" ", 1)[0])
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+    server = await asyncio.start_server(one_answer_per_connection, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    lb = await balancer(aiohttp_client, [url], health_interval_s=60)  # one check, on its own connection
+    try:
+        statuses = []
+        for method in ("GET", "POST", "GET", "GET"):
+            resp = await lb.request(method, "/work", data=b"{}" if method == "POST" else None)
+            body = await resp.json(content_type=None)
+            statuses.append((method, resp.status, body.get("error", {}).get("code")))
+    finally:
+        await lb.close()  # the balancer's connections go first, so the server's handlers end
+        server.close()
+        await server.wait_closed()
+    assert statuses == [("GET", 200, None), ("POST", 502, "backend_error"), ("GET", 200, None),
+                        ("GET", 200, None)], statuses
+    assert seen.count(b"POST") == 1, seen

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import signal
 import socket
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import aiohttp
 import pytest
@@ -40,9 +40,9 @@ from tests.live.procs import Proc
 INTERVAL_S = 1.0  # the default --health-interval
 
 
-def balancer_app(**config: Any) -> web.Application:
+def balancer_app(clock: Callable[[], float] | None = None, **config: Any) -> web.Application:
     cfg = BalancerConfig(seed=1, **config)
-    return make_balancer_app(cfg, strategy_cls=strategy_class(cfg.strategy, "solution"))
+    return make_balancer_app(cfg, strategy_cls=strategy_class(cfg.strategy, "solution"), clock=clock)
 
 
 def in_rotation(stats: dict[str, Any]) -> bool:
@@ -185,10 +185,12 @@ def dead_port() -> Iterator[int]:
 
 
 class FakeRegistry:
-    """``GET /nodes`` answering whatever ``members`` holds (id -> address)."""
+    """``GET /nodes`` answering whatever ``members`` holds (id -> address), as registry ``instance``
+    (None: the body does not say) with ``ttl_s``."""
 
-    def __init__(self) -> None:
+    def __init__(self, instance: str | None = None, ttl_s: float = 5.0) -> None:
         self.members: dict[str, str] = {}
+        self.instance, self.ttl_s = instance, ttl_s
         self.polls = 0
         self.app = web.Application()
         self.app.router.add_get("/nodes", self.nodes)
@@ -196,12 +198,24 @@ class FakeRegistry:
     async def nodes(self, request: web.Request) -> web.Response:
         self.polls += 1
         nodes = [{"id": k, "address": v, "metadata": {"workers": 1}} for k, v in self.members.items()]
-        return web.json_response({"nodes": nodes, "count": len(nodes)})
+        body: dict[str, Any] = {"nodes": nodes, "count": len(nodes)}
+        if self.instance is not None:
+            body["registry"] = {"instance": self.instance, "ttl_s": self.ttl_s, "heartbeat_interval_s": 2.0}
+        return web.json_response(body)
+
+    async def polled(self, times: int) -> None:
+        """Until ``times`` more polls have been answered."""
+        target = self.polls + times
+
+        async def done() -> bool:
+            return self.polls >= target
+        await until(done, timeout_s=10, what=f"{times} more registry polls")
 
 
 @contextlib.asynccontextmanager
-async def registry_and_node(aiohttp_server: Any) -> AsyncIterator[tuple[FakeRegistry, str, str]]:
-    registry = FakeRegistry()
+async def registry_and_node(aiohttp_server: Any, registry: FakeRegistry | None = None
+                            ) -> AsyncIterator[tuple[FakeRegistry, str, str]]:
+    registry = registry or FakeRegistry()
     registry_server = await aiohttp_server(registry.app)
     node_server = await aiohttp_server(make_node_app(NodeConfig(node_id="real")))
     yield registry, str(registry_server.make_url("")).rstrip("/"), str(node_server.make_url("")).rstrip("/")
@@ -393,3 +407,90 @@ async def test_a_registry_member_is_held_until_its_first_check_passes(aiohttp_se
 def test_refused_nodes_and_bad_flags_are_usage_errors(args: list[str], words: str) -> None:
     result = CliRunner().invoke(balancer_command, args)
     assert result.exit_code == 2 and words in result.output, result.output
+
+
+# -- a restarted registry, a restarted balancer ------------------------------------------------------------------
+async def get_work(session: aiohttp.ClientSession, server: Any) -> tuple[int, str | None]:
+    async with session.get(server.make_url("/work")) as resp:
+        body = await resp.json()
+        return resp.status, resp.headers.get("X-Node-ID") or body.get("error", {}).get("code")
+
+
+async def test_a_restarted_registry_s_partial_listing_keeps_the_members_for_its_ttl(aiohttp_server, clock,
+                                                                                    caplog) -> None:
+    """The balancer's clock is the test's: the refill window ends when the test moves it, not before."""
+    caplog.set_level(logging.INFO, logger="testbed.balancer")
+    async with registry_and_node(aiohttp_server, FakeRegistry("first", ttl_s=5.0)) as (registry, registry_url,
+                                                                                          node_url):
+        registry.members["real"] = node_url
+        app = balancer_app(clock, registry=registry_url, refresh_s=0.02)
+        server = await aiohttp_server(app)
+        lb: Balancer = app[STATE]
+        real = lb.state.backends["real"]
+        async with aiohttp.ClientSession() as session:
+            assert await get_work(session, server) == (200, "real")
+            # The registry restarts: a new instance that has not heard from anybody yet.
+            registry.instance, registry.members = "second", {}
+            await registry.polled(5)
+            assert lb.state.backends.get("real") is real and await get_work(session, server) == (200, "real")
+            clock.advance(4.9)
+            await registry.polled(3)
+            assert lb.state.backends.get("real") is real  # within the new instance's TTL
+            clock.advance(0.1)  # its TTL is over and the node never registered again: it goes
+
+            async def gone() -> bool:
+                return "real" not in lb.state.backends
+            await until(gone, timeout_s=10, what="the unlisted member to leave after the refill window")
+            assert await get_work(session, server) == (503, "no_healthy_backend")
+
+            # Back, then deregistered from the same instance: it leaves at the next poll, no window.
+            registry.members["real"] = node_url
+
+            async def back() -> bool:
+                entry = lb.state.backends.get("real")
+                return entry is not None and entry.health.healthy
+            await until(back, timeout_s=10, what="the member back")
+            del registry.members["real"]
+            # At once: the balancer's clock has not moved since the window ended, so no window is in play.
+            await until(gone, timeout_s=10, what="the deregistered member to leave")
+    kept = [r.getMessage() for r in caplog.records if "new instance" in r.getMessage()]
+    assert kept == [f"registry {registry_url} is a new instance (second, was first): the 1 member(s) it does not "
+                    "list yet are kept for 5 s (its TTL) while nodes register again"], kept
+
+
+async def test_the_balancer_listens_once_it_knows_a_healthy_backend(aiohttp_server, caplog) -> None:
+    """Registry members are held until their first check passes; the warm-up does the first poll and the
+    first checks before the listening socket opens, so the first request is served."""
+    caplog.set_level(logging.INFO, logger="testbed.balancer")
+    async with registry_and_node(aiohttp_server) as (registry, registry_url, node_url):
+        registry.members["real"] = node_url
+        app = balancer_app(registry=registry_url, health_interval_s=60, refresh_s=60)
+        server = await aiohttp_server(app)
+        async with aiohttp.ClientSession() as session:
+            assert await get_work(session, server) == (200, "real")
+    assert registry.polls == 1
+    assert [r.levelname for r in caplog.records if "warm" in r.getMessage()] == ["INFO"]
+
+
+async def test_a_warm_up_past_its_timeout_listens_anyway_with_one_warning(aiohttp_server, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="testbed.balancer")
+    loop = asyncio.get_running_loop()
+    async with BlackHole() as registry_url:  # a registry that accepts and never answers
+        started = loop.time()
+        app = balancer_app(registry=registry_url, warmup_timeout_s=0.3)
+        server = await aiohttp_server(app)
+        waited_s = loop.time() - started
+        async with aiohttp.ClientSession() as session:
+            assert await get_work(session, server) == (503, "no_healthy_backend")
+    warnings = [r.getMessage() for r in caplog.records if "warm" in r.getMessage()]
+    assert warnings == [f"not warm after 0.3 s (--warmup-timeout): no listing from the registry {registry_url} "
+                        "(no answer yet); listening anyway"], warnings
+    assert waited_s >= 0.3, waited_s  # it did wait (a lower bound only: never an upper one on a busy machine)
+
+    caplog.clear()
+    slow = await aiohttp_server(slow_health_app())  # its /health takes 5 s: the check outlasts the warm-up
+    app = balancer_app(nodes=(str(slow.make_url("")).rstrip("/"),), warmup_timeout_s=0.3)
+    await aiohttp_server(app)
+    warnings = [r.getMessage() for r in caplog.records if "warm" in r.getMessage()]
+    assert warnings == ["not warm after 0.3 s (--warmup-timeout): 1 of 1 backends not checked yet; listening "
+                        "anyway"], warnings

@@ -246,11 +246,12 @@ async def test_registry_restart_loses_nothing_and_nodes_reregister_within_two_he
 
 
 async def test_registry_restart_keeps_the_membership_while_the_registry_is_refilling(cluster) -> None:
-    # Fails at 388152f: the balancer follows a freshly restarted registry's partial listing, so the nodes
-    # that have not heartbeated since the restart are dropped (once idle), all of them while the registry
-    # is still empty, and clients get 503 no_healthy_backend until a refresh after they are back (31-218
-    # requests here). Wanted: the last membership kept while the registry refills (e.g. for one TTL after
-    # it restarts, or a member leaves only once it is unlisted and failing its checks).
+    # Failed from 388152f until the refill window (core/registry_follower.py): the balancer followed a freshly
+    # restarted registry's partial listing, so the nodes
+    # that had not heartbeated since the restart were dropped (once idle), all of them while the registry
+    # was still empty, and clients got 503 no_healthy_backend until a refresh after they were back (31-218
+    # requests here). Now the registry's listing names its instance and the balancer keeps the members a
+    # new instance does not list yet for its TTL.
     # The test above leaves to chance whether the balancer polls the new registry before the nodes are back
     # in it (a matter of phase: the window is up to one heartbeat in every refresh; it happens in some runs)
     # and whether the missing nodes are idle then. Polling every 0.1 s makes that poll certain, and 2 ms
@@ -262,10 +263,11 @@ async def test_registry_restart_keeps_the_membership_while_the_registry_is_refil
 
 
 async def test_balancer_restart_fails_requests_only_while_it_is_down(cluster) -> None:
-    # Fails at 388152f in about 2 runs of 3 (1-3 requests), and every run once new members wait for their
-    # first health check (16 requests): the new balancer accepts connections before it knows a healthy
-    # backend, and answers 503 no_healthy_backend meanwhile. Wanted: it listens once warm (first registry
-    # poll and first checks done, bounded), as Envoy starts listeners after its clusters' initial fetch.
+    # Failed at 388152f in about 2 runs of 3 (1-3 requests), and every run once new members waited for
+    # their first health check (14-16 requests): the new balancer accepted connections before it knew a
+    # healthy backend, and answered 503 no_healthy_backend meanwhile. Now it listens once warm (first
+    # registry poll and first checks done, at most --warmup-timeout), as Envoy starts listeners after its
+    # clusters' initial fetch.
     c = cluster()
     async with aiohttp.ClientSession() as ctl, under_load(c, ctl, max_duration_s=20) as load:
         port = c.balancer.port
@@ -293,3 +295,24 @@ async def test_balancer_restart_fails_requests_only_while_it_is_down(cluster) ->
     assert all(o.status is None for o in failures), describe([o for o in failures if o.status is not None], t_term)
     # Up again, it serves within one registry refresh.
     assert first_ok - t_up <= REFRESH_S, first_ok - t_up
+
+
+async def test_the_cluster_s_balancer_lets_the_load_generator_name_its_clients(cluster) -> None:
+    # Fails at 93f7d9d: the cluster's balancer had no --trust-clients, so it dropped every X-Client-ID and
+    # the node saw one client (the balancer's address) where the runner's cluster (live/cluster.py
+    # balancer_args) shows it each client the load generator names.
+    c = cluster(node_ids=("node-1",), node_args=(*NODE_ARGS, "--trust-proxy", "127.0.0.1", "--rate-limit", "1000"))
+    names = [f"client-{i}" for i in range(5)]
+    async with aiohttp.ClientSession() as ctl:
+        async def followed() -> bool:
+            backends = (await get_json(ctl, c.balancer.url + "/lb-stats"))["backends"]
+            return "node-1" in backends and backends["node-1"]["healthy"]
+        await until(throttled(followed, POLL_STATS_S), timeout_s=15, what="the balancer to follow the node")
+        before = (await get_json(ctl, c.nodes["node-1"].url + "/stats"))["rate_limiter"]["clients"]
+        for name in names:
+            async with ctl.get(c.balancer.url + "/work", headers={"X-Client-ID": name}) as resp:
+                assert resp.status == 200, await resp.text()
+        after = (await get_json(ctl, c.nodes["node-1"].url + "/stats"))["rate_limiter"]["clients"]
+    # Each name is a new client to the node (its bucket table grew by 5); untrusted, all five would have
+    # been the balancer's address, at most one new entry.
+    assert after - before == len(names), (before, after)

@@ -104,3 +104,22 @@ async def test_metrics_count_membership_changes(registry, clock) -> None:
     text = await (await registry.get("/metrics")).text()
     assert 'testbed_registry_membership_changes_total{kind="joined"} 1.0' in text
     assert 'testbed_registry_membership_changes_total{kind="died"} 1.0' in text
+
+
+async def test_nodes_names_the_registry_instance_that_answered(aiohttp_client, registry, clock) -> None:
+    """A balancer tells a restarted registry (which has forgotten everybody) from members leaving by the
+    instance: drawn at random per registry process, the same in every answer of one."""
+    await register(registry)
+    first = await (await registry.get("/nodes")).json()
+    info = first["registry"]
+    assert set(info) == {"instance", "ttl_s", "heartbeat_interval_s"}
+    assert info["ttl_s"] == 5.0 and info["heartbeat_interval_s"] == 2.0 and len(info["instance"]) >= 16
+    clock.advance(1)
+    await register(registry, "node-2", 5002)
+    assert (await (await registry.get("/nodes")).json())["registry"] == info  # a new body, the same instance
+    assert (await (await registry.get("/nodes?all=1")).json())["registry"] == info
+    other = await aiohttp_client(make_registry_app(ttl_s=5.0, clock=clock))
+    assert (await (await other.get("/nodes")).json())["registry"]["instance"] != info["instance"]
+    named = await aiohttp_client(make_registry_app(ttl_s=1.0, clock=clock, instance="fixed"))
+    assert (await (await named.get("/nodes")).json())["registry"] == {"instance": "fixed", "ttl_s": 1.0,
+                                                                      "heartbeat_interval_s": 1.0}
