@@ -330,8 +330,11 @@ def registry_description(*, token: bool = False) -> dict[str, Any]:
         "/register": {"post": register},
         "/heartbeat/{node_id}": {"post": heartbeat},
         "/deregister": {"post": deregister},
-        "/nodes": _get("The members (sorted by id)", _obj({"nodes": {"type": "array", "items": _MEMBER},
-                                                           "count": INTEGER}),
+        "/nodes": _get("The members (sorted by id), and which registry process answered (`registry.instance`, "
+                       "new at each start: a balancer keeps the members a new instance does not list yet for "
+                       "its `ttl_s`)", _obj({"nodes": {"type": "array", "items": _MEMBER}, "count": INTEGER,
+                                             "registry": _obj({"instance": STRING, "ttl_s": NONNEG,
+                                                               "heartbeat_interval_s": NONNEG}, more=False)}),
                        tag=tag, parameters=[{
                            "name": "all", "in": "query", "required": False, "schema": STRING,
                            "description": "`1`, `true` or `yes`: the dead not yet forgotten too, and the heartbeat "
@@ -351,7 +354,8 @@ def registry_description(*, token: bool = False) -> dict[str, Any]:
 _BACKEND = _obj({"url": STRING, "weight": INTEGER, "requests": INTEGER, "active": INTEGER, "errors": INTEGER,
                  "share": NONNEG, "healthy": {"type": "boolean"}, "last_check": STRING,
                  "ejector": _nullable(STRING), "latency_ms": _nullable(_obj(
-                     {"p50": NONNEG, "p95": NONNEG, "p99": NONNEG, "ewma": NONNEG}))})
+                     {"p50": NONNEG, "p95": NONNEG, "p99": NONNEG, "ewma": NONNEG})),
+                 "stalls": INTEGER, "last_sent_ago_s": _nullable(NONNEG)})
 
 
 def balancer_description() -> dict[str, Any]:
@@ -359,7 +363,8 @@ def balancer_description() -> dict[str, Any]:
     tag = "balancer"
     paths = {
         "/lb-stats": _get("Per-backend books", _obj(
-            {"strategy": STRING, "requests": INTEGER, "no_healthy_backend": INTEGER,
+            {"strategy": STRING, "requests": INTEGER, "no_healthy_backend": INTEGER, "max_backends": INTEGER,
+             "left_out": INTEGER, "refused": INTEGER,
              "backends": {"type": "object", "additionalProperties": _BACKEND}},
             {"id": {"type": "string", "description": "This balancer's name in `Via` (loop detection)."}}), tag=tag),
         "/metrics": _metrics(tag),
