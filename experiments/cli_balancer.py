@@ -112,6 +112,10 @@ class AllowBackends(click.ParamType):
               show_default="loopback when --host is loopback, else all but link-local/metadata",
               help="Networks a backend's address may resolve into, comma-separated CIDRs, or 'any'. A --nodes "
                    "backend outside them is a usage error; a registry member is skipped with a WARNING.")
+@click.option("--warmup-timeout", type=click.FloatRange(0, 3600), default=2.0, show_default=True,
+              help="Seconds the balancer may spend at start learning its backends (the first registry listing, "
+                   "one round of health checks) before it listens; past it, it listens anyway with one WARNING "
+                   "(0: listen at once).")
 @impl_option
 def balancer_command(port: int, host: str, nodes: tuple[str, ...] | None,
                      registry: str | None, strategy: str, health_interval: float, unhealthy_after: int,
@@ -119,7 +123,7 @@ def balancer_command(port: int, host: str, nodes: tuple[str, ...] | None,
                      ejection_time: float, no_retry: bool, seed: int | None, impl: str,
                      max_body: int, trust_clients: tuple[str, ...], health_timeout: float | None,
                      health_concurrency: int, stall_after: float | None, stall_factor: float, max_backends: int,
-                     allow_backends: str | None) -> None:
+                     allow_backends: str | None, warmup_timeout: float) -> None:
     """The load balancer: proxies everything; GET /lb-stats and /metrics are its own."""
     from live.balancer import STATE, BalancerConfig, make_balancer_app
 
@@ -137,7 +141,7 @@ def balancer_command(port: int, host: str, nodes: tuple[str, ...] | None,
                             max_body_bytes=max_body, trust_clients=trust_clients,
                             health_timeout_s=health_timeout, health_concurrency=health_concurrency,
                             stall_after_s=stall_after, stall_factor=stall_factor, max_backends=max_backends,
-                            allow_backends=allow_backends)
+                            allow_backends=allow_backends, warmup_timeout_s=warmup_timeout)
     from core.addresses import AddressError
     from live.backends import check_nodes, listening
 

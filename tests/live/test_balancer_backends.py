@@ -494,3 +494,16 @@ async def test_a_warm_up_past_its_timeout_listens_anyway_with_one_warning(aiohtt
     warnings = [r.getMessage() for r in caplog.records if "warm" in r.getMessage()]
     assert warnings == ["not warm after 0.3 s (--warmup-timeout): 1 of 1 backends not checked yet; listening "
                         "anyway"], warnings
+
+
+def test_the_warmup_timeout_flag_reaches_a_real_balancer() -> None:
+    """`testbed balancer --warmup-timeout` is the config's warm-up: with a registry that refuses connections the
+    balancer still listens, and its log names the flag and the value it was given."""
+    from tests.live.procs import Proc, free_port
+
+    proc = Proc("balancer", "--port", "0", "--registry", f"http://127.0.0.1:{free_port()}",
+                "--warmup-timeout", "0.4", timeout=30)
+    try:
+        assert any("not warm after 0.4 s (--warmup-timeout)" in line for line in proc.lines)
+    finally:
+        assert proc.stop() == 0
