@@ -54,6 +54,7 @@ import ipaddress
 from typing import Iterable, Sequence, Union
 
 from core._validate import integer
+from core.errors import DataError
 
 __all__ = ["BadClientId", "MAX_CLIENT_ID_BYTES", "TrustedProxies", "canonical_ip"]
 
@@ -65,7 +66,7 @@ MAX_CLIENT_ID_BYTES = 256
 _LONGEST_HOP = 64  # "[v6 address%zone]:port" fits; longer is not an address
 
 
-class BadClientId(ValueError):
+class BadClientId(DataError, ValueError):
     """An ``X-Client-ID`` the node will not key on; the message says why, ``limit_bytes`` what is allowed."""
 
     def __init__(self, message: str, limit_bytes: int) -> None:

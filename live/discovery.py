@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import aiohttp
 
+from core.errors import DataError
 from live.registry import LEASE_HEADER
 
 __all__ = ["DiscoveryClient"]
@@ -38,7 +39,7 @@ __all__ = ["DiscoveryClient"]
 log = logging.getLogger("testbed.discovery")
 
 
-class RegistryAnswer(Exception):
+class RegistryAnswer(DataError):
     """The registry answered, but not with success: ``status`` and the start of its body."""
 
     def __init__(self, what: str, status: int, text: str) -> None:

@@ -18,7 +18,9 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
+from core.addresses import AddressError
 from core.balancer_state import AttemptSettled
+from core.client_key import BadClientId
 from core.circuit_breaker import CircuitOpen, InvalidTransition, Signal, State
 from core.errors import DataError
 from core.exercise import ExerciseNotImplemented
@@ -26,7 +28,9 @@ from core.node_pipeline import TicketSettled
 from core.scenario import ScenarioError, _MISSING
 from core._validate import ConfigError
 from core.backpressure import ReleaseWithoutAcquire
+from core.registry import IdTaken, LeaseMismatch, MetadataRefused, RegistryFull, RegistryRefusal
 from core.strategies import NoHealthyBackend
+from live.discovery import RegistryAnswer
 from live.cluster import ChildFailed
 from live.run import LiveRunError
 from live.upstream import ConnectFailed, UpstreamError
@@ -53,6 +57,14 @@ SAMPLES: list[BaseException] = [
     Counterexample("after 1 allowed request at t=0.400, request 2 ..."),
     TicketSettled("ticket of client 'a' settled twice"),
     AttemptSettled("attempt on node-1 settled twice"),
+    AddressError("port 99999 is out of range 1-65535"),
+    BadClientId("X-Client-ID is longer than 256 bytes", 256),
+    RegistryRefusal("a refusal"),
+    IdTaken("node-1", "http://127.0.0.1:5001"),
+    LeaseMismatch("node-1", True),
+    RegistryFull(1000, 2.5),
+    MetadataRefused("bytes", "metadata is over 4096 bytes"),
+    RegistryAnswer("register", 409, '{"error": {"status": 409}}'),
 ]
 
 
