@@ -1,8 +1,12 @@
-"""Fixtures for the live apps: a clock the test moves by hand."""
+"""Fixtures for the live apps: a clock the test moves by hand, and real ``testbed`` processes stopped by PID."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import pytest
+
+from tests.live.procs import Proc
 
 
 class FakeClock:
@@ -21,3 +25,18 @@ class FakeClock:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+@pytest.fixture
+def procs() -> Iterator[Callable[..., Proc]]:
+    """``procs("node", "--port", "0", ...)`` starts a ``testbed`` process; all are stopped, last first, by PID."""
+    started: list[Proc] = []
+
+    def start(*args: str) -> Proc:
+        p = Proc(*args)
+        started.append(p)
+        return p
+
+    yield start
+    for p in reversed(started):
+        p.stop()

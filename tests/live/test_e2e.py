@@ -15,20 +15,6 @@ import pytest
 from tests.live.procs import TESTBED, Proc, free_port, request, wait_until
 
 
-@pytest.fixture
-def procs():
-    started: list[Proc] = []
-
-    def start(*args: str) -> Proc:
-        p = Proc(*args)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.stop()
-
-
 def test_rate_limit_3_then_10_quick_requests(procs) -> None:
     node = procs("node", "--port", "0", "--id", "node-1", "--rate-limit", "3")
     statuses = [request(node.url + "/health")[0] for _ in range(10)]

@@ -255,20 +255,6 @@ async def test_an_authorization_header_of_any_bytes_is_401_json(aiohttp_client, 
 
 
 # -- the attack on real processes ---------------------------------------------------------------------------
-@pytest.fixture
-def procs():
-    started: list[Proc] = []
-
-    def start(*args: str) -> Proc:
-        p = Proc(*args)
-        started.append(p)
-        return p
-
-    yield start
-    for p in reversed(started):
-        p.stop()
-
-
 def _member(registry: Proc, node_id: str) -> dict | None:
     return next((n for n in request(registry.url + "/nodes")[2]["nodes"] if n["id"] == node_id), None)
 
