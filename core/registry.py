@@ -14,14 +14,21 @@ everything, gets every node back within one heartbeat interval.
 Ownership: a registration belongs to the instance that made it. ``register``
 hands out a *lease* (an opaque token the driver draws at random) and every
 heartbeat and deregistration must present it, or is refused with
-:class:`LeaseMismatch`. A second registration of an ALIVE id is a new
-incarnation of the same member when it presents the current lease (the same
-instance again) or names the same address (a node restarted in the same place:
-it gets a new lease and the old one stops working); from another address
-without the lease it is refused with :class:`IdTaken`, so nobody can move a
-live node's traffic elsewhere. A DEAD or forgotten id may be taken by anyone
-(Consul's sessions and etcd's leases work the same way: the holder proves
-itself with a token, and an expired lease frees the name).
+:class:`LeaseMismatch`. The address of an ALIVE member never changes through
+``register``, lease or not: another address is refused with :class:`IdTaken`,
+so nobody can move a live node's traffic elsewhere. A re-registration at the
+same address is a new incarnation: with the current lease the instance keeps
+it; without, it is a node restarted in the same place and takes a new lease at
+once (the old one stops working). Such a lease, taken over from a live member
+without its lease, is *in place*: it proves only that the caller knows the
+address, so deregistering with it does not free the id for another address
+at once: the id stays held at its address for ``ttl_s`` (as long as the
+member could have lived on without heartbeats), else "take the lease in place,
+deregister, register elsewhere" would be a three-request hijack. An owner that
+really moves deregisters with its lease and registers anew. A DEAD or
+forgotten id may be taken by anyone (Consul's sessions and etcd's leases work
+the same way: the holder proves itself with a token, and an expired lease
+frees the name).
 
 Bounds: at most ``max_nodes`` members are kept (alive plus dead not yet
 forgotten). A new id past the cap first pushes out the longest-dead member; if
@@ -83,13 +90,14 @@ class RegistryRefusal(DataError):
 
 
 class IdTaken(RegistryRefusal):
-    """``node_id`` is alive at ``address`` and the caller has neither its lease nor its address."""
+    """``node_id`` is alive (or held after leaving) at ``address``, and the caller names another address."""
 
     status, code = 409, "conflict"
 
     def __init__(self, node_id: str, address: str) -> None:
-        super().__init__(f"node id {node_id!r} is registered by another live instance (at {address}); "
-                         "re-register with its lease, or wait until it expires")
+        super().__init__(f"node id {node_id!r} is registered at {address} (alive, or left too lately to move); the address of a live node "
+                         "does not change through register: its owner deregisters (with its lease) and registers "
+                         "anew, anyone else waits until it expires")
         self.node_id = node_id
         self.address = address
 
@@ -214,10 +222,10 @@ class MembershipChange:
 
 class _Record:
     __slots__ = ("address", "metadata", "metadata_json", "registered_at", "last_heartbeat", "incarnation",
-                 "died_at", "lease", "summary_json")
+                 "died_at", "lease", "in_place", "summary_json")
 
     def __init__(self, address: str, metadata: Mapping[str, Any], metadata_json: str, now: float,
-                 incarnation: int, lease: str) -> None:
+                 incarnation: int, lease: str, in_place: bool = False) -> None:
         self.address = address
         self.metadata: Mapping[str, Any] = MappingProxyType(dict(metadata))
         self.metadata_json = metadata_json
@@ -226,6 +234,7 @@ class _Record:
         self.incarnation = incarnation
         self.died_at = 0.0
         self.lease = lease
+        self.in_place = in_place  # the lease was taken over without the previous one (see the module doc)
         self.summary_json: str | None = None  # the alive listing's entry, made on first use after a change
 
     def alive_summary_json(self, node_id: str) -> str:
@@ -276,6 +285,8 @@ class Membership:
         self._new_lease = new_lease or _counter_leases()
         self._alive: OrderedDict[str, _Record] = OrderedDict()  # by last heartbeat, oldest first
         self._dead: OrderedDict[str, _Record] = OrderedDict()   # by time of death, oldest first
+        # ids deregistered with an in-place lease: id -> (address, held until), oldest first; at most max_nodes
+        self._held: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._now = float("-inf")
         self._generation = 0
         self._events: EventLog[MembershipChange] = EventLog()
@@ -287,8 +298,10 @@ class Membership:
         now = self._advance(now)
         record = self._alive.get(node_id)
         if record is not None:
-            if not _same(lease, record.lease) and address != record.address:
+            if address != record.address:  # lease or not: a live member's traffic never moves
                 raise IdTaken(node_id, record.address)
+        elif node_id in self._held and address != self._held[node_id][0]:
+            raise IdTaken(node_id, self._held[node_id][0])
         elif node_id not in self._dead and len(self._alive) >= self.max_nodes:
             oldest = next(iter(self._alive.values()))
             raise RegistryFull(self.max_nodes, max(0.0, oldest.last_heartbeat + self.ttl_s - now))
@@ -305,15 +318,19 @@ class Membership:
         metadata_json = self.metadata_limits.check(metadata)
         self.check_register(node_id, address, now=now, lease=lease)
         now = self._now
+        was_alive = node_id in self._alive
         old = self._alive.pop(node_id, None) or self._dead.pop(node_id, None)
         if old is None and len(self._alive) + len(self._dead) >= self.max_nodes:
             gone_id, _ = self._dead.popitem(last=False)  # check_register saw room: a dead member makes it
             self._generation += 1
             self._events.emit(MembershipChange("removed", gone_id, now))
-        # The same instance keeps its lease; a new instance (restarted, or taking a dead id) gets a new one.
+        # The same instance keeps its lease; a new instance (restarted, or taking a dead id) gets a new one,
+        # which is in place if it took over a live member (or a held id) without the previous lease.
         keep = old is not None and _same(lease, old.lease)
+        held = self._held.pop(node_id, None) is not None
+        in_place = old.in_place if old is not None and keep else (held or was_alive)
         record = _Record(address, metadata, metadata_json, now, old.incarnation + 1 if old else 1,
-                         old.lease if old is not None and keep else self._new_lease())
+                         old.lease if old is not None and keep else self._new_lease(), in_place)
         self._alive[node_id] = record
         self._generation += 1
         self._events.emit(MembershipChange("rejoined" if old else "joined", node_id, now))
@@ -345,14 +362,20 @@ class Membership:
         return HeartbeatResult.OK
 
     def deregister(self, node_id: str, *, now: float, lease: str | None = None) -> bool:
-        """Remove ``node_id`` at once; False if it was not known. Raises :class:`LeaseMismatch`."""
+        """Remove ``node_id`` at once; False if it was not known. Raises :class:`LeaseMismatch`.
+        A live member whose lease is in place leaves its id held at its address for ``ttl_s``."""
         now = self._advance(now)
         record = self._alive.get(node_id) or self._dead.get(node_id)
         if record is None:
             return False
         if not _same(lease, record.lease):
             raise LeaseMismatch(node_id, lease is None)
-        self._alive.pop(node_id, None) or self._dead.pop(node_id, None)
+        if self._alive.pop(node_id, None) is not None and record.in_place:
+            self._held[node_id] = (record.address, now + self.ttl_s)
+            if len(self._held) > self.max_nodes:
+                self._held.popitem(last=False)
+        else:
+            self._dead.pop(node_id, None)
         self._generation += 1
         self._events.emit(MembershipChange("left", node_id, now))
         return True
@@ -433,6 +456,9 @@ class Membership:
             del dead[node_id]
             self._generation += 1
             self._events.emit(MembershipChange("removed", node_id, gone_at))
+        held = self._held
+        while held and next(iter(held.values()))[1] <= now:
+            held.popitem(last=False)
         return now
 
     @staticmethod

@@ -73,8 +73,8 @@ def test_registry_restart_gets_every_node_back_within_one_interval() -> None:
 def test_re_registering_starts_a_new_incarnation() -> None:
     table = Membership()
     lease = table.register("n", "http://127.0.0.1:5001", now=0.0).lease
-    again = table.register("n", "http://127.0.0.1:6001", now=1.0, lease=lease)  # the owner may move
-    assert again.incarnation == 2 and again.address.endswith("6001")
+    again = table.register("n", "http://127.0.0.1:5001", now=1.0, lease=lease)
+    assert again.incarnation == 2 and again.lease == lease
     assert len(table.members(now=1.0)) == 1
 
 
@@ -212,10 +212,68 @@ def test_a_node_restarted_at_the_same_address_takes_over_at_once() -> None:
 def test_the_same_instance_keeps_its_lease_when_it_registers_again() -> None:
     table = Membership(ttl_s=5.0)
     lease = table.register("n", A, now=0.0).lease
-    again = table.register("n", B, now=1.0, lease=lease)
-    assert again.lease == lease and again.address == B and again.incarnation == 2
-    late = table.register("n", A, now=7.0, lease=lease)  # dead meanwhile, back with its lease
-    assert late.lease == lease and late.incarnation == 3
+    again = table.register("n", A, now=1.0, lease=lease)
+    assert again.lease == lease and again.address == A and again.incarnation == 2
+    late = table.register("n", B, now=7.0, lease=lease)  # dead meanwhile: back with its lease, anywhere
+    assert late.lease == lease and late.incarnation == 3 and late.address == B
+
+
+def test_a_live_members_address_never_changes_through_register_even_with_its_lease() -> None:
+    table = Membership(ttl_s=5.0)
+    lease = table.register("n", A, now=0.0).lease
+    with pytest.raises(IdTaken) as info:
+        table.register("n", B, now=1.0, lease=lease)
+    assert info.value.address == A and "deregister" in str(info.value)
+    assert table.get("n", now=1.0).address == A
+
+
+def test_the_two_step_hijack_leaves_the_traffic_with_the_real_node() -> None:
+    """Follow-up attack: take the lease by naming the live node's own address, then move with that lease."""
+    table = Membership(ttl_s=5.0)
+    real = table.register("n", A, {"workers": 4}, now=0.0).lease
+    stolen = table.register("n", A, {"workers": 1000}, now=1.0).lease  # step 1: "restarted in place"
+    with pytest.raises(IdTaken):
+        table.register("n", B, now=1.1, lease=stolen)  # step 2: refused, lease or not
+    assert table.heartbeat("n", now=1.2, lease=stolen) is HeartbeatResult.OK
+    assert table.get("n", now=1.2).address == A  # traffic never left the real node
+    with pytest.raises(LeaseMismatch):
+        table.heartbeat("n", now=2.0, lease=real)  # the real node's next beat: 409 ...
+    back = table.register("n", A, {"workers": 4}, now=2.0)  # ... so it registers again, taking the lease back
+    assert back.address == A and dict(back.metadata) == {"workers": 4}
+    with pytest.raises(LeaseMismatch):
+        table.heartbeat("n", now=2.1, lease=stolen)
+    assert table.heartbeat("n", now=2.1, lease=back.lease) is HeartbeatResult.OK
+
+
+def test_a_lease_taken_in_place_cannot_free_the_id_for_another_address() -> None:
+    """Step 1 of the attack, then deregister with the stolen lease and register elsewhere: the id stays held."""
+    table = Membership(ttl_s=5.0)
+    table.register("n", A, now=0.0)
+    stolen = table.register("n", A, now=1.0).lease
+    assert table.deregister("n", now=1.5, lease=stolen)
+    assert ids(table, 1.5, include_dead=True) == []
+    with pytest.raises(IdTaken) as info:
+        table.register("n", B, now=2.0)
+    assert info.value.address == A
+    assert table.heartbeat("n", now=2.0) is HeartbeatResult.UNKNOWN  # the real node registers again ...
+    back = table.register("n", A, now=2.0)  # ... at its address, which the hold lets in
+    with pytest.raises(IdTaken):
+        table.register("n", B, now=2.1, lease=back.lease)
+    # the hold passes on: a lease got over a held id is in place too; the hold lasts ttl_s from leaving
+    assert table.deregister("n", now=3.0, lease=back.lease)
+    with pytest.raises(IdTaken):
+        table.register("n", B, now=7.9)
+    assert table.register("n", B, now=8.0).address == B
+
+
+def test_an_owner_that_really_moves_deregisters_then_registers_anew() -> None:
+    table = Membership(ttl_s=5.0)
+    lease = table.register("n", A, now=0.0).lease
+    assert table.deregister("n", now=1.0, lease=lease)
+    moved = table.register("n", B, now=1.0)
+    assert moved.address == B and moved.incarnation == 1
+    assert table.deregister("n", now=2.0, lease=moved.lease)  # a fresh registration's lease frees at once
+    assert table.register("n", A, now=2.0).address == A
 
 
 @pytest.mark.parametrize("wait_s, status", [(5.0, "dead"), (10.0, "forgotten")])
