@@ -63,6 +63,10 @@ def server_options(f: Any) -> Any:
         click.option("--keepalive-timeout", type=click.FloatRange(0, 3600, min_open=True),
                      default=ServerLimits.keepalive_timeout_s, show_default=True, expose_value=False, callback=_keep,
                      help="Seconds an idle keep-alive connection stays open."),
+        click.option("--body-timeout", type=click.FloatRange(0, 3600, min_open=True),
+                     default=ServerLimits.body_timeout_s, show_default=True, expose_value=False, callback=_keep,
+                     help="Seconds a JSON request body may take to arrive once the headers are in (past it: 408, "
+                          "closed)."),
         click.option("--max-connections", type=click.IntRange(1, 10_000_000), default=None, expose_value=False,
                      callback=_keep, show_default=f"open-file limit - {RESERVED_FDS}, divided by {FDS_PER_CONNECTION}",
                      help="Open connections at most; past it a new client gets 503 and is closed."),

@@ -237,6 +237,15 @@ class _GuardedHandler(RequestHandler):
                 self._keepalive_handle.cancel()
                 self._keepalive_handle = None  # aiohttp re-arms it after the next response
 
+    async def finish_response(self, request: BaseRequest, resp: web.StreamResponse,
+                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        """aiohttp's, and then a 408 closes the connection at once: the body it gave up on may never
+        come, and aiohttp would otherwise linger up to 10 s reading it (the slow-body attack's hold)."""
+        resp, reset = await super().finish_response(request, resp, start_time)
+        if resp.status == 408 and not reset:
+            self.force_close()  # the answer is written; closing the transport flushes it first
+        return resp, reset
+
     def is_idle(self) -> bool:
         """Kept alive between requests with nothing of a next request received: safe to close."""
         waiter = self._waiter

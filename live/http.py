@@ -35,10 +35,15 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST
 
-__all__ = ["MAX_JSON_DEPTH", "cancel_and_wait", "error_body", "error_bytes", "error_middleware", "error_response",
+from live.server_limits import ServerLimits
+
+__all__ = ["BODY_TIMEOUT", "MAX_JSON_DEPTH", "cancel_and_wait", "error_body", "error_bytes", "error_middleware", "error_response",
            "metrics_response", "json_error", "parse_json_object", "read_json", "reject_unknown", "require"]
 
 log = logging.getLogger("testbed.http")
+
+#: Seconds a JSON body may take to arrive (``--body-timeout``); ``serve`` sets it on each app.
+BODY_TIMEOUT = web.AppKey("body_timeout_s", float)
 
 _CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
           408: "request_timeout", 413: "body_too_large", 414: "uri_too_long", 415: "unsupported_media_type",
@@ -86,7 +91,10 @@ async def error_middleware(request: web.Request,
 def error_response(request: web.Request, exc: Exception) -> web.StreamResponse:
     """The JSON error response for an exception raised while handling ``request``."""
     if isinstance(exc, _JSONHTTPError):
-        return web.Response(status=exc.status, text=exc.text, content_type="application/json")
+        response = web.Response(status=exc.status, text=exc.text, content_type="application/json")
+        if exc.status == 408:
+            response.force_close()  # the rest of the body may never come: answer, then close, never drain
+        return response
     if isinstance(exc, web.HTTPException):
         if exc.status < 400:
             raise exc
@@ -121,12 +129,20 @@ def metrics_response(body: bytes) -> web.Response:
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object; raise a 400/413 JSON error naming the problem.
+    """The body as a JSON object; raise a 400/408/413 JSON error naming the problem.
+
+    The body must arrive within the app's ``BODY_TIMEOUT`` (``--body-timeout``, set by ``serve``): a client
+    that announces a body and then sends it a byte at a time would otherwise hold its connection for good.
 
     Strict JSON only (see the module docstring): ``NaN``, ``Infinity``, numbers out of a
     double's range, integers of more than 4,300 digits and nesting deeper than
     :data:`MAX_JSON_DEPTH` are each a 400 ``bad_json`` that says which."""
-    raw = await request.read()
+    timeout_s = request.app.get(BODY_TIMEOUT, ServerLimits.body_timeout_s)
+    try:
+        raw = await asyncio.wait_for(request.read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise _JSONHTTPError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s "
+                                                  "(--body-timeout)") from None
     if not raw:
         raise _bad("empty_body", "the request body is empty; send a JSON object")
     return parse_json_object(raw)

@@ -26,6 +26,7 @@ from typing import Callable
 from aiohttp import web
 
 from live.connections import GuardedAppRunner
+from live.http import BODY_TIMEOUT
 from live.server_limits import ServerLimits, default_max_connections, raise_open_file_limit
 
 __all__ = ["serve"]
@@ -34,6 +35,7 @@ __all__ = ["serve"]
 def serve(app: web.Application, host: str, port: int, *, name: str, shutdown_timeout: float = 10.0,
           header_timeout: float = ServerLimits.header_timeout_s,
           keepalive_timeout: float = ServerLimits.keepalive_timeout_s, max_connections: int | None = None,
+          body_timeout: float = ServerLimits.body_timeout_s,
           max_line_bytes: int = ServerLimits.max_line_bytes, max_headers: int = ServerLimits.max_headers,
           on_listening: Callable[[int], None] | None = None) -> int:
     """Serve ``app`` until a signal; ``on_listening(port)`` learns the bound port (``--port 0``).
@@ -43,7 +45,8 @@ def serve(app: web.Application, host: str, port: int, *, name: str, shutdown_tim
     raise_open_file_limit()  # before the default connection cap is read from it
     limits = ServerLimits(header_timeout_s=header_timeout, keepalive_timeout_s=keepalive_timeout,
                           max_connections=default_max_connections() if max_connections is None else max_connections,
-                          max_line_bytes=max_line_bytes, max_headers=max_headers)
+                          max_line_bytes=max_line_bytes, max_headers=max_headers, body_timeout_s=body_timeout)
+    app[BODY_TIMEOUT] = limits.body_timeout_s  # read_json's bound on a body's arrival
 
     async def main() -> int:
         # Signals are ours before anyone can learn the port: a supervisor that stops us right

@@ -65,6 +65,9 @@ class ServerLimits:
     #: that closes a connection a client is about to reuse (that race costs a failed or retried request);
     #: an idle connection costs one descriptor, and ``max_connections`` bounds those.
     keepalive_timeout_s: float = 75.0
+    #: Seconds a request's JSON body may take to arrive once its headers are in (nginx's
+    #: ``client_body_timeout``); past it: 408, closed. The bodies the servers read are a few KB.
+    body_timeout_s: float = 10.0
     #: Open connections at most; past it a new one is answered 503 and closed.
     max_connections: int = 10_000
     #: Longest request line, and longest header line (name and value), in bytes (aiohttp's default).
@@ -73,7 +76,7 @@ class ServerLimits:
     max_headers: int = 100
 
     def __post_init__(self) -> None:
-        for name in ("header_timeout_s", "keepalive_timeout_s"):
+        for name in ("header_timeout_s", "keepalive_timeout_s", "body_timeout_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")

@@ -361,3 +361,30 @@ def test_a_server_raises_its_soft_open_file_limit_to_the_hard_one_in_a_child() -
     expected = 65_536 if hard == resource.RLIM_INFINITY else min(hard, 65_536)
     assert raised == expected
     assert cap == (expected - 256) // 2
+
+
+@pytest.mark.parametrize("command,path", [(("registry",), "/register"),
+                                          (("node", "--id", "n1", "--faults"), "/admin/faults")],
+                         ids=["registry", "node"])
+def test_a_body_sent_a_byte_at_a_time_gets_408_and_frees_its_connection(command, path) -> None:
+    """The attack that held a registry: connections that announce a 100 KB JSON body and send one byte, at
+    the connection cap. Each gets `408 body_timeout` once `--body-timeout` has passed, its connection is
+    closed, and the process serves new clients again (before the fix they were held as long as the client
+    liked, and every new client got 503)."""
+    proc = Proc(*command, "--port", "0", "--max-connections", "3", "--body-timeout", "0.5")
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", proc.port), timeout=DEADLINE_S)
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      "Content-Length: 100000\r\n\r\n{".encode())
+            socks.append(s)
+        for s in socks:
+            status, _, body = parse(b"".join(iter(lambda: s.recv(65536), b"")))  # read to EOF: it was closed
+            assert status == 408 and body["error"]["code"] == "body_timeout", body
+        wait_until(lambda: _exchange(proc.port, "/health").startswith(b"HTTP/1.1 200"), DEADLINE_S,
+                   "the process to serve again")
+    finally:
+        for s in socks:
+            s.close()
+        proc.stop()
