@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import enum
 import hmac
+import ipaddress
 import itertools
 import json
 import math
@@ -66,7 +67,7 @@ from core._validate import ConfigError, integer, number
 from core.errors import DataError
 from core.events import EventLog
 
-__all__ = ["HeartbeatResult", "IdTaken", "LeaseMismatch", "Member", "MemberStatus", "Membership",
+__all__ = ["HeartbeatResult", "IdTaken", "is_own_address", "LeaseMismatch", "Member", "MemberStatus", "Membership",
            "MembershipChange", "MetadataLimits", "MetadataRefused", "NODE_ID_RULE", "RegistryFull",
            "RegistryRefusal", "valid_node_id"]
 
@@ -183,6 +184,32 @@ class MetadataLimits:
         if len(text) > self.max_bytes:
             raise MetadataRefused("max_bytes", f"metadata is {len(text)} bytes of JSON; at most {self.max_bytes}")
         return text
+
+
+def is_own_address(ips: list[str], port: int, *, bound_host: str, bound_port: int | None) -> bool:
+    """True if a backend at ``ips``:``port`` would be the registry itself, listening on
+    ``bound_host``:``bound_port`` (None: not known yet, nothing is refused). A registry bound to a
+    wildcard (``0.0.0.0``, ``::``) or to loopback is reached through any loopback address; a refusal
+    of a loopback address that would not reach it costs nobody anything."""
+    if bound_port is None or port != bound_port:
+        return False
+    wildcard = bound_host in ("0.0.0.0", "::", "")
+    loopback_bound = bound_host == "localhost" or _is_loopback(bound_host)
+    for ip in ips:
+        if ip == bound_host or ((wildcard or loopback_bound) and _is_loopback(ip)):
+            return True
+    return False
+
+
+def _is_loopback(ip: str) -> bool:
+    """Loopback or unspecified (a connection to 0.0.0.0 reaches this host), IPv4-mapped forms included."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback or address.is_unspecified
 
 
 # -- the table --------------------------------------------------------------------------

@@ -55,11 +55,12 @@ def registry_command(port: int, host: str, ttl: float, token: str | None, allow_
                      max_nodes: int, max_metadata_bytes: int, max_metadata_keys: int, max_metadata_key_chars: int,
                      resolve_timeout: float) -> None:
     """The service registry: POST /register, /heartbeat/{id}, /deregister; GET /nodes, /health, /metrics."""
-    from live.registry import make_registry_app
+    from live.registry import listening, make_registry_app
 
     limits = MetadataLimits(max_bytes=max_metadata_bytes, max_keys=max_metadata_keys,
                             max_key_chars=max_metadata_key_chars)
     allow = allow_backends or AllowList.default_for(host)
     click.echo(f"registry: backends allowed in {allow}", err=True)
-    serve_app(make_registry_app(ttl_s=ttl, token=token, host=host, allow_backends=allow, max_nodes=max_nodes,
-                                metadata_limits=limits, resolve_timeout_s=resolve_timeout), port, name="registry")
+    app = make_registry_app(ttl_s=ttl, token=token, host=host, allow_backends=allow, max_nodes=max_nodes,
+                            metadata_limits=limits, resolve_timeout_s=resolve_timeout)
+    serve_app(app, port, name="registry", on_listening=lambda bound: listening(app, bound))

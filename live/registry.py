@@ -8,17 +8,22 @@ and the heartbeat times); ``GET /health``; ``GET /metrics``; ``GET /openapi.json
 
 Ownership: heartbeats and deregistrations carry the lease from the register
 answer in the ``X-Lease`` header; a missing or stale one is ``409
-lease_mismatch`` (register again). A register of a live id from another
-address without the lease is ``409 conflict`` (the policy is in the core).
+lease_mismatch`` (register again). A register of a live id at another
+address is ``409 conflict``, lease or not: a live node's address never
+changes through register (the policy is in the core, :mod:`core.registry`).
 With a token (``--token`` or ``TESTBED_REGISTRY_TOKEN``) the writing endpoints
 also want ``Authorization: Bearer <token>``: the token says who may write at
 all, the lease which instance owns an id.
 
-Checks on ``/register``: unknown fields, a node id outside
+Checks on ``/register``: unknown fields, a key given twice in one JSON
+object (``bad_json``: JSON leaves duplicates undefined and the parser would
+keep the last silently), a node id outside
 :data:`core.registry.NODE_ID_RULE`, metadata over its limits, an address that
 is not ``http://host:port`` or leads outside ``--allow-backends`` (resolved
 with :func:`live.resolve.check_backend`, after the cheap checks so a refused
-request costs no lookup) are each a 400 naming the problem; a new id past
+request costs no lookup) or to this registry's own listening address (its
+``/health`` would pass and a balancer would proxy to it; the port comes from
+:func:`listening`, as ``serve``'s ``on_listening``) are each a 400 naming the problem; a new id past
 ``--max-nodes`` is ``503 registry_full`` with ``Retry-After``.
 
 Every ``GET /nodes`` body says which registry answered: ``"registry":
@@ -53,14 +58,14 @@ from aiohttp import web
 from core.addresses import AddressError, AllowList, parse_backend_url
 from core.rate_limiter import retry_after
 from core.registry import (NODE_ID_RULE, HeartbeatResult, IdTaken, LeaseMismatch, Membership, MetadataLimits,
-                           MetadataRefused, RegistryFull, RegistryRefusal, valid_node_id)
+                           MetadataRefused, RegistryFull, RegistryRefusal, is_own_address, valid_node_id)
 from live.http import (cancel_and_wait, error_middleware, json_error, metrics_response, read_json, reject_unknown,
                        require)
 from live.metrics import RegistryMetrics
 from live.openapi import registry_description, serve as serve_openapi
-from live.resolve import DEFAULT_RESOLVE_TIMEOUT_S, check_backend
+from live.resolve import DEFAULT_RESOLVE_TIMEOUT_S, check_backend, resolve_host
 
-__all__ = ["ALL_REFRESH_S", "DEFAULT_MAX_NODES", "LEASE_HEADER", "make_registry_app"]
+__all__ = ["ALL_REFRESH_S", "DEFAULT_MAX_NODES", "LEASE_HEADER", "listening", "make_registry_app"]
 
 log = logging.getLogger("testbed.registry")
 
@@ -74,10 +79,12 @@ ALL_REFRESH_S = 1.0
 class Settings:
     """What the handlers need besides the table: who may write, where backends may live."""
 
-    def __init__(self, token: str, allow: AllowList, resolve_timeout_s: float) -> None:
+    def __init__(self, token: str, allow: AllowList, resolve_timeout_s: float, host: str) -> None:
         self.token = token.encode("utf-8", "surrogateescape")
         self.allow = allow
         self.resolve_timeout_s = resolve_timeout_s
+        self.host = host
+        self.port: int | None = None  # the bound port, once :func:`listening` says
 
 
 class Listing:
@@ -186,8 +193,44 @@ def _bad_id(node_id: str, field: str) -> web.Response:
                       field=field)
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+async def _duplicate_key(request: web.Request) -> web.Response | None:
+    """After :func:`read_json` accepted the body: a 400 ``bad_json`` if an object in it has a key twice.
+    The body is read already (aiohttp keeps it), and is small (``client_max_size``): one more parse."""
+    try:
+        json.loads(await request.read(), object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        return json_error(400, "bad_json", f"the request body has the key {exc.key[:100]!r} twice in one object",
+                          key=exc.key[:100])
+    return None
+
+
+async def _own_address(settings: Settings, host: str, port: int) -> bool:
+    """True if ``host:port`` is this registry (a lookup only when the port is ours: rare, so it costs nothing)."""
+    if settings.port is None or port != settings.port:
+        return False
+    ips = await resolve_host(host, port, timeout_s=settings.resolve_timeout_s)
+    return is_own_address(ips, port, bound_host=settings.host, bound_port=settings.port)
+
+
 async def register(request: web.Request) -> web.Response:
     data = await read_json(request)
+    if (duplicate := await _duplicate_key(request)) is not None:
+        return duplicate
     reject_unknown(data, REGISTER_FIELDS)
     node_id = require(data, "id", str)
     if not valid_node_id(node_id):
@@ -202,6 +245,9 @@ async def register(request: web.Request) -> web.Response:
         table.metadata_limits.check(metadata)
         table.check_register(node_id, parse_backend_url(address).url, now=_now(request), lease=lease)
         backend = await check_backend(address, settings.allow, timeout_s=settings.resolve_timeout_s)
+        if await _own_address(settings, backend.host, backend.port):
+            return json_error(400, "bad_address", f"field 'address': {backend.url} is this registry",
+                              field="address")
         known = table.get(node_id, now=_now(request)) is not None
         member = table.register(node_id, backend.url, metadata, now=_now(request), lease=lease)
     except AddressError as exc:
@@ -221,6 +267,8 @@ async def heartbeat(request: web.Request) -> web.Response:
     metadata = None
     if request.can_read_body:
         data = await read_json(request)
+        if (duplicate := await _duplicate_key(request)) is not None:
+            return duplicate
         reject_unknown(data, HEARTBEAT_FIELDS)
         metadata = require(data, "metadata", dict, optional=True)
     try:
@@ -236,6 +284,8 @@ async def heartbeat(request: web.Request) -> web.Response:
 
 async def deregister(request: web.Request) -> web.Response:
     data = await read_json(request)
+    if (duplicate := await _duplicate_key(request)) is not None:
+        return duplicate
     reject_unknown(data, DEREGISTER_FIELDS)
     node_id = require(data, "id", str)
     if not valid_node_id(node_id):
@@ -276,6 +326,12 @@ async def _expiry(app: web.Application) -> Any:
     await cancel_and_wait(task)
 
 
+def listening(app: web.Application, port: int) -> None:
+    """Tell a registry app the port it is bound to (``serve``'s ``on_listening``): from then on a
+    registration of the registry's own address is refused."""
+    app[SETTINGS].port = port
+
+
 def make_registry_app(*, ttl_s: float = 5.0, token: str | None = None,
                       clock: Callable[[], float] | None = None, host: str = "127.0.0.1",
                       allow_backends: AllowList | None = None, max_nodes: int = DEFAULT_MAX_NODES,
@@ -292,7 +348,7 @@ def make_registry_app(*, ttl_s: float = 5.0, token: str | None = None,
                                  metadata_limits=metadata_limits, new_lease=lambda: secrets.token_urlsafe(18))
     app[CLOCK] = clock
     app[METRICS] = RegistryMetrics()
-    app[SETTINGS] = Settings(token or "", allow_backends or AllowList.default_for(host), resolve_timeout_s)
+    app[SETTINGS] = Settings(token or "", allow_backends or AllowList.default_for(host), resolve_timeout_s, host)
     app[LISTING] = Listing(instance or secrets.token_hex(8), app[MEMBERSHIP])
     app.router.add_post("/register", register)
     app.router.add_post("/heartbeat/{node_id}", heartbeat)

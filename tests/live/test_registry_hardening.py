@@ -77,11 +77,58 @@ async def test_a_restart_at_the_same_address_takes_over_and_the_old_lease_stops(
 
 async def test_the_owner_may_move_and_a_dead_id_is_anyones(registry, clock) -> None:
     lease = {"X-Lease": (await (await register(registry)).json())["lease"]}
-    moved = await register(registry, address="http://127.0.0.1:5002", headers=lease)
-    assert moved.status == 200 and (await moved.json())["lease"] == lease["X-Lease"]
+    error = await error_of(await register(registry, address="http://127.0.0.1:5002", headers=lease), 409)
+    assert error["code"] == "conflict" and "deregister" in error["message"]  # lease or not, no move while alive
+    assert (await registry.post("/deregister", json={"id": "node-1"}, headers=lease)).status == 200
+    moved = await register(registry, address="http://127.0.0.1:5002")  # the owner moves: leave, then register anew
+    assert moved.status == 201 and (await listing(registry))[0]["address"] == "http://127.0.0.1:5002"
     clock.advance(5)  # dead now
     taken = await register(registry, address="http://127.0.0.1:7000")
     assert taken.status == 200 and (await listing(registry))[0]["address"] == "http://127.0.0.1:7000"
+
+
+async def test_the_two_step_hijack_is_refused(registry, clock) -> None:
+    """Follow-up attack: take the lease naming the node's own address, then move with that lease (or leave)."""
+    real = {"X-Lease": (await (await register(registry, metadata={"workers": 4})).json())["lease"]}
+    step1 = await register(registry, metadata={"workers": 1000})
+    assert step1.status == 200
+    stolen = {"X-Lease": (await step1.json())["lease"]}
+    error = await error_of(await register(registry, address="http://127.0.0.1:6666", headers=stolen), 409)
+    assert error["code"] == "conflict" and error["node_id"] == "node-1"
+    assert [m["address"] for m in await listing(registry)] == [NODE]
+    assert (await error_of(await registry.post("/heartbeat/node-1", headers=real), 409))["code"] == "lease_mismatch"
+    assert (await registry.post("/deregister", json={"id": "node-1"}, headers=stolen)).status == 200
+    error = await error_of(await register(registry, address="http://127.0.0.1:6666"), 409)  # held at its address
+    assert error["code"] == "conflict"
+    assert (await register(registry, metadata={"workers": 4})).status == 201  # the real node gets back at once
+
+
+async def test_the_registrys_own_address_is_refused(aiohttp_client, clock) -> None:
+    from live.registry import listening
+    app = make_registry_app(ttl_s=5.0, clock=clock)
+    client = await aiohttp_client(app)
+    port = client.server.port
+    assert (await register(client, address=f"http://127.0.0.1:{port}")).status == 201  # port not known yet
+    await client.post("/deregister", json={"id": "node-1"},
+                      headers={"X-Lease": (await (await register(client, address=f"http://127.0.0.1:{port}"))
+                                           .json())["lease"]})
+    listening(app, port)
+    for address in (f"http://127.0.0.1:{port}", f"http://localhost:{port}/", f"http://2130706433:{port}",
+                    f"http://[::ffff:127.0.0.1]:{port}"):
+        error = await error_of(await register(client, "n2", address=address), 400)
+        assert error["code"] == "bad_address" and "is this registry" in error["message"], address
+    assert (await register(client, "n3", address=f"http://127.0.0.1:{port + 1 if port < 65535 else 1}")).status == 201
+
+
+@pytest.mark.parametrize("raw, key", [
+    (b'{"id":"a","id":"b","address":"http://127.0.0.1:5001"}', "id"),
+    (b'{"id":"a","address":"http://127.0.0.1:5001","metadata":{"w":1,"w":2}}', "w"),
+])
+async def test_duplicate_json_keys_are_400_naming_the_key(registry, raw: bytes, key: str) -> None:
+    resp = await registry.post("/register", data=raw, headers={"Content-Type": "application/json"})
+    error = await error_of(resp, 400)
+    assert error["code"] == "bad_json" and error["key"] == key and repr(key) in error["message"]
+    assert await listing(registry, "?all=1") == []
 
 
 async def test_the_lease_is_never_listed(registry) -> None:
@@ -283,6 +330,69 @@ def test_the_issues_attack_fails_and_the_node_keeps_its_traffic(procs) -> None:
         assert seen == ["node-1"] * 5
     finally:
         decoy.close()
+
+
+def test_the_two_step_hijack_on_real_processes_leaves_every_request_with_the_real_node(procs) -> None:
+    registry = procs("registry", "--port", "0", "--ttl", "3")
+    node = procs("node", "--port", "0", "--id", "node-1", "--registry", registry.url, "--heartbeat-interval", "0.2")
+    wait_until(lambda: _member(registry, "node-1"), 10, "node-1 to register")
+    lb = procs("balancer", "--port", "0", "--registry", registry.url, "--refresh-interval", "0.1")
+    wait_until(lambda: request(lb.url + "/health")[0] == 200, 10, "the balancer to reach node-1")
+    decoy = socket.socket()  # the attacker's loopback address, held so nobody else gets it
+    decoy.bind(("127.0.0.1", 0))
+    evil = f"http://127.0.0.1:{decoy.getsockname()[1]}"
+    try:
+        before = request(node.url + "/discovery-status")[2]["conflicts"]
+        status, _, body = request(registry.url + "/register", "POST",
+                                  {"id": "node-1", "address": node.url, "metadata": {"workers": 1000}})
+        assert status == 200, body  # step 1: the "restarted in place" rule hands out a lease ...
+        lease = {"X-Lease": body["lease"]}
+        status, _, body = request(registry.url + "/register", "POST", {"id": "node-1", "address": evil}, lease)
+        assert status == 409 and body["error"]["code"] == "conflict", body  # ... step 2 cannot use it to move
+        served = []
+        for _ in range(10):  # the attacker keeps its lease alive while clients go through the balancer
+            request(registry.url + "/heartbeat/node-1", "POST", {}, lease)
+            served += [(a[0], a[1].get("X-Node-ID")) for a in (request(lb.url + "/health") for _ in range(2))]
+        assert served == [(200, "node-1")] * 20
+        wait_until(lambda: request(node.url + "/discovery-status")[2]["conflicts"] > before, 10,
+                   "the real node's heartbeat to get 409 and register again")
+        wait_until(lambda: request(registry.url + "/heartbeat/node-1", "POST", {}, lease)[0] == 409, 10,
+                   "the real node to hold the lease again")
+        assert _member(registry, "node-1")["address"] == node.url
+        # step 3 of a variant: take the lease in place again and deregister with it; the id stays at the node
+        status, _, body = request(registry.url + "/register", "POST", {"id": "node-1", "address": node.url})
+        lease = {"X-Lease": body["lease"]}
+        assert request(registry.url + "/deregister", "POST", {"id": "node-1"}, lease)[0] == 200
+        status, _, body = request(registry.url + "/register", "POST", {"id": "node-1", "address": evil})
+        assert status == 409 and body["error"]["code"] == "conflict", body
+        wait_until(lambda: (_member(registry, "node-1") or {}).get("address") == node.url, 10,
+                   "the real node to register again")
+        wait_until(lambda: request(lb.url + "/health")[0] == 200, 10, "the balancer to take node-1 back")
+        answers = [request(lb.url + "/health") for _ in range(10)]
+        assert [(a[0], a[1].get("X-Node-ID")) for a in answers] == [(200, "node-1")] * 10
+    finally:
+        decoy.close()
+
+
+def test_a_real_owner_moves_by_deregistering_then_registering_anew(procs) -> None:
+    registry = procs("registry", "--port", "0", "--ttl", "60")
+    home, away = free_port(), free_port()
+    status, _, body = request(registry.url + "/register", "POST", {"id": "mover", "address": f"http://127.0.0.1:{home}"})
+    assert status == 201
+    lease = {"X-Lease": body["lease"]}
+    status, _, body = request(registry.url + "/register", "POST",
+                              {"id": "mover", "address": f"http://127.0.0.1:{away}"}, lease)
+    assert status == 409 and body["error"]["code"] == "conflict"
+    assert request(registry.url + "/deregister", "POST", {"id": "mover"}, lease)[0] == 200
+    status, _, body = request(registry.url + "/register", "POST", {"id": "mover", "address": f"http://127.0.0.1:{away}"})
+    assert status == 201 and _member(registry, "mover")["address"] == f"http://127.0.0.1:{away}"
+
+
+def test_a_real_registry_refuses_its_own_address(procs) -> None:
+    registry = procs("registry", "--port", "0")
+    status, _, body = request(registry.url + "/register", "POST", {"id": "loop", "address": registry.url})
+    assert status == 400 and body["error"]["code"] == "bad_address" and "is this registry" in body["error"]["message"]
+    assert _member(registry, "loop") is None
 
 
 def test_a_node_restarted_on_the_same_port_registers_again_at_once(procs) -> None:
