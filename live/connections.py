@@ -63,15 +63,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from aiohttp import web
+from aiohttp.http import HttpVersion10
 from aiohttp.http_exceptions import BadStatusLine, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
-from live.http import error_bytes, json_error
+from live.http import error_bytes, error_response, json_error
 from live.server_limits import ServerLimits, default_max_connections
 
 __all__ = ["GuardedAppRunner", "GuardedServer", "IDLE_SCAN_INTERVAL_S", "MAX_WAITING_REFUSALS", "REFUSAL_WAIT_S",
@@ -102,6 +104,28 @@ class GuardedAppRunner(web.AppRunner):
         return GuardedServer(plain, self._limits)
 
 
+def _json_errors(handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]]
+                 ) -> Callable[[BaseRequest], Awaitable[web.StreamResponse]]:
+    """The app's handler, with what aiohttp itself refuses above the app made JSON too.
+
+    A request target that is not a path (``CONNECT host:22``, ``OPTIONS *``) matches no route, even the
+    catch-alls, and aiohttp answered it with a text/plain 404; an HTTP/0.9 request line (no version) was
+    served with an HTTP/0.9 status line. One ``try`` and one comparison per request."""
+    async def handle(request: BaseRequest) -> web.StreamResponse:
+        if request.version < HttpVersion10:
+            return error_response(request, _VERSION_REFUSED)  # type: ignore[arg-type]
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return error_response(request, exc)  # type: ignore[arg-type]
+    return handle
+
+
+_VERSION_REFUSED = web.HTTPVersionNotSupported(text="HTTP/1.0 or HTTP/1.1 only (this request line has no version)")
+
+
 class GuardedServer(web.Server):
     """aiohttp's protocol factory, counting connections and refusing those past the cap.
 
@@ -111,7 +135,7 @@ class GuardedServer(web.Server):
     def __init__(self, plain: web.Server, limits: ServerLimits) -> None:
         # Built from the plain server AppRunner made, so the app's handler and request factory,
         # and every handler argument aiohttp and the app chose, stay exactly as they were.
-        super().__init__(plain.request_handler, request_factory=plain.request_factory,
+        super().__init__(_json_errors(plain.request_handler), request_factory=plain.request_factory,
                          handler_cancellation=plain.handler_cancellation, loop=plain._loop, **plain._kwargs)
         self.limits = limits
         self.open_connections = 0

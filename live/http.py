@@ -100,7 +100,7 @@ def error_response(request: web.Request, exc: Exception) -> web.StreamResponse:
             raise exc
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
         if exc.status == 404:
-            message = f"no endpoint {request.method} {request.path}"
+            message = f"no endpoint {request.method} {request.path or request.raw_path}"
         elif exc.status == 405:
             allowed = exc.headers.get("Allow", "")
             message = f"{request.method} is not allowed on {request.path}; allowed: {allowed}"

@@ -338,3 +338,19 @@ async def test_in_process_malformed_requests_log_one_warning_each(caplog) -> Non
     mine = [r for r in caplog.records if r.name.startswith(("aiohttp", "testbed"))]
     assert [r.levelname for r in mine] == ["WARNING"] * 3, [(r.name, r.levelname, r.getMessage()) for r in mine]
     assert all(r.exc_info is None and "malformed request from 127.0.0.1:" in r.getMessage() for r in mine)
+
+
+@pytest.mark.parametrize("data, expected, code", [
+    (b"CONNECT host:22 HTTP/1.1\r\nHost: host:22\r\nConnection: close\r\n\r\n", 404, "not_found"),
+    (b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 404, "not_found"),
+    (b"GET /metrics\r\n\r\n", 505, "http_version_not_supported"),
+], ids=["connect", "options_star", "http_0_9"])
+@pytest.mark.parametrize("name", ["node", "registry", "balancer"])
+def test_targets_no_route_matches_and_http_0_9_get_json_too(processes, name: str, data: bytes, expected: int,
+                                                            code: str) -> None:
+    """A target that is not a path matches no route, not even the catch-alls, and aiohttp answered it with a
+    text/plain 404; an HTTP/0.9 request line was served (the balancer proxied it)."""
+    proc = processes[name]
+    status, headers, body = exchange(proc.port, data)
+    assert assert_json_error(status, headers, body, expected=expected)["code"] == code
+    assert exchange(proc.port, get("/metrics"))[0] == 200
