@@ -6,7 +6,9 @@ numeric host is decoded without a lookup, a name goes through the event loop's
 the backend is refused unless *every* address the name resolves to is
 permitted (a name with one good and one bad address could be steered to the
 bad one by the resolver's order). A name that resolves now may resolve
-elsewhere later (DNS rebinding): whoever connects checks again when it resolves.
+elsewhere later (DNS rebinding), and the balancer's upstream pool connects by
+name without checking again: a backend registered by host name is only as safe
+as its DNS. Register numeric addresses where that matters (the live runner does).
 """
 
 from __future__ import annotations
