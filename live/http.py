@@ -148,10 +148,31 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     return parse_json_object(raw)
 
 
+class _KeyTwice(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_twice(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose keys are all different: JSON parsers disagree on which of two equal keys wins (the
+    first, the last, an error), so a body that means different things to different readers is refused."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _KeyTwice(key)
+            seen.add(key)
+    return out
+
+
 def parse_json_object(raw: bytes | str) -> dict[str, Any]:
     """:func:`read_json` without the request: ``raw`` as a strict JSON object, or a 400 ``bad_json``."""
     try:
-        data = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+        data = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float, object_pairs_hook=_no_twice)
+    except _KeyTwice as exc:
+        raise _bad("bad_json", f"the request body has the key {exc.key[:100]!r} twice in one object", key=exc.key[:100])
     except RecursionError:
         raise _bad("bad_json", f"the request body is nested too deeply (the limit is {MAX_JSON_DEPTH} levels)")
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits, NaN/Infinity, 1e999

@@ -263,8 +263,10 @@ def nested(levels: int) -> str:
     ("[1, 2]", "JSON object"),
     ('{"x": ', "not valid JSON"),
     (b'{"x": "\xff"}', "not valid JSON"),
+    ('{"x": 1, "x": 2}', "'x' twice"),
+    ('{"m": {"k": 1, "k": 1}}', "'k' twice"),
 ], ids=["3000_levels", "one_level_too_deep", "5000_digits", "nan", "infinity", "minus_infinity", "1e999",
-        "minus_2.5e400", "array", "truncated", "not_utf8"])
+        "minus_2.5e400", "array", "truncated", "not_utf8", "key_twice", "nested_key_twice"])
 async def test_read_json_refuses_what_json_does_not_allow(client, body: str | bytes, words: str) -> None:
     resp = await client.post("/echo", data=body, headers={"Content-Type": "application/json"})
     assert resp.status == 400
