@@ -116,6 +116,11 @@ class AllowBackends(click.ParamType):
               help="Seconds the balancer may spend at start learning its backends (the first registry listing, "
                    "one round of health checks) before it listens; past it, it listens anyway with one WARNING "
                    "(0: listen at once).")
+@click.option("--max-response-header-bytes", type=ByteSize(), default="64KiB", show_default=True,
+              help="Largest response head a backend may send (bytes, status line and interim 1xx heads "
+                   "included); past it the exchange is dropped and the client gets 502 backend_error.")
+@click.option("--max-response-headers", type=click.IntRange(1, 10_000), default=100, show_default=True,
+              help="Most header fields in a backend's response; past it the client gets 502 backend_error.")
 @impl_option
 def balancer_command(port: int, host: str, nodes: tuple[str, ...] | None,
                      registry: str | None, strategy: str, health_interval: float, unhealthy_after: int,
@@ -123,7 +128,8 @@ def balancer_command(port: int, host: str, nodes: tuple[str, ...] | None,
                      ejection_time: float, no_retry: bool, seed: int | None, impl: str,
                      max_body: int, trust_clients: tuple[str, ...], health_timeout: float | None,
                      health_concurrency: int, stall_after: float | None, stall_factor: float, max_backends: int,
-                     allow_backends: str | None, warmup_timeout: float) -> None:
+                     allow_backends: str | None, warmup_timeout: float, max_response_header_bytes: int,
+                     max_response_headers: int) -> None:
     """The load balancer: proxies everything; GET /lb-stats and /metrics are its own."""
     from live.balancer import STATE, BalancerConfig, make_balancer_app
 
@@ -141,10 +147,14 @@ def balancer_command(port: int, host: str, nodes: tuple[str, ...] | None,
                             max_body_bytes=max_body, trust_clients=trust_clients,
                             health_timeout_s=health_timeout, health_concurrency=health_concurrency,
                             stall_after_s=stall_after, stall_factor=stall_factor, max_backends=max_backends,
-                            allow_backends=allow_backends, warmup_timeout_s=warmup_timeout)
+                            allow_backends=allow_backends, warmup_timeout_s=warmup_timeout,
+                            max_response_header_bytes=max_response_header_bytes,
+                            max_response_headers=max_response_headers)
     from core.addresses import AddressError
     from live.backends import check_nodes, listening
 
+    if max_response_header_bytes < 1:
+        raise click.UsageError("--max-response-header-bytes must be at least 1 byte")
     if health_timeout is not None and health_timeout > health_interval:
         raise click.UsageError(f"--health-timeout {health_timeout:g} is longer than --health-interval "
                                f"{health_interval:g}: a check must end before the next one is due")

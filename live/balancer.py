@@ -97,7 +97,8 @@ from live.backends import NOT_CHECKED, backends_stats, entry_stats, running
 from live.http import error_response, json_error, metrics_response
 from live.metrics import BalancerMetrics
 from live.openapi import balancer_description, serve as serve_openapi
-from live.upstream import Body, ConnectFailed, UpstreamError, UpstreamPool, UpstreamResponse
+from live.upstream import (MAX_RESPONSE_HEADER_BYTES, MAX_RESPONSE_HEADERS, Body, ConnectFailed, UpstreamError,
+                           UpstreamPool, UpstreamResponse)
 
 __all__ = ["BalancerConfig", "make_balancer_app", "parse_node"]
 
@@ -208,10 +209,14 @@ class BalancerConfig:
     max_backends: int = 1000                      # registry members past it are left out
     allow_backends: str | None = None             # CIDR,... where backends may be (None: AllowList.default_for(host))
     warmup_timeout_s: float = 2.0                 # first registry poll and checks before listening, at most (0: none)
+    max_response_header_bytes: int = MAX_RESPONSE_HEADER_BYTES  # a backend's response head past it: 502
+    max_response_headers: int = MAX_RESPONSE_HEADERS            # ... or with more header fields than this: 502
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 0:
             raise ValueError(f"max_body_bytes must be >= 0, got {self.max_body_bytes}")
+        if self.max_response_header_bytes < 1 or self.max_response_headers < 1:
+            raise ValueError("max_response_header_bytes and max_response_headers must be >= 1")
         if not 0 <= self.warmup_timeout_s <= 3600:
             raise ValueError(f"warmup_timeout_s must be 0-3600 s, got {self.warmup_timeout_s}")
         for cidr in self.trust_clients:
@@ -574,7 +579,8 @@ async def _background(app: web.Application) -> Any:
     this before the listening socket opens, so the balancer listens once it knows its backends."""
     lb = app[STATE]
     lb.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=lb.config.timeout_s))
-    lb.upstream = UpstreamPool(timeout_s=lb.config.timeout_s)
+    lb.upstream = UpstreamPool(timeout_s=lb.config.timeout_s, max_header_bytes=lb.config.max_response_header_bytes,
+                               max_headers=lb.config.max_response_headers)
     try:
         async with running(lb):
             yield

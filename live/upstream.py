@@ -47,6 +47,16 @@ module does exactly that, with an ``asyncio.Protocol`` per connection and
   ``asyncio.TimeoutError`` and closes that connection. :meth:`UpstreamPool.request`
   (the buffered call the load generator and the runner use) keeps one deadline
   for the whole exchange instead.
+* Size: a response head is capped, as Envoy caps it (``max_response_headers_kb``
+  60, ``max_headers_count`` 100): at most ``max_header_bytes`` bytes from the
+  request's send until the final response's headers are complete (interim
+  ``1xx`` heads included) and at most ``max_headers`` header fields in one
+  head. The bytes are counted as they are fed to the parser, not as headers
+  come out of it: httptools holds an unfinished header value in memory until
+  its line ends, so an endless value would never reach a callback. Past
+  either cap the exchange fails with :class:`UpstreamError` ("response
+  headers over N bytes", "... over N fields") and the connection is closed:
+  a backend sending endless headers costs the balancer at most the cap.
 """
 
 from __future__ import annotations
@@ -60,11 +70,15 @@ import httptools
 
 from core.balancer_state import IDEMPOTENT
 
-__all__ = ["ConnectFailed", "UpstreamError", "UpstreamPool", "UpstreamResponse"]
+__all__ = ["MAX_RESPONSE_HEADERS", "MAX_RESPONSE_HEADER_BYTES", "ConnectFailed", "UpstreamError", "UpstreamPool",
+           "UpstreamResponse"]
 
 #: Response bytes a connection holds for a caller that has not taken them yet before it stops reading.
 _HIGH_WATER_BYTES = 256 * 1024
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+#: The defaults of the response-head caps (Envoy: ``max_response_headers_kb`` 60, ``max_headers_count`` 100).
+MAX_RESPONSE_HEADER_BYTES = 64 * 1024
+MAX_RESPONSE_HEADERS = 100
 
 #: A request body: the whole of it, or a coroutine function giving the next piece (``b""`` at the end).
 Body = Union[bytes, Callable[[], Awaitable[bytes]]]
@@ -78,14 +92,21 @@ class ConnectFailed(UpstreamError):
     """No connection could be opened: nothing was sent."""
 
 
+class _TooManyHeaders(Exception):
+    """Raised from a parser callback to stop the parser; the exchange's error is already set."""
+
+
 class _Connection(asyncio.Protocol):
     """One connection to a backend and the state of its current exchange.
 
     Every change a caller may be waiting for (final headers, body data, the end,
     an error, room to write) wakes ``waiter``; the caller looks at the state."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_header_bytes: int = MAX_RESPONSE_HEADER_BYTES,
+                 max_headers: int = MAX_RESPONSE_HEADERS) -> None:
         self.loop = loop
+        self.max_header_bytes = max_header_bytes
+        self.max_headers = max_headers
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.waiter: asyncio.Future[None] | None = None
@@ -107,6 +128,7 @@ class _Connection(asyncio.Protocol):
         self.interim = False
         self.error: Exception | None = None
         self.received_any = False
+        self.head_bytes = 0  # fed to the parser before the final headers were complete
 
     # -- asyncio.Protocol --------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -115,8 +137,25 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received_any = True
+        if self.error is not None:
+            return  # the exchange is over: do not parse what follows
         try:
-            self.parser.feed_data(data)
+            if self.headers_done:
+                self.parser.feed_data(data)
+                return
+            room = self.max_header_bytes - self.head_bytes
+            if len(data) <= room:
+                self.head_bytes += len(data)
+                self.parser.feed_data(data)
+                return
+            # The head may end within the room left: feed that much, and the rest only if it did.
+            self.head_bytes += room
+            self.parser.feed_data(data[:room])
+            if not self.headers_done:
+                self._fail(UpstreamError(f"response headers over {self.max_header_bytes} bytes"))
+                self.close()
+                return
+            self.parser.feed_data(data[room:])
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(f"bad response from the backend: {exc}"))
             self.close()
@@ -147,6 +186,9 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.complete:
             return
+        if len(self.headers) >= self.max_headers:
+            self._fail(UpstreamError(f"response headers over {self.max_headers} fields"))
+            raise _TooManyHeaders  # stops the parser (data_received closes the connection)
         # Header values are relayed through aiohttp, which writes str as UTF-8: this is the inverse.
         self.headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
@@ -306,11 +348,18 @@ class UpstreamResponse:
 
 
 class UpstreamPool:
-    """Keep-alive connections to any number of ``http://host:port`` backends."""
+    """Keep-alive connections to any number of ``http://host:port`` backends.
 
-    def __init__(self, *, timeout_s: float = 30.0, max_idle: int = 64) -> None:
+    ``max_header_bytes`` and ``max_headers`` cap each response's head (see the module docstring)."""
+
+    def __init__(self, *, timeout_s: float = 30.0, max_idle: int = 64,
+                 max_header_bytes: int = MAX_RESPONSE_HEADER_BYTES, max_headers: int = MAX_RESPONSE_HEADERS) -> None:
+        if max_header_bytes < 1 or max_headers < 1:
+            raise ValueError(f"max_header_bytes and max_headers must be >= 1, got {max_header_bytes}, {max_headers}")
         self.timeout_s = timeout_s
         self.max_idle = max_idle
+        self.max_header_bytes = max_header_bytes
+        self.max_headers = max_headers
         self._idle: dict[str, deque[_Connection]] = {}
         self._addr: dict[str, tuple[str, int, bytes]] = {}
 
@@ -328,8 +377,8 @@ class UpstreamPool:
         host, port, _ = self._address(base_url)
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(loop.create_connection(lambda: _Connection(loop), host, port),
-                                             self.timeout_s)
+            _, conn = await asyncio.wait_for(loop.create_connection(
+                lambda: _Connection(loop, self.max_header_bytes, self.max_headers), host, port), self.timeout_s)
         except (OSError, asyncio.TimeoutError) as exc:
             raise ConnectFailed(f"cannot connect to {base_url}: {exc or type(exc).__name__}") from None
         return conn

@@ -293,3 +293,88 @@ async def test_request_keeps_one_deadline_but_a_stream_waits_per_piece() -> None
         parts.append(chunk)
     assert b"".join(parts) == b"." * 50
     server.close()
+
+
+# -- the response head's caps (issue 11 follow-up: a backend's endless headers) -----------------------------------
+async def odd_heads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Per request path: endless header lines, one endless value, endless 103s, N header fields, or a normal
+    answer; the endless ones write until the client hangs up."""
+    while True:
+        try:
+            req = await read_request(reader)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        path = req.split(b" ")[1]
+        try:
+            if path == b"/endless-headers":
+                writer.write(b"HTTP/1.1 200 OK\r\n")
+                for i in range(10 ** 9):
+                    writer.write(b"X-H%d: %s\r\n" % (i, b"a" * 1000))
+                    await writer.drain()
+            elif path == b"/endless-value":
+                writer.write(b"HTTP/1.1 200 OK\r\nX-Big: ")
+                while True:
+                    writer.write(b"a" * 65536)
+                    await writer.drain()
+            elif path == b"/endless-interim":
+                while True:
+                    writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n")
+                    await writer.drain()
+            elif path.startswith(b"/fields/"):
+                n = int(path.rsplit(b"/", 1)[1])
+                writer.write(b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(n - 1))
+                             + b"Content-Length: 2\r\n\r\nok")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        except ConnectionError:
+            return
+
+
+@pytest.mark.parametrize("path, words", [("/endless-headers", "over 65536 bytes"),
+                                         ("/endless-value", "over 65536 bytes"),
+                                         ("/endless-interim", "over 65536 bytes"),
+                                         ("/fields/101", "over 100 fields")])
+async def test_a_response_head_past_its_caps_is_an_error_and_the_next_answer_passes(path: str, words: str) -> None:
+    url, server, count = await raw_server(odd_heads)
+    pool = UpstreamPool(timeout_s=30)  # the default caps: 64 KiB, 100 fields
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(UpstreamError, match=f"response headers {words}"):
+        await pool.request(url, "GET", path, [], b"")
+    print(f"{path}: UpstreamError after {loop.time() - started:.3f} s")  # long before the 30 s timeout
+    assert not pool._idle.get(url), "the connection of a broken head went back to the pool"
+    assert (await pool.request(url, "GET", "/ok", [], b""))[::2] == (200, b"ok")
+    status, headers, _ = await pool.request(url, "GET", "/fields/100", [], b"")
+    assert status == 200 and len(headers) == 100
+    pool.close()
+    server.close()
+
+
+async def test_the_byte_cap_counts_the_head_only_and_is_exact() -> None:
+    """The cap is on the head (all of it fits: it passes, one byte more: it fails) even when the head and
+    a body much larger than the cap arrive in one read."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 20000\r\n\r\n"
+    body = b"b" * 20000
+
+    async def one_write(reader, writer):
+        while True:
+            try:
+                await read_request(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            writer.write(head + body)
+            await writer.drain()
+    url, server, _ = await raw_server(one_write)
+    exact = UpstreamPool(timeout_s=5, max_header_bytes=len(head))
+    assert (await exact.request(url, "GET", "/", [], b""))[::2] == (200, body)
+    assert (await exact.request(url, "GET", "/", [], b""))[::2] == (200, body)  # again on the kept connection
+    with pytest.raises(UpstreamError, match=f"response headers over {len(head) - 1} bytes"):
+        await UpstreamPool(timeout_s=5, max_header_bytes=len(head) - 1).request(url, "GET", "/", [], b"")
+    one_field = UpstreamPool(timeout_s=5, max_headers=1)  # Content-Length is the head's one field
+    assert (await one_field.request(url, "GET", "/", [], b""))[::2] == (200, body)
+    one_field.close()
+    with pytest.raises(ValueError):
+        UpstreamPool(max_headers=0)
+    exact.close()
+    server.close()
