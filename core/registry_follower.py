@@ -51,6 +51,13 @@ or expired, by the same instance is not in a refill: it leaves at once (once
 idle), as before. A registry that names no instance is taken at its word
 every time.
 
+A member's weight is its ``workers`` (from the listing's metadata, and from
+its ``/health`` once checked): a positive integer, at most ``MAX_WEIGHT``
+(``testbed node --workers``' own maximum). A member names its own weight, so
+a claim past the cap is cut to it, not believed: a node saying it has a
+million workers would otherwise take almost all of the traffic. Anything
+else (a string, a float, ``true``, zero) is no weight at all (:func:`weight`).
+
 Whether an address is the balancer's own (:class:`OwnAddress`) is decided here
 too: the driver resolves, this module judges the IPs.
 """
@@ -65,9 +72,11 @@ from typing import Any, Callable, Iterable, Mapping
 from core._validate import integer
 from core.addresses import AddressError, parse_backend_url
 
-__all__ = ["DEFAULT_REFILL_S", "Listed", "OwnAddress", "Plan", "RegistryFollower", "Source", "parse_listing",
-           "parse_source"]
+__all__ = ["DEFAULT_REFILL_S", "MAX_WEIGHT", "Listed", "OwnAddress", "Plan", "RegistryFollower", "Source", "parse_listing",
+           "parse_source", "weight"]
 
+#: The largest weight a member may claim (its ``workers``): ``testbed node --workers``' maximum.
+MAX_WEIGHT = 10_000
 #: The refill window for a registry that names its instance but not its TTL: the registry's default TTL.
 DEFAULT_REFILL_S = 5.0
 
@@ -93,9 +102,16 @@ def parse_listing(nodes: Any) -> dict[str, Listed]:
             continue
         metadata = n.get("metadata")
         workers = metadata.get("workers", 1) if isinstance(metadata, dict) else 1
-        weight = workers if type(workers) is int and 1 <= workers <= 1_000_000 else 1
-        out[node_id] = Listed(address.rstrip("/"), weight)
+        out[node_id] = Listed(address.rstrip("/"), weight(workers) or 1)
     return out
+
+
+def weight(workers: Any) -> int | None:
+    """The weight a member's claimed ``workers`` give: a positive integer, cut to ``MAX_WEIGHT``;
+    None for anything else (not an int, a bool, below 1)."""
+    if type(workers) is not int or workers < 1:
+        return None
+    return min(workers, MAX_WEIGHT)
 
 
 @dataclass(frozen=True, slots=True)

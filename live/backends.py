@@ -11,8 +11,10 @@ arrival order, and a backend whose last check is still waiting or running is
 not queued twice. However many backends there are, the proxy path shares the
 event loop with a bounded number of checks. A check is ``GET /health`` with
 its own timeout (``health_timeout_s``, by default half the interval: see
-:mod:`core.health`); core's health tracker decides what a run of results
-means. On the same tick, :meth:`~core.balancer_state.BalancerState.tick`
+:mod:`core.health`); its status alone says whether it passed (a 200 whose
+body is ``ok``, not JSON, passes), and a JSON object body may carry
+``workers``, the backend's weight, cut to ``core.registry_follower.MAX_WEIGHT``.
+Core's health tracker decides what a run of results means. On the same tick, :meth:`~core.balancer_state.BalancerState.tick`
 ejects backends that hold requests and have gone silent (:mod:`core.outlier`;
 the pick path judges the backend it picks as well), and each stall is logged.
 
@@ -37,6 +39,17 @@ started and holds its members out until their first check. The warm-up is
 bounded by ``warmup_timeout_s`` (``--warmup-timeout``, default 2 s; 0: none):
 past it, one WARNING says what was missing and the balancer listens anyway,
 the checks still running going on in the background.
+
+The warm-up keeps its own deadline (loop time) and does not count on being
+cancelled through aiohttp: each registry poll is given at most the time left
+(and ``REGISTRY_TIMEOUT_S``), and the loop looks at the deadline before each
+try. A poll whose aiohttp timeout fell due with the warm-up's own cancellation
+used to come back as an ordinary ``TimeoutError`` (aiohttp's timer turns the
+cancellation into one and uncancels the task), the expired
+``asyncio.timeout`` never fired again, and a registry that accepted
+connections and never answered kept the balancer polling forever, never
+listening (and so never seeing SIGTERM, which ``live.serve`` acts on once
+listening).
 
 **Admitting a backend.** Every address, from ``--nodes`` at start
 (:func:`check_nodes`: a refused one is a usage error) or from the registry (a
@@ -67,7 +80,8 @@ from core.addresses import AddressError, AllowList
 from core.balancer_state import BackendEntry, BalancerState
 from core.health import counts_as_failure, default_health_timeout_s
 from core.outlier import StallRule
-from core.registry_follower import Listed, OwnAddress, Plan, RegistryFollower, Source, parse_listing, parse_source
+from core.registry_follower import (Listed, OwnAddress, Plan, RegistryFollower, Source, parse_listing, parse_source,
+                                     weight)
 from live.http import cancel_and_wait
 from live.resolve import check_backend, resolve_host
 
@@ -186,14 +200,21 @@ async def warm_up(lb: Balancer, checks: HealthChecks) -> bool:
     timeout_s, started = config.warmup_timeout_s, lb.clock()
     if timeout_s <= 0:
         return False
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
     polled, error = not config.registry, None
     try:
-        async with asyncio.timeout(timeout_s):
+        async with asyncio.timeout_at(deadline):  # bounds the listing's admission and the checks
             while not polled:
-                error = await poll_registry(lb)
+                left_s = deadline - loop.time()
+                if left_s <= 0:
+                    raise asyncio.TimeoutError  # even if a cancellation at the deadline was swallowed below
+                error = await poll_registry(lb, timeout_s=left_s)
                 polled = error is None
+                if not polled and left_s < REGISTRY_TIMEOUT_S and loop.time() >= deadline:
+                    error = None  # cut short by the warm-up's own end: "no answer yet"
                 if not polled:
-                    await asyncio.sleep(WARMUP_RETRY_S)
+                    await asyncio.sleep(min(WARMUP_RETRY_S, max(0.0, deadline - loop.time())))
             checks.submit(state.due_checks(now=lb.clock()))
             await checks.settled()
     except asyncio.TimeoutError:
@@ -284,16 +305,25 @@ async def _check(lb: Balancer, backend: BackendEntry, timeout: aiohttp.ClientTim
                                   headers={"X-Client-ID": "testbed-balancer-health-check"}) as resp:
             ok = not counts_as_failure(resp.status)
             if resp.status == 200:
-                data = json.loads(await resp.content.read(MAX_HEALTH_BODY) or b"null")
-                workers = data.get("workers") if isinstance(data, dict) else None
-                if type(workers) is int and 1 <= workers <= 1_000_000:
-                    backend.weight = workers
+                claimed = weight(_workers(await resp.content.read(MAX_HEALTH_BODY)))
+                if claimed is not None:
+                    backend.weight = claimed
             backend.driver.last_check = f"{resp.status}"
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
         ok = False
         reason = str(exc) or ("timed out" if isinstance(exc, asyncio.TimeoutError) else "")
         backend.driver.last_check = f"{type(exc).__name__}: {reason}"[:200]
     lb.state.checked(backend, ok)
+
+
+def _workers(body: bytes) -> Any:
+    """``workers`` of a ``/health`` body if it is a JSON object, else None: the status alone decides health,
+    and a body that is not JSON (``ok``) is no failure."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):  # ValueError: also UnicodeDecodeError; RecursionError: [[[[...]]]]
+        return None
+    return data.get("workers") if isinstance(data, dict) else None
 
 
 # -- following the registry ------------------------------------------------------------------------------
@@ -317,16 +347,20 @@ async def follow_registry(lb: Balancer, *, polled: bool = False) -> None:
             log.warning("registry %s: %s (keeping the last membership)", lb.config.registry, error)
 
 
-async def poll_registry(lb: Balancer) -> str | None:
-    """One ``GET /nodes``, applied; None if it was, else what went wrong (the membership is unchanged)."""
+async def poll_registry(lb: Balancer, *, timeout_s: float = REGISTRY_TIMEOUT_S) -> str | None:
+    """One ``GET /nodes``, applied; None if it was, else what went wrong (the membership is unchanged).
+    The request (connect, headers and body) takes at most ``timeout_s``, and never more than ``REGISTRY_TIMEOUT_S``."""
     assert lb.session is not None and lb.config.registry
     url = lb.config.registry.rstrip("/") + "/nodes"
+    total_s = min(timeout_s, REGISTRY_TIMEOUT_S)
     try:
-        async with lb.session.get(url, timeout=aiohttp.ClientTimeout(total=REGISTRY_TIMEOUT_S)) as resp:
+        async with lb.session.get(url, timeout=aiohttp.ClientTimeout(total=total_s)) as resp:
             if resp.status != 200:
                 return f"answered {resp.status}"
             body = await resp.json()
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+    except asyncio.TimeoutError:
+        return f"no answer within {total_s:.3g} s"
+    except (aiohttp.ClientError, ValueError) as exc:
         return str(exc) or type(exc).__name__
     if not isinstance(body, dict):
         return "answered JSON that is not an object"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from core._validate import ConfigError
-from core.registry_follower import (DEFAULT_REFILL_S, Listed, OwnAddress, Plan, RegistryFollower, Source,
-                                    parse_listing, parse_source)
+from core.registry_follower import (DEFAULT_REFILL_S, MAX_WEIGHT, Listed, OwnAddress, Plan, RegistryFollower,
+                                    Source, parse_listing, parse_source, weight)
 
 
 def listing(*ids: str, port0: int = 6000) -> dict[str, Listed]:
@@ -24,9 +24,19 @@ def test_parse_listing_keeps_the_registry_order_and_skips_what_is_malformed() ->
              {"id": "d", "address": "http://127.0.0.1:4", "metadata": {"workers": True}},
              {"id": "e", "address": "http://127.0.0.1:5", "metadata": {"workers": 10**9}}]
     assert parse_listing(nodes) == {"b": Listed("http://127.0.0.1:2", 4), "a": Listed("http://127.0.0.1:1", 1),
-                                    "d": Listed("http://127.0.0.1:4", 1), "e": Listed("http://127.0.0.1:5", 1)}
+                                    "d": Listed("http://127.0.0.1:4", 1),
+                                    "e": Listed("http://127.0.0.1:5", MAX_WEIGHT)}  # a claim past the cap: the cap
     assert list(parse_listing(nodes)) == ["b", "a", "d", "e"]
     assert parse_listing(None) == {} and parse_listing({"nodes": []}) == {}
+
+
+@pytest.mark.parametrize("workers, expected", [(1, 1), (8, 8), (10_000, 10_000), (10_001, 10_000),
+                                               (1_000_000, 10_000), (10 ** 400, 10_000), (0, None), (-3, None),
+                                               (True, None), (2.5, None), (8.0, None), ("8", None), (None, None),
+                                               ([8], None)])
+def test_a_claimed_weight_is_a_positive_integer_cut_to_the_cap(workers: object, expected: int | None) -> None:
+    assert MAX_WEIGHT == 10_000  # testbed node --workers' maximum
+    assert weight(workers) == expected
 
 
 def test_an_unchanged_listing_plans_nothing() -> None:

@@ -22,6 +22,10 @@ import contextlib
 import logging
 import signal
 import socket
+import socketserver
+import subprocess
+import threading
+import time
 from typing import Any, AsyncIterator, Callable, Iterator
 
 import aiohttp
@@ -35,7 +39,7 @@ from live.balancer import STATE, Balancer, BalancerConfig, make_balancer_app
 from live.node import NodeConfig, make_node_app
 from solutions.impl import strategy_class
 from tests.live.polling import until
-from tests.live.procs import Proc
+from tests.live.procs import TESTBED, Proc, request, wait_until
 
 INTERVAL_S = 1.0  # the default --health-interval
 
@@ -507,3 +511,155 @@ def test_the_warmup_timeout_flag_reaches_a_real_balancer() -> None:
         assert any("not warm after 0.4 s (--warmup-timeout)" in line for line in proc.lines)
     finally:
         assert proc.stop() == 0
+
+
+# -- issue 11 follow-up: a backend's endless response head, a registry that never answers, /health policy ---------
+class OddHeads(socketserver.ThreadingTCPServer):
+    """A raw backend in threads (a real balancer process talks to it while the test blocks): ``/health`` and
+    ``/ok`` answer normally; ``/endless-headers``, ``/endless-value`` write until the peer hangs up;
+    ``/fields/N`` answers with N header fields."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), OddHeadsHandler)
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def __enter__(self) -> OddHeads:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class OddHeadsHandler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        self.connection.settimeout(30)  # a client that stops reading without hanging up cannot hold us for ever
+        try:
+            while True:
+                line = self.rfile.readline()
+                if not line:
+                    return
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                path = line.split(b" ")[1]
+                if path == b"/endless-headers":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                    for i in range(10 ** 9):
+                        self.wfile.write(b"X-H%d: %s\r\n" % (i, b"a" * 1000))
+                elif path == b"/endless-value":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Big: ")
+                    while True:
+                        self.wfile.write(b"a" * 65536)
+                elif path.startswith(b"/fields/"):
+                    n = int(path.rsplit(b"/", 1)[1])
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(n - 2))
+                                     + b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+                else:
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+        except OSError:  # the balancer hung up (as it should past the cap), or timed out
+            return
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_backend_s_endless_response_head_is_a_502_and_the_balancer_s_memory_stays_bounded(procs) -> None:
+    with OddHeads() as backend:
+        lb = procs("balancer", "--port", "0", "--nodes", backend.url, "--max-response-header-bytes", "32KiB")
+        wait_until(lambda: request(f"{lb.url}/ok")[0] == 200, 10, "the raw backend in rotation")
+        before = rss_kib(lb.popen.pid)
+        for path, words in [("/endless-headers", "response headers over 32768 bytes"),
+                            ("/endless-value", "response headers over 32768 bytes"),
+                            ("/fields/101", "response headers over 100 fields")]:
+            started = time.monotonic()
+            status, _, body = request(f"{lb.url}{path}", timeout=20)
+            took_s = time.monotonic() - started
+            assert status == 502 and body["error"]["code"] == "backend_error", (path, status, body)
+            assert words in body["error"]["message"], body
+            print(f"{path}: 502 in {took_s:.3f} s; balancer RSS {before / 1024:.1f} MiB before, "
+                  f"{rss_kib(lb.popen.pid) / 1024:.1f} MiB after")
+            assert request(f"{lb.url}/ok")[0] == 200  # the backend's next normal answer passes
+        # 90 fields pass (http.client, reading the relayed answer, itself stops at 100 with the balancer's own)
+        status, headers, _ = request(f"{lb.url}/fields/90")
+        assert status == 200 and sum(1 for name in headers if name.startswith("X-H")) == 88
+
+
+def test_a_balancer_whose_registry_never_answers_listens_after_its_warm_up_and_stops_on_sigterm() -> None:
+    """The registry accepts connections (the kernel does, into the backlog) and never answers. With the
+    warm-up as long as a registry poll's timeout (2 s), aiohttp turned the warm-up's own cancellation into
+    an ordinary poll timeout, the warm-up polled for ever and the process never listened (nor exited)."""
+    with socket.socket() as hang:
+        hang.bind(("127.0.0.1", 0))
+        hang.listen(64)
+        registry = f"http://127.0.0.1:{hang.getsockname()[1]}"
+        lb = Proc("balancer", "--port", "0", "--registry", registry, "--warmup-timeout", "2", timeout=2 + 15)
+        try:
+            assert request(f"{lb.url}/lb-stats")[0] == 200
+            warnings = [line for line in lb.lines if "not warm after" in line]
+            assert len(warnings) == 1 and f"no listing from the registry {registry}" in warnings[0], lb.output()
+        finally:
+            assert lb.stop() == 0, lb.output()
+
+        # SIGTERM while it is still warming up (its first poll is waiting in the backlog): it exits, with 0.
+        hang.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:  # empty the backlog of the first balancer's polls
+                hang.accept()[0].close()
+        hang.settimeout(15)
+        early = subprocess.Popen([TESTBED, "balancer", "--port", "0", "--registry", registry,
+                                  "--warmup-timeout", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            hang.accept()[0].close()  # this balancer's first registry poll: it is in its warm-up
+            early.send_signal(signal.SIGTERM)
+            assert early.wait(2 + 15) == 0
+        finally:
+            if early.poll() is None:
+                early.kill()
+                early.wait(5)
+
+
+def claims_app(body: bytes, content_type: str = "application/json") -> web.Application:
+    """A backend whose ``/health`` answers 200 with ``body``."""
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type=content_type)
+
+    async def work(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True}, headers={"X-Node-ID": "claims"})
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/work", work)
+    return app
+
+
+@pytest.mark.parametrize("body, content_type, weight", [
+    (b"ok", "text/plain", 1),                                   # not JSON: the 200 alone says healthy
+    (b"", "text/plain", 1),
+    (b"\xff\xfe", "application/octet-stream", 1),
+    (b"[" * 30_000 + b"]" * 30_000, "application/json", 1),      # too deep for json: still healthy
+    (b'{"workers": 1000000}', "application/json", 10_000),      # a claim past the cap is cut to it
+    (b'{"workers": 10000}', "application/json", 10_000),
+    (b'{"workers": 8}', "application/json", 8),
+    (b'{"workers": "8"}', "application/json", 1),               # not an integer: no weight taken
+    (b'{"workers": 2.5}', "application/json", 1),
+    (b'{"workers": true}', "application/json", 1),
+    (b'{"workers": 0}', "application/json", 1),
+])
+async def test_health_status_decides_and_the_claimed_weight_is_capped(aiohttp_server, body: bytes,
+                                                                        content_type: str, weight: int) -> None:
+    backend = await aiohttp_server(claims_app(body, content_type))
+    app = balancer_app(nodes=(str(backend.make_url("")).rstrip("/"),), health_interval_s=60)
+    server = await aiohttp_server(app)  # after the warm-up: the first check is done
+    entry = next(iter(app[STATE].state.backends.values()))
+    assert (entry.driver.last_check, entry.health.healthy, entry.weight) == ("200", True, weight)
+    async with aiohttp.ClientSession() as session:
+        assert await get_work(session, server) == (200, "claims")
