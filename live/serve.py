@@ -56,7 +56,22 @@ def serve(app: web.Application, host: str, port: int, *, name: str, shutdown_tim
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         runner = GuardedAppRunner(app, limits=limits, shutdown_timeout=shutdown_timeout, access_log=None)
-        await runner.setup()
+        # The app's startup may take a while (the balancer warms up before it listens): a signal then
+        # stops it there, rather than after the start-up has run its course.
+        setup = asyncio.ensure_future(runner.setup())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({setup, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not setup.done():
+            setup.cancel()
+            await asyncio.gather(setup, return_exceptions=True)
+            try:
+                await runner.cleanup()
+            except Exception:  # noqa: BLE001 - a start-up cut short may leave nothing to clean up
+                pass
+            print(f"{name}: stopped before listening", flush=True)
+            return 0
+        setup.result()  # a start-up that failed raises here, as it did before
         try:
             await web.TCPSite(runner, host, port).start()
         except OSError as exc:
