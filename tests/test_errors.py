@@ -31,9 +31,10 @@ from core.backpressure import ReleaseWithoutAcquire
 from core.registry import IdTaken, LeaseMismatch, MetadataRefused, RegistryFull, RegistryRefusal
 from core.strategies import NoHealthyBackend
 from live.discovery import RegistryAnswer
+from live.http import _KeyTwice
 from live.cluster import ChildFailed
 from live.run import LiveRunError
-from live.upstream import ConnectFailed, UpstreamError
+from live.upstream import ConnectFailed, UpstreamError, _TooManyHeaders
 from solutions.properties import Counterexample
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -65,6 +66,8 @@ SAMPLES: list[BaseException] = [
     RegistryFull(1000, 2.5),
     MetadataRefused("bytes", "metadata is over 4096 bytes"),
     RegistryAnswer("register", 409, '{"error": {"status": 409}}'),
+    _KeyTwice("id"),
+    _TooManyHeaders(),
 ]
 
 
