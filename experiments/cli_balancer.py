@@ -10,7 +10,7 @@ import click
 from core.scenario import BalancerSpec
 from core.strategies import STRATEGIES
 from experiments.options import echo_notice, impl_option
-from experiments.server_options import URL, NodeList, serve_app, server_options
+from experiments.server_options import URL, AllowBackends, NodeList, serve_app, server_options
 
 __all__ = ["balancer_command"]
 
@@ -49,21 +49,6 @@ class CIDRList(click.ParamType):
             except ValueError:
                 self.fail(f"{item!r} is not an IP network (e.g. 127.0.0.1/32 or 10.0.0.0/8)", param, ctx)
         return tuple(networks)
-
-
-class AllowBackends(click.ParamType):
-    """``--allow-backends``: comma-separated networks a backend may resolve into, or ``any``."""
-
-    name = "CIDR,...|any"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        from core.addresses import AddressError, AllowList
-
-        try:
-            AllowList.parse(str(value))
-        except AddressError as exc:
-            self.fail(str(exc), param, ctx)
-        return str(value)
 
 
 @click.command("balancer")

@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
-from core.addresses import AddressError, AllowList
+from core.addresses import AllowList
 from core.registry import MetadataLimits
-from experiments.server_options import serve_app, server_options
+from experiments.server_options import AllowBackends, serve_app, server_options
 
-__all__ = ["AllowBackends", "registry_command"]
+__all__ = ["registry_command"]
 
 _LIMITS = MetadataLimits()
-
-
-class AllowBackends(click.ParamType):
-    """``--allow-backends``: comma-separated CIDRs (a bare IP is one address), or ``any``."""
-
-    name = "CIDR,..."
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> AllowList:
-        if isinstance(value, AllowList):
-            return value
-        try:
-            return AllowList.parse(str(value))
-        except AddressError as exc:
-            self.fail(str(exc), param, ctx)
 
 
 @click.command("registry")
@@ -51,7 +35,7 @@ class AllowBackends(click.ParamType):
               show_default=True, help="Longest metadata key, in characters (400 past it).")
 @click.option("--resolve-timeout", type=click.FloatRange(0.01, 60), default=2.0, show_default=True,
               help="Seconds a registered host name may take to resolve (400 bad_address past it).")
-def registry_command(port: int, host: str, ttl: float, token: str | None, allow_backends: AllowList | None,
+def registry_command(port: int, host: str, ttl: float, token: str | None, allow_backends: str | None,
                      max_nodes: int, max_metadata_bytes: int, max_metadata_keys: int, max_metadata_key_chars: int,
                      resolve_timeout: float) -> None:
     """The service registry: POST /register, /heartbeat/{id}, /deregister; GET /nodes, /health, /metrics."""
@@ -59,7 +43,7 @@ def registry_command(port: int, host: str, ttl: float, token: str | None, allow_
 
     limits = MetadataLimits(max_bytes=max_metadata_bytes, max_keys=max_metadata_keys,
                             max_key_chars=max_metadata_key_chars)
-    allow = allow_backends or AllowList.default_for(host)
+    allow = AllowList.parse(allow_backends) if allow_backends else AllowList.default_for(host)
     click.echo(f"registry: backends allowed in {allow}", err=True)
     app = make_registry_app(ttl_s=ttl, token=token, host=host, allow_backends=allow, max_nodes=max_nodes,
                             metadata_limits=limits, resolve_timeout_s=resolve_timeout)

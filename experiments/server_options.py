@@ -8,7 +8,7 @@ import click
 
 from live.server_limits import FDS_PER_CONNECTION, RESERVED_FDS, ServerLimits
 
-__all__ = ["URL", "NodeList", "serve_app", "server_options"]
+__all__ = ["URL", "AllowBackends", "NodeList", "serve_app", "server_options"]
 
 
 class URL(click.ParamType):
@@ -36,6 +36,22 @@ class NodeList(click.ParamType):
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
         return tuple(dict.fromkeys(urls))
+
+
+class AllowBackends(click.ParamType):
+    """``--allow-backends`` (registry and balancer): comma-separated networks a backend's address may resolve
+    into, or ``any``; checked here, kept as the text (each process parses it where it is used)."""
+
+    name = "CIDR,...|any"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from core.addresses import AddressError, AllowList
+
+        try:
+            AllowList.parse(str(value))
+        except AddressError as exc:
+            self.fail(str(exc), param, ctx)
+        return str(value)
 
 
 #: Where the server options that only ``serve`` reads are kept on the click context.

@@ -49,6 +49,15 @@ def balancer_app(clock: Callable[[], float] | None = None, **config: Any) -> web
     return make_balancer_app(cfg, strategy_cls=strategy_class(cfg.strategy, "solution"), clock=clock)
 
 
+async def followed_and_healthy(lb: Balancer, backend_id: str) -> Any:
+    """Wait until the balancer follows ``backend_id`` and its check has passed; its entry."""
+    async def serving() -> bool:
+        entry = lb.state.backends.get(backend_id)
+        return entry is not None and entry.health.healthy
+    await until(serving, timeout_s=10, what=f"{backend_id} followed and checked")
+    return lb.state.backends[backend_id]
+
+
 def in_rotation(stats: dict[str, Any]) -> bool:
     return bool(stats["healthy"]) and stats["ejector"] != "OPEN"
 
@@ -234,11 +243,7 @@ async def test_a_registration_flood_is_capped_and_the_real_node_keeps_serving(ai
         server = await aiohttp_server(app)
         lb: Balancer = app[STATE]
 
-        async def real_serving() -> bool:
-            entry = lb.state.backends.get("real")
-            return entry is not None and entry.health.healthy
-        await until(real_serving, timeout_s=10, what="the real node followed and checked")
-        real = lb.state.backends["real"]
+        real = await followed_and_healthy(lb, "real")
         transitions = real.health.transitions  # 1: held until its first check passed
 
         registry.members.update({f"junk-{i}": f"http://127.1.{i // 250}.{i % 250 + 1}:{dead_port}"
@@ -321,11 +326,7 @@ async def test_health_checks_of_many_hung_backends_run_a_few_at_a_time(aiohttp_s
         server = await aiohttp_server(app)
         lb: Balancer = app[STATE]
 
-        async def real_serving() -> bool:
-            entry = lb.state.backends.get("real")
-            return entry is not None and entry.health.healthy
-        await until(real_serving, timeout_s=10, what="the real node followed and checked")
-        real = lb.state.backends["real"]
+        real = await followed_and_healthy(lb, "real")
         transitions = real.health.transitions
         registry.members.update({f"hung-{i}": hole_url for i in range(200)})
 
