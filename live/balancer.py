@@ -74,7 +74,6 @@ what nginx and Envoy do. ``timeout_s`` bounds each stall of either side.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import random
 import secrets
@@ -91,6 +90,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
 from core.balancer_state import Attempt, BackendEntry, BalancerState, feeds_latency
+from core.client_key import TrustedProxies
 from core.scenario import BalancerSpec
 from core.strategies import STRATEGIES, BaseStrategy, NoHealthyBackend, Strategy
 from live.backends import NOT_CHECKED, backends_stats, entry_stats, running
@@ -118,7 +118,6 @@ _RESPONSE_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection"
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b""})  # Connection tokens that name no field
 #: A request body with a Content-Length up to this is read whole and sent in one write (the fast path).
 _SMALL_BODY_BYTES = 64 * 1024
-_TRUST_CACHE_MAX = 4096  # peers whose trust is remembered (cleared when full)
 
 
 def admin_path(path: str) -> bool:
@@ -219,11 +218,10 @@ class BalancerConfig:
             raise ValueError("max_response_header_bytes and max_response_headers must be >= 1")
         if not 0 <= self.warmup_timeout_s <= 3600:
             raise ValueError(f"warmup_timeout_s must be 0-3600 s, got {self.warmup_timeout_s}")
-        for cidr in self.trust_clients:
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError:
-                raise ValueError(f"trust_clients: {cidr!r} is not an IP network (e.g. 127.0.0.1/32 or 10.0.0.0/8)")
+        try:
+            TrustedProxies.parse(self.trust_clients)
+        except ValueError as exc:
+            raise ValueError(f"trust_clients: {exc}") from None
 
     @property
     def spec(self) -> BalancerSpec:
@@ -273,8 +271,7 @@ class Balancer:
         self.id = config.balancer_id or f"lb-{secrets.token_hex(4)}"
         self._via = self.id.encode("latin-1")
         self._via_line = b"Via: 1.1 %s\r\n" % self._via
-        self._trusted_networks = tuple(ipaddress.ip_network(c, strict=False) for c in config.trust_clients)
-        self._trust: dict[str, bool] = {}
+        self.trusted_clients = TrustedProxies.parse(config.trust_clients)
 
     def join(self, backend_id: str, url: str, weight: int) -> BackendEntry:
         entry = self.state.add(backend_id, url, weight)
@@ -295,27 +292,15 @@ class Balancer:
         return None
 
     def trusts(self, peer: str) -> bool:
-        """Whether ``peer`` (an address) is in ``trust_clients``; remembered per peer."""
-        known = self._trust.get(peer)
-        if known is None:
-            try:
-                address = ipaddress.ip_address(peer)
-            except ValueError:
-                known = False
-            else:
-                mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is 127.0.0.1
-                known = any(a in net for net in self._trusted_networks for a in (address, mapped) if a is not None)
-            if len(self._trust) >= _TRUST_CACHE_MAX:
-                self._trust.clear()
-            self._trust[peer] = known
-        return known
+        """Whether ``peer`` (an address) is in ``trust_clients`` (the node's rule for its trusted proxies)."""
+        return self.trusted_clients.trusts(peer)
 
     def upstream_head(self, request: web.Request, named: frozenset[bytes] = frozenset()) -> bytes | web.Response:
         """The header lines for the backend (``Name: value\\r\\n`` each), or ``508`` if this balancer is in ``Via``.
 
         ``named``: fields the client's ``Connection`` header made hop-by-hop (found by a first pass)."""
         peer = request.remote or "unknown"
-        trusted = bool(self._trusted_networks) and self.trusts(peer)
+        trusted = bool(self.trusted_clients) and self.trusted_clients.trusts(peer)
         drop = _TRUSTED_DROP if trusted else _UNTRUSTED_DROP
         if named:
             drop = drop | named
