@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from experiments.cli_sim import CommaList
 from experiments.options import EXIT_NOT_IMPLEMENTED, bench_json_option, impl_option
 from solutions.impl import EXERCISES
 
@@ -104,17 +105,54 @@ def bench_core(seconds: float, json_path: str | None) -> None:
     raise SystemExit(run(seconds=seconds, json_path=json_path, echo=click.echo))
 
 
+def _node_counts(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    """``--nodes 3,100,1000`` -> [3, 100, 1000]; a bad list is a usage error naming the item."""
+    from experiments.bench_sim import parse_node_counts
+    try:
+        return None if value is None else parse_node_counts(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
 @bench.command("sim")
-@click.option("--requests", type=click.IntRange(1000, 10_000_000), default=200_000, show_default=True,
-              help="Arrivals each model simulates per round.")
+@click.option("--requests", type=click.IntRange(1000, 10_000_000), default=None,
+              help="Arrivals each model simulates per round  [default: 200,000; with --nodes, 20,000 per run].")
 @click.option("--rounds", type=click.IntRange(1, 20), default=3, show_default=True,
               help="Interleaved rounds; the best counts.")
+@click.option("--nodes", "sizes", callback=_node_counts, metavar="N,N,...", default=None,
+              help="Instead of M/M/4: one-worker nodes at these sizes (e.g. 3,100,1000), every strategy and Ciw's "
+                   "routers, requests/s, peak RSS and the ratio to the smallest size.")
+@click.option("--strategies", type=CommaList("strategies"), default=None,
+              help="With --nodes or --memory: these strategies only  [default: all seven; power_of_two for --memory].")
+@click.option("--budget-s", type=click.FloatRange(0.1, 3600), default=2.0, show_default=True,
+              help="With --nodes: wall time one run may take; a run stopped there counts the arrivals it simulated.")
+@click.option("--memory", "memory_requests", type=click.IntRange(1000, 100_000_000), default=None, metavar="N",
+              help="Instead: one run of N arrivals per --nodes size (default 100 nodes) and strategy, in a fresh "
+                   "process; prints its peak RSS and requests/s.")
 @bench_json_option
-def bench_sim(requests: int, rounds: int, json_path: str | None) -> None:
-    """Simulated requests per second of wall time: our model, Ciw, minimal SimPy (M/M/4 at 90%)."""
-    from experiments.bench_sim import run
+@click.pass_context
+def bench_sim(ctx: click.Context, requests: int | None, rounds: int, sizes: list[int] | None,
+              strategies: list[str] | None, budget_s: float, memory_requests: int | None,
+              json_path: str | None) -> None:
+    """Simulated requests per second of wall time: our model, Ciw, minimal SimPy (M/M/4 at 90%);
+    with --nodes, every strategy at every size; with --memory, the peak RSS of one long run."""
+    from click.core import ParameterSource
 
-    raise SystemExit(run(requests=requests, rounds=rounds, json_path=json_path, echo=click.echo))
+    from experiments.bench_sim import run, run_memory, run_scale
+
+    given = {name for name in ("requests", "rounds", "strategies", "budget_s")
+             if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE}
+    if memory_requests is not None:
+        if given & {"requests", "rounds", "budget_s"}:
+            raise click.UsageError("--memory N runs N arrivals once, to the end: drop --requests, --rounds and "
+                                   "--budget-s")
+        raise SystemExit(run_memory(memory_requests, sizes, strategies, json_path=json_path, echo=click.echo))
+    if sizes is not None:
+        raise SystemExit(run_scale(sizes, strategies, requests, rounds=rounds, budget_s=budget_s,
+                                   json_path=json_path, echo=click.echo))
+    if given & {"strategies", "budget_s"}:
+        raise click.UsageError("--strategies and --budget-s apply with --nodes or --memory")
+    raise SystemExit(run(requests=requests or 200_000, rounds=rounds, json_path=json_path, echo=click.echo))
 
 
 @bench.command("live")
