@@ -12,6 +12,11 @@ message naming the key, the value and what is allowed, before anything runs::
 
     seed.toml: nodes[2].workers = 0: must be an integer >= 1
 
+A ``[[nodes]]`` table with ``count = N`` stands for N nodes alike but for
+their ids, ``<id>-1`` .. ``<id>-N`` (a thousand-node scenario is one table);
+:meth:`Scenario.with_nodes` changes that number, keeping the offered load.
+``to_dict`` writes every node out, so it reads back as the same scenario.
+
 Reading the file is the caller's job (``experiments.scenarios.load``): this
 module only sees mappings, so it stays free of I/O like the rest of ``core``.
 Units are in the names: ``_s`` seconds, ``_ms`` milliseconds, ``_per_s`` a rate.
@@ -30,11 +35,12 @@ from core.errors import DataError
 from core.strategies import STRATEGIES
 
 __all__ = [
-    "ARRIVALS", "BalancerSpec", "BreakerSpec", "Fault", "NodeSpec", "SERVICES", "Scenario", "ScenarioError",
-    "Workload",
+    "ARRIVALS", "BalancerSpec", "BreakerSpec", "Fault", "MAX_NODES", "NodeSpec", "SERVICES", "Scenario",
+    "ScenarioError", "Workload",
 ]
 
 ARRIVALS = ("poisson", "constant", "closed")
+MAX_NODES = 10_000  # in one scenario, ``count`` included: each is a simulated (or live) process with its state
 SERVICES = ("exponential", "deterministic")
 
 
@@ -164,6 +170,24 @@ class Scenario:
         """The same scenario with an open-loop rate of ``load`` times its capacity."""
         return self.replace(rate_per_s=load * self.capacity_per_s)
 
+    def with_nodes(self, count: int) -> Scenario:
+        """The same scenario with ``count`` nodes like its own, at the same offered load.
+
+        Only for nodes all alike but for their ids (one ``[[nodes]]`` table, with or without
+        ``count``): the result is that table with ``count = N``, ids ``<id>-1`` .. ``<id>-N``
+        (``<id>`` without a ``-1`` the first node's id ends in, so ``node-1`` becomes
+        ``node-1`` .. ``node-N``). The open-loop rate scales with the capacity."""
+        first = self.nodes[0]
+        kinds = {dataclasses.replace(n, id="") for n in self.nodes}
+        if len(kinds) > 1:
+            raise ScenarioError(self.name, None, None, f"the number of nodes can change only when they are all alike "
+                                f"but for their ids; these are of {len(kinds)} kinds")
+        data = self.to_dict()
+        base = first.id[:-2] if first.id.endswith("-1") else first.id
+        data["nodes"] = [{**data["nodes"][0], "id": base, "count": count}]
+        resized = Scenario.from_mapping(data, source="override")  # the count checked
+        return resized.replace(rate_per_s=self.workload.rate_per_s * count / len(self.nodes))
+
     def replace(self, *, strategy: str | None = None, rate_per_s: float | None = None,
                 duration_s: float | None = None, seed: int | None = None,
                 warmup_s: float | None = None) -> Scenario:
@@ -236,14 +260,34 @@ class Scenario:
         )
         b.finish()
 
-        nodes = tuple(_node(r, duration) for r in top.tables("nodes", required=True))
+        nodes: list[NodeSpec] = []
         seen: set[str] = set()
-        for i, node in enumerate(nodes):
-            if node.id in seen:
-                top.fail(f"nodes[{i}].id", node.id, "must be unique; another node has this id")
-            seen.add(node.id)
+        for i, r in enumerate(top.tables("nodes", required=True)):
+            group = _nodes(r, duration)
+            for node in group:
+                if node.id in seen:
+                    top.fail(f"nodes[{i}].id", r.data["id"], "must be unique; another node has this id"
+                             if len(group) == 1 and "count" not in r.data else
+                             f"with count = {len(group)} makes ids {group[0].id} .. {group[-1].id}, "
+                             f"and another node has the id {node.id!r}")
+                seen.add(node.id)
+                nodes.append(node)
+            if len(nodes) > MAX_NODES:
+                too_many = f"makes {len(nodes):,} nodes in all; a scenario has at most {MAX_NODES:,}"
+                if "count" in r.data:
+                    top.fail(f"nodes[{i}].count", r.data["count"], too_many)
+                raise ScenarioError(top.source, None, None, f"nodes: {i + 1:,} tables {too_many}")
         top.finish()
-        return cls(name, nodes, seed, duration, warmup, workload, balancer)
+        return cls(name, tuple(nodes), seed, duration, warmup, workload, balancer)
+
+
+def _nodes(r: _Reader, duration: float) -> list[NodeSpec]:
+    """One ``[[nodes]]`` table: one node, or with ``count = N`` N alike ones, ids ``<id>-1`` .. ``<id>-N``."""
+    count = r.integer("count", None, ge=1, le=MAX_NODES, optional=True)
+    node = _node(r, duration)
+    if count is None:
+        return [node]
+    return [dataclasses.replace(node, id=f"{node.id}-{k}") for k in range(1, count + 1)]
 
 
 def _node(r: _Reader, duration: float) -> NodeSpec:

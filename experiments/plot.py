@@ -7,55 +7,69 @@ panels, and a fourth panel gives the failed requests as a percentage of those se
 each non-zero point annotated. Error bars are 95% confidence intervals over the sweep's
 seeds, and the caption under the title says so; the legend sits below the panels, where
 it cannot cover data. A sweep of one load is drawn as points on a short axis around it.
+
+Given the sweep's scenario, where queueing theory has a mean response time for a strategy
+(:func:`experiments.theory.mean_field_response_s`: the supermarket model), a first panel
+shows the simulated mean against load with theory as a dashed line in the strategy's colour.
 """
 
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from experiments.compare import failed_percent
+
+if TYPE_CHECKING:
+    from core.scenario import Scenario
 
 __all__ = ["draw_sweep", "plot_sweep"]
 
 _PANELS = ("p50", "p95", "p99")
 
 
-def _caption(rows: Sequence[dict[str, Any]], live: Sequence[dict[str, Any]]) -> str:
+def _caption(rows: Sequence[dict[str, Any]], live: Sequence[dict[str, Any]], theory: bool = False) -> str:
     reps = rows[0]["reps"] if rows else 0
     bars = (f"error bars: 95% CI over {reps} seeds (Student's t)" if reps > 1
             else "one seed per point, no error bars" if reps == 1 else "one live run per point")
     parts = [bars, "latency of OK requests only", "hollow markers: some requests failed (right panel)"]
     if live and rows:
         parts.insert(1, "crosses: live runs")
+    if theory:
+        parts.insert(1, "dashed: queueing theory")
     return "; ".join(parts)
 
 
 def plot_sweep(rows: Sequence[dict[str, Any]], path: str | pathlib.Path, *, title: str,
-               live: Sequence[dict[str, Any]] = ()) -> pathlib.Path:
+               live: Sequence[dict[str, Any]] = (), scenario: Scenario | None = None) -> pathlib.Path:
     """Write :func:`draw_sweep`'s figure to ``path`` as a PNG (parent directories created)."""
     import matplotlib.pyplot as plt
 
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig = draw_sweep(rows, title=title, live=live)
+    fig = draw_sweep(rows, title=title, live=live, scenario=scenario)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def draw_sweep(rows: Sequence[dict[str, Any]], *, title: str, live: Sequence[dict[str, Any]] = ()) -> Any:
+def draw_sweep(rows: Sequence[dict[str, Any]], *, title: str, live: Sequence[dict[str, Any]] = (),
+               scenario: Scenario | None = None) -> Any:
     """A matplotlib figure of p50, p95 and p99 (mean and 95% CI over repetitions, from
     :func:`experiments.compare.aggregate` rows) per strategy, and the failed requests in % of
-    those sent; ``live`` runs (results dicts) are drawn as crosses in their strategy's colour."""
+    those sent; ``live`` runs (results dicts) are drawn as crosses in their strategy's colour.
+    With the sweep's ``scenario``, the mean beside theory's where it has one (first panel)."""
     import matplotlib
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
     strategies = sorted({r["strategy"] for r in [*rows, *live]})
     colours = {strategy: f"C{i}" for i, strategy in enumerate(strategies)}
-    fig, axes = plt.subplots(1, 4, figsize=(18, 5.2), gridspec_kw={"width_ratios": [1, 1, 1, 0.8]})
-    latency_axes, failed_ax = axes[:3], axes[3]
+    theory = _theory_curves(rows, scenario)
+    panels = ("mean", *_PANELS) if theory else _PANELS
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.5 * len(panels) + 4.5, 5.2),
+                             gridspec_kw={"width_ratios": [1] * len(panels) + [0.8]})
+    latency_axes, failed_ax = axes[:-1], axes[-1]
     for ax in latency_axes[1:]:
         ax.sharey(latency_axes[0])
     loads = sorted({r["load"] for r in [*rows, *live]})
@@ -67,7 +81,12 @@ def draw_sweep(rows: Sequence[dict[str, Any]], *, title: str, live: Sequence[dic
         mine = [{**r, "load": r["load"] + dodge}
                 for r in sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: r["load"])]
         failed = [r["failed"]["percent"]["mean"] or 0.0 for r in mine]
-        for ax, key in zip(latency_axes, _PANELS):
+        if strategy in theory:
+            xs, ys = theory[strategy]
+            # One load has no line to draw: a short dash marks theory's value there.
+            latency_axes[0].plot(xs, ys, "--" if len(xs) > 1 else "_", color=colour, linewidth=1.5, markersize=24,
+                                 mew=2, zorder=2)
+        for ax, key in zip(latency_axes, panels):
             points = [(r["load"], r["latency_ms"][key], f) for r, f in zip(mine, failed)
                       if r["latency_ms"][key]["mean"] is not None]
             _curve(ax, [x for x, _, _ in points], [c for _, c, _ in points], [f > 0 for _, _, f in points], colour)
@@ -82,7 +101,7 @@ def draw_sweep(rows: Sequence[dict[str, Any]], *, title: str, live: Sequence[dic
                                    ha="center", fontsize=8, color=colour)
         _crosses(failed_ax, sorted((r["load"] + dodge, failed_percent(r), False) for r in live
                                    if r["strategy"] == strategy), colour)
-    for ax, key in zip(latency_axes, _PANELS):
+    for ax, key in zip(latency_axes, panels):
         ax.set_title(f"{key} response time (OK requests)")
         ax.set_yscale("log")
     latency_axes[0].set_ylabel("milliseconds (log scale)")
@@ -103,10 +122,29 @@ def draw_sweep(rows: Sequence[dict[str, Any]], *, title: str, live: Sequence[dic
                            label=f"{s} (live)") for s in strategies if any(r["strategy"] == s for r in live)]
     handles.append(plt.Line2D([], [], color="grey", marker="o", markerfacecolor="white", linestyle="none",
                               label="some requests failed"))
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), frameon=False)
-    fig.suptitle(f"{title}\n{_caption(rows, live)}", fontsize=11)
+    if theory:
+        handles.append(plt.Line2D([], [], color="grey", linestyle="--", label="mean-field (n \u2192 \u221e)"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
+    fig.suptitle(f"{title}\n{_caption(rows, live, bool(theory))}", fontsize=11)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig
+
+
+def _theory_curves(rows: Sequence[dict[str, Any]], scenario: Scenario | None) -> dict[str, tuple[list, list]]:
+    """Strategy -> theory's mean response time (ms) on a fine grid across the loads of its rows
+    that theory covers; empty without a scenario or where theory has nothing."""
+    from experiments.theory import mean_field_response_s
+
+    if scenario is None:
+        return {}
+    curves = {}
+    for strategy in sorted({r["strategy"] for r in rows}):
+        loads = sorted(r["load"] for r in rows
+                       if r["strategy"] == strategy and mean_field_response_s(scenario, strategy, r["load"]))
+        if loads:
+            xs = [loads[0] + (loads[-1] - loads[0]) * k / 200 for k in range(201)] if len(loads) > 1 else loads
+            curves[strategy] = (xs, [1000 * (mean_field_response_s(scenario, strategy, x) or 0.0) for x in xs])
+    return curves
 
 
 def _curve(ax: Any, xs: list[float], cells: list[dict[str, float | None]], hollow: list[bool], colour: str, *,

@@ -9,7 +9,15 @@ from experiments.compare import FAILURE_KINDS, failed_percent, failures
 if TYPE_CHECKING:
     from core.scenario import Scenario
 
-__all__ = ["differences", "run_summary", "scheduled_faults", "side_by_side", "sweep_table"]
+__all__ = ["NODES_LISTED", "SHARES_SHOWN", "differences", "run_summary", "scheduled_faults", "side_by_side",
+           "sweep_table"]
+
+
+#: A run's summary lists every node up to twice this many, else this many idlest and busiest.
+NODES_LISTED = 3
+
+#: Nodes beyond which a table gives the spread of the shares rather than every node's.
+SHARES_SHOWN = 6
 
 
 def _ms(v: float | None) -> str:
@@ -32,7 +40,13 @@ def run_summary(r: dict[str, Any]) -> str:
         f"p90 {_ms(lat['p90'])}  p95 {_ms(lat['p95'])}  p99 {_ms(lat['p99'])}  max {_ms(lat['max'])}",
         f"  {'node':<12}{'requests':>9}{'share':>8}{'util':>7}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}",
     ]
-    for node_id, n in r["nodes"].items():
+    nodes = list(r["nodes"].items())
+    if len(nodes) > 2 * NODES_LISTED:  # the busiest and idlest few, not a thousand lines
+        nodes.sort(key=lambda item: item[1]["requests"])
+        lines.append(f"  ({len(nodes):,} nodes: the {NODES_LISTED} with the fewest requests, then the "
+                     f"{NODES_LISTED} with the most)")
+        nodes = nodes[:NODES_LISTED] + nodes[-NODES_LISTED:]
+    for node_id, n in nodes:
         nl = n["latency_ms"]
         lines.append(f"  {node_id:<12}{n['requests']:>9}{n['share']:>8.1%}{n['utilization']:>7.0%}"
                      f"{_ms(nl['p50']):>9}{_ms(nl['p95']):>9}{_ms(nl['p99']):>9}")
@@ -101,22 +115,56 @@ def _failed(cell: dict[str, Any]) -> str:
     return f"{_count(count)} ({_ci(cell['percent'], lambda v: f'{v:.1f}')}%) {by_kind}"
 
 
-def sweep_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Per strategy and load: latency percentiles of OK requests, node shares and failed requests,
-    mean ±95% CI over repetitions."""
+def _shares(rows: Sequence[dict[str, Any]]) -> tuple[str, list[str]]:
+    """The share column's heading and cells: every node's share, or for many nodes the lowest
+    and highest node's mean share beside the fair one."""
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    nodes = list(rows[0]["share"])
+    if len(nodes) <= SHARES_SHOWN:
+        return (f"share % ({' / '.join(nodes)})",
+                [" / ".join(_ci(row["share"][n], pct) for n in nodes) for row in rows])
+    cells = []
+    for row in rows:
+        means = [c["mean"] for c in row["share"].values() if c["mean"] is not None]
+        cells.append(f"{100 * min(means):.2f} .. {100 * max(means):.2f}" if means else "-")
+    return f"share % of {len(nodes):,} nodes: min .. max (fair {100 / len(nodes):.2f})", cells
+
+
+def _theory_cells(row: dict[str, Any], scenario: Scenario | None) -> tuple[str, str] | None:
+    """The theory column and the deviation from it (``ok`` when it matches), or None where there is none."""
+    from experiments.theory import matches, mean_field_response_s
+
+    expected_s = mean_field_response_s(scenario, row["strategy"], row["load"]) if scenario else None
+    mean = row["latency_ms"]["mean"]
+    if expected_s is None:
+        return None
+    expected = 1000 * expected_s
+    if mean["mean"] is None:
+        return _ms(expected), "-"
+    verdict = "ok" if matches(mean["mean"], mean["ci95"], expected) else "OFF"
+    return _ms(expected), f"{100 * (mean['mean'] - expected) / expected:+.1f}% {verdict}"
+
+
+def sweep_table(rows: Sequence[dict[str, Any]], *, scenario: Scenario | None = None) -> str:
+    """Per strategy and load: mean and percentile latency of OK requests, node shares and failed
+    requests, mean ±95% CI over repetitions. Given the sweep's ``scenario``, rows that queueing
+    theory has a value for (:func:`experiments.theory.mean_field_response_s`) get it beside the
+    mean, with the deviation and whether it matches."""
     if not rows:
         return "(no runs)"
-    nodes = list(rows[0]["share"])
-    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
-    shares = [" / ".join(_ci(row["share"][n], pct) for n in nodes) for row in rows]
-    width = max(len(s) for s in [*shares, f"share % ({' / '.join(nodes)})"])
-    head = (f"{'strategy':<28}{'load':>5}  {'p50 ms':>14}{'p95 ms':>16}{'p99 ms':>16}   "
-            f"{'share % (' + ' / '.join(nodes) + ')':<{width}}   failed (% of sent) by kind")
+    share_head, shares = _shares(rows)
+    theory = [_theory_cells(row, scenario) for row in rows]
+    shown = any(theory)
+    width = max(len(s) for s in [*shares, share_head])
+    extra = f"{'theory ms':>11}{'sim vs theory':>16}" if shown else ""
+    head = (f"{'strategy':<28}{'load':>5}  {'mean ms':>14}{extra}{'p50 ms':>14}{'p95 ms':>16}{'p99 ms':>16}   "
+            f"{share_head:<{width}}   failed (% of sent) by kind")
     lines = [head, "-" * len(head)]
-    for row, share in sorted(zip(rows, shares), key=lambda rs: (rs[0]["strategy"], rs[0]["load"])):
+    for row, share, th in sorted(zip(rows, shares, theory), key=lambda r: (r[0]["strategy"], r[0]["load"])):
         lat = row["latency_ms"]
-        lines.append(f"{row['strategy']:<28}{row['load']:>5.2f}  {_ci(lat['p50']):>14}{_ci(lat['p95']):>16}"
-                     f"{_ci(lat['p99']):>16}   {share:<{width}}   {_failed(row['failed'])}")
+        cells = (f"{th[0]:>11}{th[1]:>16}" if th else " " * 27) if shown else ""
+        lines.append(f"{row['strategy']:<28}{row['load']:>5.2f}  {_ci(lat['mean']):>14}{cells}{_ci(lat['p50']):>14}"
+                     f"{_ci(lat['p95']):>16}{_ci(lat['p99']):>16}   {share:<{width}}   {_failed(row['failed'])}")
     if rows[0]["reps"] > 1:
         lines.append(f"(mean ±95% CI over {rows[0]['reps']} repetitions; the same seeds for every strategy)")
     else:
@@ -128,7 +176,18 @@ def sweep_table(rows: Sequence[dict[str, Any]]) -> str:
     if any(row["failed"]["count"]["mean"] for row in rows):
         lines.append("  The balancer ejects a node after consecutive failures for a while (eject_after_failures, "
                      "ejection_time_s),\n  so where requests fail, shares move away from the failing nodes.")
+    if shown:
+        lines.append(_THEORY_NOTE)
     return "\n".join(lines)
+
+
+_THEORY_NOTE = (
+    "theory: the mean-field limit (n -> infinity) of the supermarket model (identical one-worker nodes, Poisson\n"
+    "  arrivals, exponential service): random is M/M/1, 1 / (mu - lambda) per node (exact at any n); power_of_two\n"
+    "  sum_i rho^(2^i - 2) / mu (Vvedenskaya, Dobrushin, Karpelevich 1996; Mitzenmacher 2001), a little below any\n"
+    "  finite n. sim vs theory: (mean - theory) / theory; ok when within the 95% CI or 3%, whichever is larger.\n"
+    "  A run starts empty: near load 1 the warm-up must outlast the queues' relaxation, ~1/(1 - load)^2 service "
+    "times.")
 
 
 def differences(sim: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:

@@ -2,13 +2,52 @@
 
 Rates are per second, times in seconds: ``lam`` arrivals, ``mu`` service rate
 of one worker, ``c`` workers, ``k`` places in the node in all.
+
+Load balancing over many alike servers: the supermarket model
+-------------------------------------------------------------
+n one-worker servers, exponential service at rate ``mu``, Poisson arrivals
+at ``n * lam`` in all, each sent to a server at once (Mitzenmacher 2001):
+
+* **random** splits a Poisson stream into n Poisson streams of rate ``lam``,
+  so every server is an M/M/1 queue: ``E[T] = 1 / (mu - lam)``, exact at
+  every n.
+* **power of d choices** (``power_of_two``: d = 2) sends each request to the
+  shortest of d servers sampled at random. As n -> infinity the fraction of
+  servers holding at least i requests tends to ``rho^((d^i - 1) / (d - 1))``,
+  ``rho = lam / mu`` (Vvedenskaya, Dobrushin and Karpelevich 1996; the
+  mean-field limit), so by Little's law
+  ``E[T] = (1 / mu) * sum_{i >= 1} rho^((d^i - d) / (d - 1))``. For d = 1 the
+  exponent is i - 1 and the sum is M/M/1's ``1 / (1 - rho)``; for d = 2 it is
+  ``1 + rho^2 + rho^6 + rho^14 + ...``, a handful of terms even at rho = 0.99
+  (about 5.5 service times there, against M/M/1's 100). A finite n is a little
+  slower than the limit.
+
+:func:`supermarket_mu` says when a scenario *is* this model (see there), and
+:func:`mean_field_response_s` gives the reference for a strategy at a load;
+least connections has none here (its mean-field limit, no waiting at all for
+rho < 1, is far from any finite n near saturation).
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-__all__ = ["erlang_c_response_s", "md1_response_s", "mmck_blocking"]
+if TYPE_CHECKING:
+    from core.scenario import Scenario
+
+__all__ = ["CHOICES", "MATCH_REL_TOL", "TIMEOUT_MEANS", "erlang_c_response_s", "matches", "md1_response_s",
+           "mean_field_response_s", "mm1_response_s", "mmck_blocking", "power_of_d_response_s", "supermarket_mu"]
+
+#: Servers each strategy samples before picking the shortest (random: one, so no choice at all).
+CHOICES = {"random": 1, "power_of_two": 2}
+
+#: A simulated mean matches theory within its 95% CI or this relative error, whichever is larger.
+MATCH_REL_TOL = 0.03
+
+#: Theory needs the balancer's timeout to cut off no response: at least this many times
+#: M/M/1's mean, whose tail beyond it, exp(-TIMEOUT_MEANS), is then nothing measurable.
+TIMEOUT_MEANS = 20.0
 
 
 def erlang_c_response_s(c: int, lam: float, mu: float) -> float:
@@ -31,3 +70,68 @@ def md1_response_s(lam: float, mu: float) -> float:
     """Mean response time of M/D/1 (Pollaczek-Khinchine)."""
     rho = lam / mu
     return 1 / mu + rho / (2 * mu * (1 - rho))
+
+
+def mm1_response_s(lam: float, mu: float) -> float:
+    """Mean response time of M/M/1, ``1 / (mu - lam)``; needs ``lam < mu``."""
+    if not 0 <= lam < mu:
+        raise ValueError(f"M/M/1 needs 0 <= lam < mu, got lam={lam:g}, mu={mu:g}")
+    return 1 / (mu - lam)
+
+
+def power_of_d_response_s(lam: float, mu: float, d: int = 2, *, rel_tol: float = 1e-12) -> float:
+    """Mean response time of the supermarket model with ``d`` choices in the mean-field limit
+    (n -> infinity): ``(1 / mu) * sum_{i >= 1} rho^((d^i - d) / (d - 1))`` with ``rho = lam / mu < 1``.
+
+    Term i + 1 is term i times ``q_i = rho^(d^i)``, and the ``q_i`` do not grow, so what
+    follows term k is at most ``t_k * q_k / (1 - q_k)`` (a geometric series): the sum stops
+    once that bound is below ``rel_tol`` of the sum so far, and is then that close to the
+    whole. (d = 1 is geometric, M/M/1; for d >= 2 the terms fall doubly exponentially.)"""
+    if d < 1:
+        raise ValueError(f"d must be >= 1, got {d}")
+    rho = lam / mu
+    if not 0 <= rho < 1:
+        raise ValueError(f"the supermarket model needs 0 <= lam / mu < 1, got {rho:g}")
+    total, term, q = 0.0, 1.0, rho ** d  # term 1 is rho^0; q_1 = rho^d
+    while True:
+        total += term
+        if q == 0.0 or term * q / (1 - q) <= rel_tol * total:
+            return total / mu
+        term, q = term * q, q ** d
+
+
+def supermarket_mu(scenario: Scenario) -> float | None:
+    """The service rate (1/s) of one server when ``scenario`` is the supermarket model, else None.
+
+    It is when every node is alike (one worker, exponential service, the same mean), arrivals
+    are Poisson, nothing refuses or fails a request (no rate limit, backpressure, circuit
+    breaker, client bulkhead or fault). Whether the balancer's timeout cuts responses off
+    depends on the load: :func:`mean_field_response_s` judges that. The name plays no part."""
+    kinds = {(n.workers, n.service, n.load_factor_ms, n.rate_limit_per_s, n.backpressure, n.circuit_breaker,
+              n.faults, n.max_per_client) for n in scenario.nodes}
+    if scenario.workload.arrival != "poisson" or len(kinds) != 1:
+        return None
+    workers, service, load_factor_ms, *middleware = kinds.pop()
+    if workers != 1 or service != "exponential" or any(middleware):
+        return None
+    return 1000.0 / load_factor_ms
+
+
+def mean_field_response_s(scenario: Scenario, strategy: str, load: float) -> float | None:
+    """Theory's mean response time (s) for ``strategy`` on ``scenario`` at ``load`` (a fraction
+    of its capacity), or None where there is none: not the supermarket model, a strategy
+    without a formula (only those in :data:`CHOICES`), a load >= 1, or a balancer timeout
+    shorter than :data:`TIMEOUT_MEANS` M/M/1 means (it would cut the slowest responses off)."""
+    mu = supermarket_mu(scenario)
+    if mu is None or strategy not in CHOICES or not 0 < load < 1:
+        return None
+    lam = load * mu
+    if scenario.balancer.timeout_s < TIMEOUT_MEANS * mm1_response_s(lam, mu):
+        return None
+    return power_of_d_response_s(lam, mu, CHOICES[strategy])
+
+
+def matches(mean: float, ci95: float | None, expected: float, *, rel_tol: float = MATCH_REL_TOL) -> bool:
+    """Whether a simulated ``mean`` (±``ci95``) matches ``expected``: within the CI or ``rel_tol``
+    of ``expected``, whichever is larger."""
+    return abs(mean - expected) <= max(ci95 or 0.0, rel_tol * expected)

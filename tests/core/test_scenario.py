@@ -114,3 +114,48 @@ def test_file_errors(tmp_path: pathlib.Path) -> None:
 @pytest.mark.parametrize("name", sorted(shipped()))
 def test_every_shipped_scenario_is_valid(name: str) -> None:
     assert load(name).name
+
+
+def test_count_expands_a_table_into_alike_nodes_and_round_trips() -> None:
+    data = with_("nodes", [{"id": "n", "count": 3, "load_factor_ms": 10}, {"id": "solo", "workers": 2}])
+    s = Scenario.from_mapping(data)
+    assert [n.id for n in s.nodes] == ["n-1", "n-2", "n-3", "solo"]
+    assert {n.load_factor_ms for n in s.nodes[:3]} == {10.0}
+    assert s.capacity_per_s == pytest.approx(3 * 100 + 80)
+    assert Scenario.from_mapping(s.to_dict()) == s
+    assert s.replace(strategy="random").nodes == s.nodes
+    one = Scenario.from_mapping(with_("nodes", [{"id": "n", "count": 1}]))
+    assert [n.id for n in one.nodes] == ["n-1"]
+
+
+@pytest.mark.parametrize("nodes, words", [
+    ([{"id": "n", "count": 0}], "nodes[0].count = 0: must be an integer >= 1 and <= 10000"),
+    ([{"id": "n", "count": 2.0}], "nodes[0].count = 2.0: must be an integer"),
+    ([{"id": "n", "count": "3"}], "nodes[0].count = '3': must be an integer"),
+    ([{"id": "n", "count": 10_001}], "nodes[0].count = 10001: must be an integer >= 1 and <= 10000"),
+    ([{"id": "n", "count": 6000}, {"id": "m", "count": 6000}],
+     "nodes[1].count = 6000: makes 12,000 nodes in all; a scenario has at most 10,000"),
+    ([{"id": "n-2"}, {"id": "n", "count": 3}],
+     "nodes[1].id = 'n': with count = 3 makes ids n-1 .. n-3, and another node has the id 'n-2'"),
+    ([{"id": "n", "count": 2}, {"id": "n-1"}], "nodes[1].id = 'n-1': must be unique; another node has this id"),
+    ([{"id": "n", "count": 2, "workers": 0}], "nodes[0].workers = 0: must be an integer >= 1"),
+])
+def test_bad_counts_are_named(nodes: list, words: str) -> None:
+    with pytest.raises(ScenarioError) as info:
+        Scenario.from_mapping(with_("nodes", nodes), source="t.toml")
+    assert str(info.value).startswith("t.toml: ") and words in str(info.value), str(info.value)
+
+
+def test_with_nodes_resizes_alike_nodes_at_the_same_load() -> None:
+    s = Scenario.from_mapping(with_("nodes", [{"id": "n", "count": 4, "load_factor_ms": 10}]))
+    big = s.with_nodes(10)
+    assert [n.id for n in big.nodes] == [f"n-{k}" for k in range(1, 11)]
+    assert big.workload.rate_per_s / big.capacity_per_s == pytest.approx(s.workload.rate_per_s / s.capacity_per_s)
+    assert big.with_nodes(4) == s
+    single = Scenario.from_mapping(with_("nodes", [{"id": "node-1"}]))
+    assert [n.id for n in single.with_nodes(2).nodes] == ["node-1", "node-2"]
+    with pytest.raises(ScenarioError, match="nodes.0..count = 0: must be an integer >= 1"):
+        s.with_nodes(0)
+    with pytest.raises(ScenarioError, match="t: the number of nodes can change only when they are all alike but for "
+                                            "their ids; these are of 2 kinds"):
+        Scenario.from_mapping(GOOD).with_nodes(3)

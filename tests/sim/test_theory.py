@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from core.results import Outcome
-from experiments.theory import erlang_c_response_s, md1_response_s, mmck_blocking
+from experiments.theory import (
+    erlang_c_response_s, md1_response_s, mm1_response_s, mmck_blocking, power_of_d_response_s,
+)
 from sim.model import Simulation
 from tests.sim.helpers import batch_means, one_node, simulation
 
@@ -84,3 +86,41 @@ def test_rate_limiter_in_the_model_admits_exactly_what_the_bucket_allows() -> No
             admitted += 1
     span = float(arrivals[-1] - arrivals[0])
     assert burst + rate * span - 1 <= admitted <= burst + rate * span
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.3, 0.5, 0.9, 0.99, 0.999])
+def test_one_choice_is_mm1(rho: float) -> None:
+    """d = 1: the exponent (d^i - d) / (d - 1) is i - 1, a geometric series, M/M/1's 1 / (mu - lam)."""
+    assert power_of_d_response_s(rho * MU, MU, 1) == pytest.approx(mm1_response_s(rho * MU, MU), rel=1e-10)
+    assert mm1_response_s(rho * MU, MU) == pytest.approx(1 / (MU * (1 - rho)))
+
+
+def test_power_of_two_known_values() -> None:
+    # By hand: 1 + rho^2 + rho^6 + rho^14 + rho^30 + ... service times.
+    assert power_of_d_response_s(0.5, 1.0) == pytest.approx(1 + 1 / 4 + 1 / 64 + 2 ** -14 + 2 ** -30, rel=1e-12)
+    assert power_of_d_response_s(0.9, 1.0) == pytest.approx(sum(0.9 ** (2 ** i - 2) for i in range(1, 12)), rel=1e-12)
+    assert power_of_d_response_s(0.99, 1.0) == pytest.approx(5.4320, abs=1e-4)  # against M/M/1's 100
+    assert power_of_d_response_s(0.9, 1.0, 3) == pytest.approx(1 + 0.9 ** 3 + 0.9 ** 12 + 0.9 ** 39 + 0.9 ** 120,
+                                                               rel=1e-9)
+    assert power_of_d_response_s(0.5 * MU, MU) == pytest.approx(power_of_d_response_s(0.5, 1.0) / MU)
+    assert power_of_d_response_s(0.0, 1.0) == 1.0  # nobody waits
+
+
+@pytest.mark.parametrize("rho, d", [(0.5, 2), (0.95, 2), (0.999, 2), (0.999, 3), (0.9, 1)])
+def test_the_series_stops_within_its_bound(rho: float, d: int) -> None:
+    """What the sum leaves out is at most its geometric bound: a much longer exact sum agrees to rel_tol."""
+    many = sum(rho ** ((d ** i - d) // (d - 1) if d > 1 else i - 1) for i in range(1, 40 if d > 1 else 40_000))
+    for tol in (1e-3, 1e-6, 1e-12):
+        got = power_of_d_response_s(rho, 1.0, d, rel_tol=tol)
+        assert -1e-14 * many <= many - got <= tol * many  # (float sums in another order differ by ~1e-16)
+
+
+def test_more_choices_are_faster_and_the_bad_inputs_are_named() -> None:
+    times = [power_of_d_response_s(0.95, 1.0, d) for d in (1, 2, 3, 10)]
+    assert times == sorted(times, reverse=True) and times[0] / times[1] > 5
+    with pytest.raises(ValueError, match="lam / mu < 1, got 1"):
+        power_of_d_response_s(1.0, 1.0)
+    with pytest.raises(ValueError, match="d must be >= 1, got 0"):
+        power_of_d_response_s(0.5, 1.0, 0)
+    with pytest.raises(ValueError, match="M/M/1 needs 0 <= lam < mu, got lam=2, mu=1"):
+        mm1_response_s(2.0, 1.0)
