@@ -106,21 +106,21 @@ class GuardedAppRunner(web.AppRunner):
 
 def _json_errors(handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]]
                  ) -> Callable[[BaseRequest], Awaitable[web.StreamResponse]]:
-    """The app's handler, with what aiohttp itself refuses above the app made JSON too.
+    """The app's handler, refusing an HTTP/0.9 request line (no version) before it runs.
 
-    A request target that is not a path (``CONNECT host:22``, ``OPTIONS *``) matches no route, even the
-    catch-alls, and aiohttp answered it with a text/plain 404; an HTTP/0.9 request line (no version) was
-    served with an HTTP/0.9 status line. One ``try`` and one comparison per request."""
-    async def handle(request: BaseRequest) -> web.StreamResponse:
+    aiohttp served such a request with an HTTP/0.9 status line; it gets a JSON 505 instead. Not a
+    coroutine of its own: it hands back the handler's awaitable, so the hot path gains a comparison and
+    no frame. (What aiohttp itself refuses above the app, a request target that is not a path, is made
+    JSON in :meth:`_GuardedHandler.finish_response`.)"""
+    def handle(request: BaseRequest) -> Awaitable[web.StreamResponse]:
         if request.version < HttpVersion10:
-            return error_response(request, _VERSION_REFUSED)  # type: ignore[arg-type]
-        try:
-            return await handler(request)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            return error_response(request, exc)  # type: ignore[arg-type]
+            return _answer(error_response(request, _VERSION_REFUSED))  # type: ignore[arg-type]
+        return handler(request)
     return handle
+
+
+async def _answer(response: web.StreamResponse) -> web.StreamResponse:
+    return response
 
 
 _VERSION_REFUSED = web.HTTPVersionNotSupported(text="HTTP/1.0 or HTTP/1.1 only (this request line has no version)")
@@ -263,8 +263,13 @@ class _GuardedHandler(RequestHandler):
 
     async def finish_response(self, request: BaseRequest, resp: web.StreamResponse,
                               start_time: float | None) -> tuple[web.StreamResponse, bool]:
-        """aiohttp's, and then a 408 closes the connection at once: the body it gave up on may never
-        come, and aiohttp would otherwise linger up to 10 s reading it (the slow-body attack's hold)."""
+        """aiohttp's, with an HTTP error raised above the app made JSON, and then a 408 closes the
+        connection at once: the body it gave up on may never come, and aiohttp would otherwise linger
+        up to 10 s reading it (the slow-body attack's hold)."""
+        if isinstance(resp, web.HTTPException) and resp.status >= 400:
+            # Raised above the app (a request target that is not a path, ``CONNECT host:22`` or
+            # ``OPTIONS *``, matches no route, even the catch-alls): aiohttp would answer text/plain.
+            resp = error_response(request, resp)  # type: ignore[arg-type]
         resp, reset = await super().finish_response(request, resp, start_time)
         if resp.status == 408 and not reset:
             self.force_close()  # the answer is written; closing the transport flushes it first

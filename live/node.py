@@ -36,8 +36,9 @@ import asyncio
 import functools
 import hmac
 import time
+import inspect
 from dataclasses import asdict, dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, cast
 
 import aiohttp
 import numpy as np
@@ -165,22 +166,32 @@ def _burn(seconds: float) -> None:
         pass
 
 
-def instrumented(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Callable[
-        [web.Request], Awaitable[web.StreamResponse]]:
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: A handler that never waits (``GET /health``): called, not awaited, which spares a coroutine per request.
+QuickHandler = Callable[[web.Request], web.StreamResponse]
+
+
+def instrumented(handler: Handler | QuickHandler) -> Handler:
     """Wrap a handler with what every node response gets: X-Node-ID, JSON errors and the counters.
 
     A wrapper per route rather than an aiohttp middleware on purpose: an app with
     middlewares also runs aiohttp's own per-app middleware, and the two layers
     cost more per request than everything ``GET /health`` does. Unknown paths and
-    methods reach :func:`fallback`, which is wrapped too.
+    methods reach :func:`fallback`, which is wrapped too. A plain function (not
+    ``async``) is called directly: one frame fewer on the hot path.
     """
+    quick = not inspect.iscoroutinefunction(handler)
+
     async def endpoint(request: web.Request) -> web.StreamResponse:
         state = request.app[STATE]
         clock = state.clock
         started = clock()
         state.active += 1
         try:
-            response = await handler(request)
+            if quick:
+                response = cast(QuickHandler, handler)(request)
+            else:
+                response = await cast(Handler, handler)(request)
         except BadClientId as exc:
             response = json_error(400, "bad_client_id", str(exc), limit_bytes=exc.limit_bytes)
         except Exception as exc:  # noqa: BLE001 - errors become JSON responses that still get counted and tagged
@@ -201,8 +212,9 @@ def refusal(state: NodeState, rejected: Rejected) -> web.Response:
 
 
 # -- handlers ------------------------------------------------------------------
-async def health(request: web.Request) -> web.Response:
-    """Cheap: never does the work, but the rate limiter counts it (the seed's behaviour)."""
+def health(request: web.Request) -> web.Response:
+    """Cheap: never does the work, but the rate limiter counts it (the seed's behaviour). Never waits:
+    a plain function (see :func:`instrumented`)."""
     state = request.app[STATE]
     pipeline = state.pipeline
     limited = pipeline.limit(state.client_key(request), now=state.clock())
@@ -429,7 +441,7 @@ def make_node_app(config: NodeConfig, *, clock: Callable[[], float] | None = Non
             token=config.registry_token, clock=clock,
             metadata={"workers": config.workers, "load_factor_ms": config.load_factor_ms})
     app[STATE] = state
-    routes: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = [
+    routes: list[tuple[str, str, Handler | QuickHandler]] = [
         ("GET", "/health", health), ("GET", "/work", work), ("GET", "/stats", stats),
         ("GET", "/queue-stats", queue_stats), ("GET", "/circuit-status", circuit_status),
         ("GET", "/discovery-status", discovery_status), ("GET", "/peers", peers), ("GET", "/metrics", metrics)]
