@@ -12,9 +12,13 @@ from sim.model import Simulation
 from solutions import impl
 
 
-def simulation(scenario: Scenario) -> Simulation:
-    """A simulation of ``scenario`` with the reference solutions of the exercises it uses."""
-    return impl.simulation(scenario, "solution")
+def simulation(scenario: Scenario, *, keep_rows: bool = True, **options: Any) -> Simulation:
+    """A simulation of ``scenario`` with the reference solutions of the exercises it uses, keeping every
+    request's row in ``sim.log`` for the test to read (a run keeps none by default); ``options`` go to
+    :class:`sim.model.Simulation`."""
+    classes = impl.scenario_classes(scenario, "solution")
+    return Simulation(scenario, strategy_cls=classes.strategy_cls, limiter_cls=classes.limiter_cls,
+                      keep_rows=keep_rows, **options)
 
 
 def one_node(*, workers: int, load: float, service: str = "exponential", requests: int = 100_000,

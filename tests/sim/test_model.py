@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 
-from core.results import Outcome
+from core.results import COLUMNS, Outcome
 from core.scenario import Scenario
+from core.summary import CENTROIDS
 from experiments.scenarios import load
+from sim.model import PROGRESS_STEPS
+from sim.requests_file import RequestsFileError
 from solutions.impl import simulate
 from tests.sim.helpers import simulation
 
@@ -188,3 +192,80 @@ def test_a_response_slower_than_the_balancer_timeout_is_a_504_at_the_timeout() -
     assert set(c["node"][late]) <= {0, 2}  # only the overloaded one-worker nodes
     untimed = simulate(s.replace(strategy="least_connections"), "solution")
     assert untimed["errors_detail"]["timeout"] == 0
+
+
+def test_a_run_holds_one_chunk_of_rows_and_its_results_are_those_of_keeping_every_row() -> None:
+    s = three_nodes(duration_s=30.0)
+    bounded = simulation(s, keep_rows=False, chunk_rows=500).run()
+    kept = simulation(s, chunk_rows=500).run()
+    assert len(bounded.log) == len(kept.log) == len(kept.log.columns()["arrival"]) > 3000
+    assert len(bounded.log.columns()["arrival"]) < 500  # the rest was folded and forgotten
+    assert json.dumps(bounded.results(), sort_keys=True) == json.dumps(kept.results(), sort_keys=True)
+    assert bounded.results()["simulated_requests"] == len(kept.log)
+
+
+def window_ok(sim) -> dict[str, np.ndarray]:
+    c = sim.log.columns()
+    s = sim.scenario
+    ok = (c["arrival"] >= s.warmup_s) & (c["arrival"] < s.duration_s) & (c["outcome"] == Outcome.OK)
+    return {"response_ms": (c["end"] - c["arrival"])[ok] * 1000.0, "node": c["node"][ok]}
+
+
+def test_percentiles_are_within_half_a_percent_of_the_exact_ones_mean_and_max_exact() -> None:
+    """A run small enough to keep every row, but with more OK responses per node than a digest keeps
+    exactly (CENTROIDS), folded in chunks as a long run folds them."""
+    nodes = [{"id": f"node-{i + 1}", "workers": 2, "load_factor_ms": 25} for i in range(3)]
+    sim = simulation(three_nodes(nodes=nodes, duration_s=120.0, workload={"arrival": "poisson", "rate_per_s": 200.0}),
+                     chunk_rows=4096).run()
+    r, rows = sim.results(), window_ok(sim)
+    groups = {"all": (r["latency_ms"], rows["response_ms"])}
+    for i, (node_id, node) in enumerate(r["nodes"].items()):
+        groups[node_id] = (node["latency_ms"], rows["response_ms"][rows["node"] == i])
+    for name, (got, exact) in groups.items():
+        assert exact.size > CENTROIDS, (name, exact.size)
+        for key, p in (("p50", 50), ("p90", 90), ("p95", 95), ("p99", 99)):
+            want = float(np.percentile(exact, p))
+            assert abs(got[key] / want - 1) < 0.005, f"{name} {key}: {got[key]:.4f} ms vs exact {want:.4f} ms"
+        assert got["max"] == pytest.approx(exact.max(), rel=1e-12)
+        assert got["mean"] == pytest.approx(exact.mean(), rel=1e-9)
+
+
+def test_keep_requests_writes_every_row_and_they_give_back_the_counts(tmp_path) -> None:
+    s = three_nodes(duration_s=30.0, workload={"arrival": "poisson", "rate_per_s": 168.0},
+                    balancer={"strategy": "round_robin", "timeout_s": 2.0})  # overloads two nodes: timeouts too
+    path = tmp_path / "requests.npz"
+    sim = simulation(s, keep_rows=False, chunk_rows=1000).keep_requests(path).run()
+    r = sim.results()
+    with np.load(path) as f:
+        rows = {k: f[k] for k in f.files}
+    assert sorted(rows) == sorted(COLUMNS) and all(rows[k].dtype == np.dtype(t) for k, t in COLUMNS.items())
+    assert len(rows["arrival"]) == len(sim.log) > 4000
+    window = (rows["arrival"] >= s.warmup_s) & (rows["arrival"] < s.duration_s)
+    outcome, node = rows["outcome"][window], rows["node"][window]
+    assert r["requests"]["sent"] == int(window.sum())
+    assert r["requests"]["ok"] == int((outcome == Outcome.OK).sum())
+    assert r["errors_detail"]["timeout"] == int((outcome == Outcome.TIMEOUT).sum()) > 0
+    assert [n["requests"] for n in r["nodes"].values()] == [int((node == i).sum()) for i in range(3)]
+    # The very rows a run that keeps them holds, in the same order.
+    kept = simulation(s).run().log.columns()
+    assert all(np.array_equal(rows[k], kept[k], equal_nan=k == "start") for k in COLUMNS)
+    assert [p.name for p in tmp_path.iterdir()] == ["requests.npz"]  # no spool left behind
+
+
+def test_keep_requests_names_a_path_it_cannot_write_before_the_run(tmp_path) -> None:
+    with pytest.raises(RequestsFileError, match=f"^{re.escape(str(tmp_path))}: is a directory"):
+        simulation(three_nodes(), keep_rows=False).keep_requests(tmp_path)
+    missing = tmp_path / "no-such-dir" / "r.npz"
+    with pytest.raises(RequestsFileError, match=f"^{re.escape(str(missing))}: cannot write there"):
+        simulation(three_nodes(), keep_rows=False).keep_requests(missing)
+
+
+def test_progress_reports_simulated_time_and_changes_nothing() -> None:
+    s = three_nodes(duration_s=20.0)
+    seen: list[tuple[float, float]] = []
+    with_progress = simulation(s, keep_rows=False).run(progress=lambda now, total: seen.append((now, total)))
+    assert len(seen) == PROGRESS_STEPS + 1 and seen[-1] == (20.0, 20.0)
+    assert all(total == 20.0 for _, total in seen)
+    assert [now for now, _ in seen] == sorted(now for now, _ in seen) and seen[0][0] == pytest.approx(0.1)
+    plain = simulation(s, keep_rows=False).run()
+    assert json.dumps(with_progress.results(), sort_keys=True) == json.dumps(plain.results(), sort_keys=True)
