@@ -220,7 +220,7 @@ def parse_node_counts(text: str) -> list[int]:
     for item in (v.strip() for v in text.split(",")):
         if not item:
             continue
-        if not item.isdigit():
+        if not (item.isascii() and item.isdigit()):
             raise ValueError(f"{item!r} is not a whole number of nodes")
         if not 1 <= int(item) <= MAX_NODES:
             raise ValueError(f"{item} is out of range: between 1 and {MAX_NODES:,} nodes")
@@ -423,7 +423,7 @@ def run_scale(sizes: Sequence[int], strategies: Sequence[str] | None = None, req
             rows.append({"model": model, "strategy": s, "nodes": n, "requests_per_s": m.requests_per_s,
                          "arrivals": m.arrivals, "stopped": m.stopped, "run_s": m.run_s, "setup_s": m.setup_s,
                          "peak_rss_mb": peak[(model, s, n)],
-                         "ratio_to_smallest": m.requests_per_s / best[(model, s, base)].requests_per_s,
+                         "ratio_to_smallest": m.requests_per_s / (best[(model, s, base)].requests_per_s or math.inf),
                          "target": target})
     echo(f"  {'strategy':<28}{'nodes':>7}{'requests/s':>13}{'arrivals':>10}{'peak RSS MB':>13}"
          f"{f'at n / at {base}':>13}  target")
