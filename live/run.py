@@ -18,7 +18,9 @@ The records become the results JSON of :func:`core.results.summarize` with
 (``"generator"``), what happened to the faults (``"faults"``), and the
 round-trip time of ``/health`` through the balancer measured just before the
 load starts (``"overhead_ms"``): the part of a live response time that is
-neither queueing nor service, which the simulator does not model. However the
+neither queueing nor service, which the simulator does not model. With
+``keep_requests`` every request's row is written too, as ``testbed sim run
+--keep-requests`` writes them (an ``.npz`` of :data:`core.results.COLUMNS`). However the
 run ends (done, Ctrl-C, SIGTERM, a process dying, an error) the cluster is
 stopped before this returns or raises.
 
@@ -38,7 +40,9 @@ import os
 import signal
 from typing import Any, Callable, Sequence
 
-from core.results import scenario_results
+import numpy as np
+
+from core.results import RequestLog, scenario_results
 from core.scenario import Fault, Scenario
 from live.cluster import ChildFailed, Cluster
 from live.limits import DEFAULT_MAX_IN_FLIGHT, default_drain_s
@@ -46,7 +50,7 @@ from live.server_limits import raise_open_file_limit
 from live.loadgen import LoadGenerator, clock
 from live.upstream import UpstreamError, UpstreamPool
 
-__all__ = ["LiveRunError", "Progress", "run_live"]
+__all__ = ["LiveRunError", "Progress", "run_live", "write_requests"]
 
 #: Open-loop rates from which the runner measures what this machine carries before the load. Below it (the
 #: machine carried 1,100-4,000 requests/s when measured, busy or not) the probe is skipped: it leaves the
@@ -102,11 +106,13 @@ async def _ticker(gen: LoadGenerator, progress: Progress) -> None:
 
 async def live_run(scenario: Scenario, *, command: Sequence[str], impl: str = "auto",
                    echo: Callable[[str], Any] = print, progress: Progress | None = None,
-                   max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, drain_s: float | None = None) -> dict[str, Any]:
+                   max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, drain_s: float | None = None,
+                   keep_requests: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Run ``scenario`` live (see the module docstring) and return its results dict. ``command`` starts a
     ``testbed`` process (see :class:`live.cluster.Cluster`); ``max_in_flight`` bounds the requests
     outstanding, ``drain_s`` the wait for them after the duration (None: the balancer's timeout and a margin,
-    :func:`live.limits.default_drain_s`, as long as the simulator waits)."""
+    :func:`live.limits.default_drain_s`, as long as the simulator waits); ``keep_requests`` is a path to
+    write every request's row to."""
     s = scenario
     if drain_s is None:
         drain_s = default_drain_s(s.balancer.timeout_s)
@@ -148,8 +154,20 @@ async def live_run(scenario: Scenario, *, command: Sequence[str], impl: str = "a
             stats = gen.generator_stats(s.warmup_s)
     except ChildFailed as exc:
         raise LiveRunError(str(exc)) from None
+    if keep_requests is not None:
+        write_requests(keep_requests, gen.log)
     return scenario_results(gen.log, s, mode="live", not_sent=gen.not_sent, live_requests=len(gen.log),
                             generator=stats, overhead_ms=overhead, faults=fault_log)
+
+
+def write_requests(path: str | os.PathLike[str], log: RequestLog) -> None:
+    """Every row ``log`` holds to ``path``, as ``numpy.savez`` writes them (no ``.npz`` added to the name)."""
+    columns: dict[str, Any] = log.columns()  # Any: savez's own allow_pickle keyword is a bool
+    try:
+        with open(path, "wb") as fh:
+            np.savez(fh, **columns)
+    except OSError as exc:
+        raise LiveRunError(f"{path}: cannot write the requests there ({exc.strerror or exc})") from None
 
 
 def _describe(s: Scenario) -> str:
@@ -161,7 +179,8 @@ def _describe(s: Scenario) -> str:
 
 def run_live(scenario: Scenario, *, command: Sequence[str], impl: str = "auto",
              echo: Callable[[str], Any] = print, progress: Progress | None = None,
-             max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, drain_s: float | None = None) -> dict[str, Any]:
+             max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, drain_s: float | None = None,
+             keep_requests: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """:func:`live_run` in a fresh event loop (uvloop unless ``TESTBED_LOOP=asyncio``).
 
     Ctrl-C and SIGTERM cancel the run: the cluster is stopped, then
@@ -176,7 +195,7 @@ def run_live(scenario: Scenario, *, command: Sequence[str], impl: str = "auto",
         loop.add_signal_handler(signal.SIGTERM, task.cancel)
         try:
             return await live_run(scenario, command=command, impl=impl, echo=echo, progress=progress,
-                                  max_in_flight=max_in_flight, drain_s=drain_s)
+                                  max_in_flight=max_in_flight, drain_s=drain_s, keep_requests=keep_requests)
         except asyncio.CancelledError:
             raise KeyboardInterrupt from None
         finally:
