@@ -1,4 +1,9 @@
-"""``testbed sim run``, ``testbed sim compare`` and ``testbed compare``."""
+"""``testbed sim run``, ``testbed sim compare`` and ``testbed compare``.
+
+A sweep's repetitions run on the local process pool or a Dask cluster
+(``--executor``, ``--scheduler``: :mod:`experiments.executors`), with a
+progress bar on a terminal (:mod:`experiments.progress`).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import click
 
 from core.scenario import Scenario
 from core.strategies import STRATEGIES
+from experiments.executors import EXECUTORS, ExecutorError, open_executor, scheduler_address
 from experiments.options import (
     OutputPath, ScenarioParam, apply_overrides, echo_notices, impl_option, run_options, write_json,
 )
@@ -48,6 +54,22 @@ class CommaList(click.ParamType):
         return sorted(set(loads))
 
 
+class SchedulerAddress(click.ParamType):
+    """A Dask scheduler's ``tcp://HOST:PORT``."""
+
+    name = "tcp://HOST:PORT"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            return scheduler_address(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+quiet_option = click.option("--quiet", "-q", is_flag=True,
+                            help="No progress bar (there is none either when stderr is not a terminal).")
+
+
 @click.group("sim")
 def sim_group() -> None:
     """Simulate scenarios with the SimPy model (same core objects as the live runtime)."""
@@ -71,19 +93,41 @@ def sim_run(scenario: Scenario, strategy: str | None, rate: float | None, load: 
     write_json(json_path, result)
 
 
+def _executor_kind(executor: str, scheduler: str | None, workers: int | None) -> str:
+    """``--executor`` as the options mean it together: ``--scheduler`` alone means dask; the cluster's
+    workers are its own, so ``--workers`` does not go with ``--scheduler``."""
+    if scheduler is None:
+        return executor
+    source = click.get_current_context().get_parameter_source("executor")
+    if executor != "dask" and source is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError(f"--scheduler runs the sweep on a Dask cluster: it does not go with --executor {executor}")
+    if workers is not None:
+        raise click.UsageError("--workers sizes a local pool or local cluster; a --scheduler's cluster has its own "
+                               "workers (start more with `dask worker`)")
+    return "dask"
+
+
 def _sweep(scenario: Scenario, strategies: list[str], loads: list[float], reps: int, workers: int | None,
-           impl: str, plot: str | None, json_path: str | None, title: str) -> None:
+           impl: str, plot: str | None, json_path: str | None, title: str, executor: str = "process",
+           scheduler: str | None = None, connect_timeout: float = 10.0, quiet: bool = False) -> None:
     from experiments.compare import aggregate, sweep
+    from experiments.progress import counting
     from experiments.report import sweep_table
 
     if scenario.workload.arrival == "closed":
         raise click.UsageError(f"{scenario.name}: a load sweep needs an open-loop workload (poisson or constant)")
+    kind = _executor_kind(executor, scheduler, workers)
     echo_notices(impl, scenario, strategies)
     total = len(strategies) * len(loads) * reps
     click.echo(f"{scenario.name}: {len(strategies)} strategies x {len(loads)} loads x {reps} repetitions "
                f"(seeds {scenario.seed}..{scenario.seed + reps - 1}), capacity {scenario.capacity_per_s:.1f} req/s")
-    with click.progressbar(length=total, label="simulating", show_pos=True) as bar:
-        results = sweep(scenario, strategies, loads, reps, impl=impl, workers=workers, progress=bar.update)
+    try:
+        with open_executor(kind, scheduler=scheduler, workers=workers, connect_timeout_s=connect_timeout,
+                           echo=click.echo) as pool, counting(total, "simulating", quiet=quiet) as update:
+            results = sweep(scenario, strategies, loads, reps, impl=impl, workers=workers, executor=pool,
+                            progress=update)
+    except ExecutorError as exc:
+        raise click.ClickException(str(exc)) from None
     rows = aggregate(results)
     click.echo(sweep_table(rows))
     if plot:
@@ -105,7 +149,17 @@ def _sweep_options(default_plot: str | None, default_json: str | None, default_r
                          help="Repetitions per point, on seeds seed, seed+1, ..."),
             click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Override duration_s."),
             click.option("--workers", type=click.IntRange(1, 256), default=None,
-                         help="Processes to run repetitions in [default: one per core]."),
+                         help="Processes to run repetitions in, locally or in --executor dask's local cluster "
+                              "[default: one per core]."),
+            click.option("--executor", type=click.Choice(EXECUTORS), default="process", show_default=True,
+                         help="Where repetitions run: process (this machine's process pool) or dask (a Dask "
+                              "cluster: --scheduler's, else a local one on 127.0.0.1). Same numbers either way."),
+            click.option("--scheduler", type=SchedulerAddress(), default=None,
+                         help="Run repetitions on the Dask cluster whose scheduler is here (implies --executor "
+                              "dask; every worker needs this project installed)."),
+            click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
+                         show_default=True, help="Seconds to reach --scheduler and for its first worker."),
+            quiet_option,
             impl_option,
             click.option("--plot", type=OutputPath(), default=default_plot, show_default=True,
                          help="Write a PNG of latency against load here."),
@@ -122,12 +176,17 @@ def _sweep_options(default_plot: str | None, default_json: str | None, default_r
 @click.argument("scenario", type=ScenarioParam())
 @_sweep_options(None, None, 5)
 def sim_compare(scenario: Scenario, strategies: list[str], loads: list[float], reps: int, duration: float | None,
-                workers: int | None, impl: str, plot: str | None, json_path: str | None) -> None:
-    """Sweep offered load for each strategy; print p50/p95/p99 and node shares with 95% CIs."""
+                workers: int | None, executor: str, scheduler: str | None, connect_timeout: float, quiet: bool,
+                impl: str, plot: str | None, json_path: str | None) -> None:
+    """Sweep offered load for each strategy; print p50/p95/p99 and node shares with 95% CIs.
+
+    Repetitions run on this machine's process pool, or on a Dask cluster with --executor dask
+    (a local one) or --scheduler tcp://HOST:PORT (yours); the numbers are the same, bit for bit."""
     if duration is not None:
         scenario = scenario.replace(duration_s=duration)
     _sweep(scenario, strategies, loads, reps, workers, impl, plot, json_path,
-           title=f"{scenario.name}: response time against offered load")
+           title=f"{scenario.name}: response time against offered load", executor=executor, scheduler=scheduler,
+           connect_timeout=connect_timeout, quiet=quiet)
 
 
 @click.command("compare")
@@ -137,8 +196,8 @@ def sim_compare(scenario: Scenario, strategies: list[str], loads: list[float], r
                    "simulated and live, side by side with their differences.")
 @_sweep_options("results/compare.png", "results/compare.json", 3)
 def compare_command(scenario: Scenario, mode: str, strategies: list[str], loads: list[float], reps: int,
-                    duration: float | None, workers: int | None, impl: str, plot: str | None,
-                    json_path: str | None) -> None:
+                    duration: float | None, workers: int | None, executor: str, scheduler: str | None,
+                    connect_timeout: float, quiet: bool, impl: str, plot: str | None, json_path: str | None) -> None:
     """The seed's experiment: round robin against least connections on the shipped
     three-node scenario (workers 1, 4, 1; 25 ms per request), simulated across loads.
 
@@ -151,8 +210,12 @@ def compare_command(scenario: Scenario, mode: str, strategies: list[str], loads:
         scenario = scenario.replace(duration_s=duration)
     if mode == "sim":
         _sweep(scenario, strategies, loads, reps, workers, impl, plot, json_path,
-               title=f"{scenario.name}: {' vs '.join(strategies)}")
+               title=f"{scenario.name}: {' vs '.join(strategies)}", executor=executor, scheduler=scheduler,
+               connect_timeout=connect_timeout, quiet=quiet)
         return
+    if executor != "process" or scheduler is not None:
+        raise click.UsageError(f"--executor dask and --scheduler go with --mode sim (--mode {mode} runs "
+                               "its simulations on this machine)")
     if click.get_current_context().get_parameter_source("loads") is click.core.ParameterSource.DEFAULT:
         loads = [scenario.workload.rate_per_s / scenario.capacity_per_s]  # the scenario as written
     from experiments.cli_live import compare_live

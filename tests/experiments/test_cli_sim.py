@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import pty
+import select
 import subprocess
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -44,6 +48,15 @@ def test_sim_run_overrides_and_impl_notice() -> None:
     (["sim", "compare", "seed", "--loads", "0.5,zero"], "'zero' is not a number"),
     (["sim", "compare", "seed", "--loads", "0"], "out of range"),
     (["sim", "compare", "closed-loop", "--reps", "1"], "needs an open-loop workload"),
+    (["sim", "compare", "seed", "--scheduler", "my-laptop"], "'my-laptop' is not a Dask scheduler address"),
+    (["sim", "compare", "seed", "--scheduler", "tcp://127.0.0.1:99999"], "is not a Dask scheduler address"),
+    (["sim", "compare", "seed", "--scheduler", "127.0.0.1:8786", "--executor", "process"],
+     "does not go with --executor process"),
+    (["sim", "compare", "seed", "--scheduler", "tcp://127.0.0.1:8786", "--workers", "2"],
+     "a --scheduler's cluster has its own workers"),
+    (["sim", "compare", "seed", "--executor", "threads"], "'threads' is not one of 'process', 'dask'"),
+    (["sim", "compare", "seed", "--connect-timeout", "0"], "--connect-timeout"),
+    (["compare", "--mode", "live", "--executor", "dask"], "go with --mode sim"),
 ])
 def test_usage_errors_name_the_problem(args, words) -> None:
     result = CliRunner().invoke(main, args)
@@ -89,3 +102,47 @@ def test_console_script_compare_end_to_end(tmp_path: pathlib.Path) -> None:
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "out" / "c.png").exists() and (tmp_path / "out" / "c.json").exists()
+
+
+SWEEP = ["sim", "compare", "seed", "--strategies", "round_robin", "--loads", "0.5", "--reps", "2", "--duration", "3",
+         "--workers", "1"]
+
+
+def test_no_progress_bar_when_not_on_a_terminal() -> None:
+    # CliRunner's streams are no terminal, like a pipe or a log file: no bar, not even its label.
+    result = invoke(*SWEEP)
+    assert result.exit_code == 0, result.output
+    assert "simulating" not in result.output and "round_robin                  0.50" in result.output
+
+
+def on_a_terminal(args: list[str], cwd: pathlib.Path, timeout_s: float = 120.0) -> str:
+    """Run the console script with a pseudo-terminal as stdin, stdout and stderr; return what it drew."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([console_script(), *args], stdin=slave, stdout=slave, stderr=slave, cwd=cwd)
+    os.close(slave)
+    chunks = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], deadline - time.monotonic())
+            try:
+                data = os.read(master, 65536) if ready else b""
+            except OSError:  # EIO: the child closed its side
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        os.close(master)
+    assert proc.returncode == 0, b"".join(chunks).decode(errors="replace")
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_and_quiet(tmp_path: pathlib.Path) -> None:
+    drawn = on_a_terminal(SWEEP, tmp_path)
+    assert "simulating  [####################################]  2/2" in drawn, drawn
+    quiet = on_a_terminal([*SWEEP, "--quiet"], tmp_path)
+    assert "simulating" not in quiet and "round_robin                  0.50" in quiet, quiet

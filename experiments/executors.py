@@ -1,0 +1,201 @@
+"""Where a sweep's runs execute: this machine's process pool, or a Dask cluster.
+
+Theory of operation
+-------------------
+A sweep (:func:`experiments.compare.sweep`) hands picklable jobs to a
+``concurrent.futures.Executor`` and puts the results back in grid order, so
+*where* a run executes cannot change *what* it computes: each job carries its
+own seed, and a run is a pure function of its job. This module only opens the
+executor:
+
+``process`` (the default)
+    ``None``: the sweep makes its own ``ProcessPoolExecutor`` (``--workers``,
+    one per core), or runs in this process when one worker is asked for.
+``dask`` with no address
+    A ``distributed.LocalCluster`` on this machine: worker *processes* with one
+    thread each (a simulation holds the GIL), bound to 127.0.0.1, its
+    dashboard on 127.0.0.1 at a free port.
+``dask`` with ``--scheduler tcp://HOST:PORT``
+    A client of a cluster someone started (``dask scheduler`` on one machine,
+    ``dask worker tcp://HOST:PORT`` on each of the others).
+
+Before the first job, every worker is asked for :func:`identity` (Python
+version, the versions of the packages a run's numbers depend on, and a hash of
+this project's source). A worker that cannot import the project or runs other
+code would compute other numbers, so the sweep stops before it starts, naming
+the worker. A worker that dies mid-sweep loses its running job, and Dask runs
+it again on another worker (``distributed.scheduler.allowed-failures``, 3);
+past that, :class:`ExecutorError` says which job kept killing workers.
+
+Waiting is bounded: ``distributed.Client`` bounds the TCP connect by its
+``timeout`` but not the Dask handshake after it (a port that accepts and never
+speaks hangs it for ever), so :func:`_probe` does the connect and handshake
+first under one deadline, and a cluster with no worker is given the same time
+to get one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.metadata
+import logging
+import pathlib
+import platform
+import re
+from concurrent.futures import CancelledError, Executor
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+__all__ = ["EXECUTORS", "ExecutorError", "identity", "mismatches", "open_executor", "scheduler_address"]
+
+#: ``--executor`` choices.
+EXECUTORS = ("process", "dask")
+
+#: The packages whose versions a run's numbers depend on (beside Python and this project's own source).
+RESULT_PACKAGES = ("resilience-testbed", "simpy", "numpy")
+
+#: The project's packages that a simulation runs (``identity()["code"]`` hashes their ``.py`` files).
+CODE_PACKAGES = ("core", "sim", "solutions", "experiments")
+
+_ADDRESS = re.compile(r"^(?:tcp://)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+
+class ExecutorError(Exception):
+    """The executor could not be opened or lost the sweep; the message is one line that says why."""
+
+
+def scheduler_address(text: str) -> str:
+    """``tcp://HOST:PORT`` (the scheme may be left out); ``ValueError`` naming the problem otherwise."""
+    m = _ADDRESS.match(text.strip())
+    if not m or not 0 < int(m.group(2)) < 65536:
+        raise ValueError(f"{text!r} is not a Dask scheduler address: give tcp://HOST:PORT (e.g. tcp://10.0.0.5:8786)")
+    return f"tcp://{m.group(1)}:{int(m.group(2))}"
+
+
+def _code_hash() -> str:
+    import experiments
+    root = pathlib.Path(experiments.__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for package in CODE_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def identity() -> dict[str, str]:
+    """What decides a run's numbers on this machine: Python (major.minor), :data:`RESULT_PACKAGES`
+    versions, and ``code``, a hash of the project's source. Runs on each worker too."""
+    out = {"python": ".".join(platform.python_version_tuple()[:2])}
+    for name in RESULT_PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "missing"
+    out["code"] = _code_hash()
+    return out
+
+
+def mismatches(local: dict[str, str], workers: dict[str, Any]) -> list[str]:
+    """One line per worker whose :func:`identity` differs from ``local`` (or that could not give one:
+    an exception in place of the dict), naming what differs; empty when all match."""
+    problems = []
+    for address, theirs in sorted(workers.items()):
+        if isinstance(theirs, BaseException):
+            problems.append(f"worker {address} cannot run the project ({type(theirs).__name__}: {theirs}); "
+                            "install it there: pip install 'resilience-testbed[dask]' from this tree")
+            continue
+        diff = [f"{k} {theirs.get(k, 'missing')} (here {v})" for k, v in local.items() if theirs.get(k) != v]
+        if diff:
+            problems.append(f"worker {address} differs from this machine: {', '.join(diff)}; "
+                            "install the same tree and versions there")
+    return problems
+
+
+async def _probe(address: str, timeout_s: float) -> None:
+    """Connect to ``address`` and finish Dask's handshake within ``timeout_s``, then hang up."""
+    from distributed.comm import connect
+
+    comm = await asyncio.wait_for(connect(address, timeout=timeout_s), timeout_s)
+    await comm.close()
+
+
+def _connect(address: str, timeout_s: float) -> Any:
+    from distributed import Client
+    try:
+        asyncio.run(_probe(address, timeout_s))
+    except (OSError, asyncio.TimeoutError) as exc:
+        why = "no answer" if isinstance(exc, asyncio.TimeoutError) or "Timed out" in str(exc) else str(exc)
+        raise ExecutorError(f"cannot reach the Dask scheduler at {address} within {timeout_s:g} s ({why}); "
+                            "is `dask scheduler` running there and its port open? (--connect-timeout)") from None
+    try:
+        return Client(address, timeout=timeout_s, set_as_default=False)
+    except OSError as exc:
+        raise ExecutorError(f"cannot connect to the Dask scheduler at {address}: {exc}") from None
+
+
+def _local_cluster(workers: int | None) -> Any:
+    import os
+
+    from distributed import Client, LocalCluster
+    cluster = LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
+                           host="127.0.0.1", dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR)
+    return Client(cluster, set_as_default=False)
+
+
+def _dashboard(client: Any) -> str:
+    try:
+        link = client.dashboard_link
+    except (KeyError, AttributeError):
+        link = None
+    return f"dashboard {link}" if link else "no dashboard (the scheduler runs without one)"
+
+
+@contextmanager
+def _dask(scheduler: str | None, workers: int | None, connect_timeout_s: float,
+          echo: Callable[[str], None]) -> Iterator[Executor]:
+    from distributed import KilledWorker
+
+    client = _connect(scheduler, connect_timeout_s) if scheduler else _local_cluster(workers)
+    try:
+        try:
+            client.wait_for_workers(1, timeout=connect_timeout_s)
+        except TimeoutError:
+            raise ExecutorError(f"the Dask scheduler at {scheduler} has no worker (waited {connect_timeout_s:g} s); "
+                                f"start some: dask worker {scheduler}") from None
+        problems = mismatches(identity(), client.run(identity, on_error="return"))
+        if problems:
+            raise ExecutorError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        nworkers = len(client.scheduler_info(n_workers=-1)["workers"])
+        where = scheduler or f"a local cluster on 127.0.0.1 ({client.scheduler.address})"
+        echo(f"dask: {nworkers} worker{'s' * (nworkers != 1)} at {where}, {_dashboard(client)}")
+        try:
+            yield client.get_executor(pure=False)
+        except KilledWorker as exc:
+            raise ExecutorError(f"a Dask worker died running {exc.task} each of the {exc.allowed_failures + 1} times "
+                                f"it was tried (last on {exc.last_worker.address}); see that worker's log") from None
+        except CancelledError:
+            raise ExecutorError("the Dask cluster dropped the sweep's jobs (did the scheduler stop?)") from None
+    finally:
+        cluster = client.cluster
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+@contextmanager
+def open_executor(kind: str, *, scheduler: str | None = None, workers: int | None = None,
+                  connect_timeout_s: float = 10.0, echo: Callable[[str], None] = print) -> Iterator[Executor | None]:
+    """The executor for a sweep, closed (a local cluster stopped) on the way out.
+
+    ``kind`` is one of :data:`EXECUTORS`; ``scheduler`` (``tcp://HOST:PORT``) means ``dask`` on that
+    cluster; ``workers`` sizes a local pool or local cluster (default: one per core);
+    ``connect_timeout_s`` bounds reaching the scheduler and waiting for its first worker; ``echo``
+    gets the line naming the cluster and its dashboard. Yields ``None`` for ``process``, which the
+    sweep reads as "your own pool". Raises :class:`ExecutorError` with a one-line reason.
+    """
+    if kind == "process" and scheduler is None:
+        yield None
+        return
+    with _dask(scheduler, workers, connect_timeout_s, echo) as executor:
+        yield executor

@@ -1,0 +1,153 @@
+"""Sweeps on Dask: a real ``dask scheduler`` and ``dask worker`` processes on loopback give the very same
+runs as the local pool; an unreachable or silent scheduler, or one without workers, ends in one line and
+bounded time; a worker killed mid-sweep costs nothing but a retry."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+import socket
+import subprocess
+import sys
+from typing import Iterator
+
+import pytest
+from click.testing import CliRunner
+
+from experiments.cli import main
+from experiments.compare import sweep
+from experiments.executors import ExecutorError, identity, mismatches, open_executor
+from experiments.scenarios import load
+from tests.experiments.test_cli import console_script
+from tests.live.procs import free_port
+
+distributed = pytest.importorskip("distributed", reason="the dask extra: pip install -e '.[dask]'")
+
+DASK = str(pathlib.Path(sys.executable).with_name("dask"))
+SWEEP = ["sim", "compare", "seed", "--strategies", "round_robin,least_connections", "--loads", "0.9",
+         "--reps", "2", "--duration", "3"]
+
+
+@contextlib.contextmanager
+def dask_cluster(workers: int, logs: pathlib.Path) -> Iterator[tuple[str, list[subprocess.Popen]]]:
+    """``dask scheduler`` and ``workers`` x ``dask worker`` (one process each, no nanny, one thread) on
+    127.0.0.1; yields the scheduler's address and the worker processes, and stops every one by PID."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    procs: list[subprocess.Popen] = []
+    with contextlib.ExitStack() as files:
+        def start(*args: str) -> subprocess.Popen:
+            log = files.enter_context((logs / f"dask-{len(procs)}.log").open("w"))
+            procs.append(subprocess.Popen([DASK, *args], stdout=log, stderr=subprocess.STDOUT, cwd=logs))
+            return procs[-1]
+
+        try:
+            start("scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], "--no-dashboard",
+                  "--dashboard-address", "127.0.0.1:0")
+            worker_procs = [start("worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--no-nanny",
+                                  "--no-dashboard", "--dashboard-address", "127.0.0.1:0", "--name", f"w{i}",
+                                  "--local-directory", str(logs))
+                            for i in range(workers)]
+            with distributed.Client(address, timeout=60, set_as_default=False) as client:  # the scheduler is up
+                if workers:
+                    client.wait_for_workers(workers, timeout=120)  # returns as soon as they have joined
+            yield address, worker_procs
+        finally:
+            for proc in reversed(procs):  # workers first, then the scheduler they would try to reach again
+                proc.terminate()
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with dask_cluster(2, tmp_path_factory.mktemp("dask")) as (address, _):
+        yield address
+
+
+def sweep_json(tmp_path: pathlib.Path, name: str, *args: str) -> tuple[bytes, str]:
+    path = tmp_path / f"{name}.json"
+    result = CliRunner().invoke(main, [*SWEEP, *args, "--json", str(path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return path.read_bytes(), result.output
+
+
+def test_the_same_runs_bit_for_bit_on_a_dask_cluster_a_local_cluster_and_in_this_process(
+        cluster: str, tmp_path: pathlib.Path) -> None:
+    on_cluster, said = sweep_json(tmp_path, "cluster", "--scheduler", cluster)
+    assert f"dask: 2 workers at {cluster}, dashboard http://127.0.0.1:" in said, said
+    one_by_one, _ = sweep_json(tmp_path, "sequential", "--workers", "1")
+    local_cluster, said = sweep_json(tmp_path, "local", "--executor", "dask", "--workers", "2")
+    assert "dask: 2 workers at a local cluster on 127.0.0.1 (tcp://127.0.0.1:" in said
+    assert "dashboard http://127.0.0.1:" in said
+    assert len(json.loads(on_cluster)["runs"]) == 4
+    assert on_cluster == one_by_one == local_cluster
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    # A subprocess with a timeout, so that a hang fails the test instead of stopping the suite.
+    return subprocess.run([console_script(), *SWEEP, *args], capture_output=True, text=True, timeout=120)
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+def test_nobody_listening_is_one_line_after_the_connect_timeout() -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"
+    error = one_line_error(run_cli("--scheduler", address, "--connect-timeout", "1"))
+    assert f"cannot reach the Dask scheduler at {address} within 1 s" in error and "--connect-timeout" in error
+
+
+def test_a_port_that_accepts_and_never_speaks_does_not_hang_the_sweep() -> None:
+    # distributed.Client alone waits for ever on the handshake here.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
+        error = one_line_error(run_cli("--scheduler", address, "--connect-timeout", "1"))
+    assert f"cannot reach the Dask scheduler at {address} within 1 s (no answer)" in error
+
+
+def test_a_scheduler_without_workers_is_one_line_too(tmp_path: pathlib.Path) -> None:
+    with dask_cluster(0, tmp_path) as (address, _):
+        with pytest.raises(ExecutorError, match=f"the Dask scheduler at {address} has no worker"):
+            with open_executor("dask", scheduler=address, connect_timeout_s=1, echo=lambda text: None):
+                pass
+
+
+def test_a_worker_killed_mid_sweep_costs_a_retry_not_the_sweep(tmp_path: pathlib.Path) -> None:
+    scenario = load("seed").replace(duration_s=4)
+    grid = (["round_robin", "least_connections"], [0.5, 0.9], 2)
+    expected = sweep(scenario, *grid, workers=1)
+    with dask_cluster(2, tmp_path) as (address, workers):
+        victim = workers[1]
+
+        def progress(done: int) -> None:
+            if victim.poll() is None:
+                victim.kill()  # SIGKILL by PID, as the first run comes back: its jobs go to the other worker
+                victim.wait(15)
+
+        with open_executor("dask", scheduler=address, echo=lambda text: None) as executor:
+            runs = sweep(scenario, *grid, executor=executor, progress=progress)
+        assert victim.returncode is not None and workers[0].poll() is None
+    assert runs == expected
+
+
+def test_mismatches_name_the_worker_and_what_differs() -> None:
+    here = identity()
+    assert set(here) == {"python", "resilience-testbed", "simpy", "numpy", "code"}
+    assert mismatches(here, {"tcp://10.0.0.2:4000": dict(here)}) == []
+    other = {**here, "code": "0123456789ab", "numpy": "1.0"}
+    [line] = mismatches(here, {"tcp://10.0.0.2:4000": other})
+    assert line.startswith("worker tcp://10.0.0.2:4000 differs from this machine: numpy 1.0 (here ")
+    assert f"code 0123456789ab (here {here['code']})" in line
+    [line] = mismatches(here, {"tcp://10.0.0.3:4000": ModuleNotFoundError("No module named 'experiments'")})
+    assert "cannot run the project (ModuleNotFoundError: No module named 'experiments')" in line
