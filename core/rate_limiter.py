@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from core._validate import integer, number
 from core.exercise import ExerciseNotImplemented
@@ -79,9 +79,11 @@ class Bucket:
         return f"Bucket(tokens={self.tokens!r}, updated_at={self.updated_at!r})"
 
 
-@dataclass(frozen=True, slots=True)
-class RateLimitDecision:
+class RateLimitDecision(NamedTuple):
     """The outcome of one :meth:`TokenBucket.acquire`, with what HTTP headers need.
+
+    A named tuple rather than a frozen dataclass: as immutable, and built in half the time (one is built
+    per request on the node's hot path).
 
     ``remaining`` is whole tokens left after this request, ``reset_s`` the
     seconds until the bucket is full again, ``retry_after_s`` the seconds until
