@@ -78,15 +78,19 @@ def sim_group() -> None:
 @sim_group.command("run")
 @click.argument("scenario", type=ScenarioParam())
 @run_options
+@quiet_option
 def sim_run(scenario: Scenario, strategy: str | None, rate: float | None, load: float | None,
-            duration: float | None, seed: int | None, impl: str, json_path: str | None) -> None:
+            duration: float | None, seed: int | None, impl: str, json_path: str | None, quiet: bool) -> None:
     """Simulate one scenario and print its summary."""
+    from experiments.progress import over_time
     from experiments.report import run_summary, scheduled_faults
-    from solutions.impl import simulate
+    from solutions.impl import simulation
 
     scenario = apply_overrides(scenario, strategy, rate, load, duration, seed)
     echo_notices(impl, scenario)
-    result = simulate(scenario, impl)
+    model = simulation(scenario, impl)
+    with over_time(f"simulating {scenario.duration_s:g} s", quiet=quiet) as update:
+        result = model.run(progress=update).results()
     result["impl"] = impl
     result.setdefault("faults", scheduled_faults(scenario))
     click.echo(run_summary(result))

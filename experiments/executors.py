@@ -55,8 +55,9 @@ EXECUTORS = ("process", "dask")
 #: The packages whose versions a run's numbers depend on (beside Python and this project's own source).
 RESULT_PACKAGES = ("resilience-testbed", "simpy", "numpy")
 
-#: The project's packages that a simulation runs (``identity()["code"]`` hashes their ``.py`` files).
-CODE_PACKAGES = ("core", "sim", "solutions", "experiments")
+#: The project's packages whose code decides a run's numbers (``identity()["code"]`` hashes their ``.py``
+#: files): the core, the model and the reference solutions (the exercises live in core).
+CODE_PACKAGES = ("core", "sim", "solutions")
 
 _ADDRESS = re.compile(r"^(?:tcp://)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 

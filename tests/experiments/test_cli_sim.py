@@ -113,6 +113,9 @@ def test_no_progress_bar_when_not_on_a_terminal() -> None:
     result = invoke(*SWEEP)
     assert result.exit_code == 0, result.output
     assert "simulating" not in result.output and "round_robin                  0.50" in result.output
+    result = invoke("sim", "run", "seed", "--duration", "3")
+    assert result.exit_code == 0, result.output
+    assert "simulating" not in result.output and "p95" in result.output
 
 
 def on_a_terminal(args: list[str], cwd: pathlib.Path, timeout_s: float = 120.0) -> str:
@@ -146,3 +149,11 @@ def test_progress_bar_on_a_terminal_and_quiet(tmp_path: pathlib.Path) -> None:
     assert "simulating  [####################################]  2/2" in drawn, drawn
     quiet = on_a_terminal([*SWEEP, "--quiet"], tmp_path)
     assert "simulating" not in quiet and "round_robin                  0.50" in quiet, quiet
+
+
+def test_a_long_simulation_draws_its_progress_in_simulated_time_on_a_terminal(tmp_path: pathlib.Path) -> None:
+    run = ["sim", "run", "seed", "--duration", "20"]
+    drawn = on_a_terminal(run, tmp_path)
+    assert "simulating 20 s  [####################################]  100%" in drawn, drawn
+    quiet = on_a_terminal([*run, "-q"], tmp_path)
+    assert "simulating" not in quiet and "p95" in quiet, quiet

@@ -151,3 +151,13 @@ def test_mismatches_name_the_worker_and_what_differs() -> None:
     assert f"code 0123456789ab (here {here['code']})" in line
     [line] = mismatches(here, {"tcp://10.0.0.3:4000": ModuleNotFoundError("No module named 'experiments'")})
     assert "cannot run the project (ModuleNotFoundError: No module named 'experiments')" in line
+
+
+def test_bench_dask_smoke(tmp_path: pathlib.Path) -> None:
+    from experiments.bench_dask import run
+    lines: list[str] = []
+    assert run(reps=2, workers=2, duration_s=2, rounds=1, json_path=str(tmp_path / "b.json"), echo=lines.append) == 0
+    said = "\n".join(lines)
+    assert "x faster on Dask (target >= 1.5x: " in said and "the same runs" in said, said
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["same_runs"] is True and data["speedup"] > 0 and len(data["times_s"]["dask"]) == 1
