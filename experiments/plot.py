@@ -15,6 +15,7 @@ shows the simulated mean against load with theory as a dashed line in the strate
 
 from __future__ import annotations
 
+import math
 import pathlib
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -62,6 +63,7 @@ def draw_sweep(rows: Sequence[dict[str, Any]], *, title: str, live: Sequence[dic
     import matplotlib
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullLocator
 
     strategies = sorted({r["strategy"] for r in [*rows, *live]})
     colours = {strategy: f"C{i}" for i, strategy in enumerate(strategies)}
@@ -73,12 +75,17 @@ def draw_sweep(rows: Sequence[dict[str, Any]], *, title: str, live: Sequence[dic
     for ax in latency_axes[1:]:
         ax.sharey(latency_axes[0])
     loads = sorted({r["load"] for r in [*rows, *live]})
-    pad = max(0.05, 0.08 * (loads[-1] - loads[0])) if loads else 0.05
+    # Near saturation a logit axis spreads 0.9, 0.95 and 0.99 apart, where the curves bend.
+    logit = bool(loads) and 0 < loads[0] and loads[-1] < 1 and loads[-1] >= 0.95
+    fwd = (lambda x: math.log(x / (1 - x))) if logit else (lambda x: x)
+    inv = (lambda y: 1 / (1 + math.exp(-y))) if logit else (lambda y: y)
+    pad = max(0.25 if logit else 0.05, 0.08 * (fwd(loads[-1]) - fwd(loads[0]))) if loads else 0.05
     for i, strategy in enumerate(strategies):
         colour = colours[strategy]
         # Each strategy a little apart, so that equal values and error bars do not hide each other.
         dodge = (i - (len(strategies) - 1) / 2) * 0.15 * pad
-        mine = [{**r, "load": r["load"] + dodge}
+        shift = lambda x: inv(fwd(x) + dodge)  # noqa: E731
+        mine = [{**r, "load": shift(r["load"])}
                 for r in sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: r["load"])]
         failed = [r["failed"]["percent"]["mean"] or 0.0 for r in mine]
         if strategy in theory:
@@ -90,7 +97,7 @@ def draw_sweep(rows: Sequence[dict[str, Any]], *, title: str, live: Sequence[dic
             points = [(r["load"], r["latency_ms"][key], f) for r, f in zip(mine, failed)
                       if r["latency_ms"][key]["mean"] is not None]
             _curve(ax, [x for x, _, _ in points], [c for _, c, _ in points], [f > 0 for _, _, f in points], colour)
-            mine_live = sorted((r["load"] + dodge, r["latency_ms"][key], failed_percent(r) > 0) for r in live
+            mine_live = sorted((shift(r["load"]), r["latency_ms"][key], failed_percent(r) > 0) for r in live
                                if r["strategy"] == strategy and r["latency_ms"][key] is not None)
             _crosses(ax, mine_live, colour)
         _curve(failed_ax, [r["load"] for r in mine], [r["failed"]["percent"] for r in mine], [False] * len(mine),
@@ -99,7 +106,7 @@ def draw_sweep(rows: Sequence[dict[str, Any]], *, title: str, live: Sequence[dic
             if f > 0:
                 failed_ax.annotate(f"{f:.1f}%", (r["load"], f), textcoords="offset points", xytext=(0, 9),
                                    ha="center", fontsize=8, color=colour)
-        _crosses(failed_ax, sorted((r["load"] + dodge, failed_percent(r), False) for r in live
+        _crosses(failed_ax, sorted((shift(r["load"]), failed_percent(r), False) for r in live
                                    if r["strategy"] == strategy), colour)
     for ax, key in zip(latency_axes, panels):
         ax.set_title(f"{key} response time (OK requests)")
@@ -110,10 +117,14 @@ def draw_sweep(rows: Sequence[dict[str, Any]], *, title: str, live: Sequence[dic
     top = max(1.0, 1.2 * failed_ax.get_ylim()[1])
     failed_ax.set_ylim(-0.04 * top, top)  # a little below 0, so that markers at 0 show whole
     for ax in axes:
-        ax.set_xlabel("offered load (fraction of total capacity)")
+        ax.set_xlabel("offered load (fraction of total capacity" + (", logit scale)" if logit else ")"))
         ax.grid(True, which="both", alpha=0.3)
+        if logit:
+            ax.set_xscale("logit")
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         if loads:
-            ax.set_xlim(loads[0] - pad, loads[-1] + pad)
+            ax.set_xlim(inv(fwd(loads[0]) - pad), inv(fwd(loads[-1]) + pad))
             if len(loads) <= 8:
                 ax.set_xticks(loads)
     handles = [plt.Line2D([], [], color=colours[s], marker="o", label=f"{s} (sim)" if live and rows else s)

@@ -127,22 +127,24 @@ def _shares(rows: Sequence[dict[str, Any]]) -> tuple[str, list[str]]:
     for row in rows:
         means = [c["mean"] for c in row["share"].values() if c["mean"] is not None]
         cells.append(f"{100 * min(means):.2f} .. {100 * max(means):.2f}" if means else "-")
-    return f"share % of {len(nodes):,} nodes: min .. max (fair {100 / len(nodes):.2f})", cells
+    return f"share %: min .. max of {len(nodes):,} (fair {100 / len(nodes):.2f})", cells
 
 
-def _theory_cells(row: dict[str, Any], scenario: Scenario | None) -> tuple[str, str] | None:
-    """The theory column and the deviation from it (``ok`` when it matches), or None where there is none."""
-    from experiments.theory import matches, mean_field_response_s
+def _theory_cells(row: dict[str, Any], scenario: Scenario | None) -> tuple[str, str, float] | None:
+    """The theory column, the deviation from it (``ok`` when it matches; ``*`` when the warm-up
+    was too short for the point) and the warm-up it needs (s), or None where theory has nothing."""
+    from experiments.theory import matches, mean_field_response_s, warmup_needed_s
 
     expected_s = mean_field_response_s(scenario, row["strategy"], row["load"]) if scenario else None
-    mean = row["latency_ms"]["mean"]
-    if expected_s is None:
+    if scenario is None or expected_s is None:
         return None
-    expected = 1000 * expected_s
+    expected, mean = 1000 * expected_s, row["latency_ms"]["mean"]
+    needed_s = warmup_needed_s(scenario, row["strategy"], row["load"]) or 0.0
+    short = "*" if scenario.warmup_s < needed_s else ""
     if mean["mean"] is None:
-        return _ms(expected), "-"
+        return _ms(expected), "-" + short, needed_s
     verdict = "ok" if matches(mean["mean"], mean["ci95"], expected) else "OFF"
-    return _ms(expected), f"{100 * (mean['mean'] - expected) / expected:+.1f}% {verdict}"
+    return _ms(expected), f"{100 * (mean['mean'] - expected) / expected:+.1f}% {verdict}{short}", needed_s
 
 
 def sweep_table(rows: Sequence[dict[str, Any]], *, scenario: Scenario | None = None) -> str:
@@ -178,6 +180,12 @@ def sweep_table(rows: Sequence[dict[str, Any]], *, scenario: Scenario | None = N
                      "ejection_time_s),\n  so where requests fail, shares move away from the failing nodes.")
     if shown:
         lines.append(_THEORY_NOTE)
+    short = [(row, th[2]) for row, th in zip(rows, theory) if th and th[1].endswith("*")]
+    if short and scenario:
+        worst = max(needed for _, needed in short)
+        lines.append(f"  * the warm-up ({scenario.warmup_s:g} s) is shorter than this point needs (up to {worst:,.0f} s: "
+                     "two M/M/1 relaxation times\n    for random), so its mean is biased low: run it with a longer "
+                     "duration and warm-up.")
     return "\n".join(lines)
 
 
@@ -185,9 +193,7 @@ _THEORY_NOTE = (
     "theory: the mean-field limit (n -> infinity) of the supermarket model (identical one-worker nodes, Poisson\n"
     "  arrivals, exponential service): random is M/M/1, 1 / (mu - lambda) per node (exact at any n); power_of_two\n"
     "  sum_i rho^(2^i - 2) / mu (Vvedenskaya, Dobrushin, Karpelevich 1996; Mitzenmacher 2001), a little below any\n"
-    "  finite n. sim vs theory: (mean - theory) / theory; ok when within the 95% CI or 3%, whichever is larger.\n"
-    "  A run starts empty: near load 1 the warm-up must outlast the queues' relaxation, ~1/(1 - load)^2 service "
-    "times.")
+    "  finite n. sim vs theory: (mean - theory) / theory; ok when within the 95% CI or 3%, whichever is larger.")
 
 
 def differences(sim: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,9 @@ from experiments.compare import aggregate, sweep
 from experiments.plot import draw_sweep
 from experiments.report import sweep_table
 from experiments.scenarios import load
-from experiments.theory import matches, mean_field_response_s, supermarket_mu
+from experiments.theory import (
+    matches, mean_field_response_s, mm1_relaxation_s, supermarket_mu, warmup_needed_s,
+)
 
 LOADS = (0.5, 0.7, 0.9, 0.95, 0.99)
 
@@ -37,6 +39,17 @@ def test_the_shipped_scenario_is_a_thousand_alike_nodes_that_theory_covers_at_ev
         assert mean_field_response_s(s, "random", x) == pytest.approx(0.025 / (1 - x))
         assert mean_field_response_s(s, "power_of_two", x) < mean_field_response_s(s, "random", x)
         assert mean_field_response_s(s, "least_connections", x) is None
+
+
+def test_the_warm_up_a_point_needs_grows_as_the_relaxation_time() -> None:
+    s = load("supermarket")
+    assert mm1_relaxation_s(0.5, 1.0) == pytest.approx(1 / (1 - 0.5 ** 0.5) ** 2) == pytest.approx(11.657, abs=1e-3)
+    assert warmup_needed_s(s, "random", 0.99) == pytest.approx(2 * 39_799.7 * 0.025, rel=1e-5)  # ~1,990 s
+    assert warmup_needed_s(s, "power_of_two", 0.99) == pytest.approx(500 * 0.025)
+    assert warmup_needed_s(s, "least_connections", 0.99) is None
+    # The shipped run length covers every point but random at 0.99.
+    assert [x for x in LOADS if warmup_needed_s(s, "random", x) > s.warmup_s] == [0.99]
+    assert all(warmup_needed_s(s, "power_of_two", x) < s.warmup_s for x in LOADS)
 
 
 @pytest.mark.parametrize("change", [
@@ -89,9 +102,20 @@ def test_the_table_has_theory_and_the_deviation_only_where_theory_applies() -> N
     assert "%" not in lines["least_connections"].split("50.0")[0] and " ok" not in lines["least_connections"]
     assert "mean-field limit (n -> infinity)" in table and "whichever is larger" in table
     # Many nodes: the spread of the shares, not ten columns of them.
-    assert "share % of 10 nodes: min .. max (fair 10.00)" in table and "9.09 .. 18.18" in lines["random"]
+    assert "share %: min .. max of 10 (fair 10.00)" in table and "9.09 .. 18.18" in lines["random"]
     plain = sweep_table(rows)
     assert "theory" not in plain and "mean ms" in plain.splitlines()[0]
+    assert "*" not in table
+
+
+def test_the_table_marks_a_point_whose_warm_up_was_too_short_for_its_load() -> None:
+    """Random at 0.9 needs 19 s (two M/M/1 relaxation times of 380 service times), power of two 1.25 s."""
+    rows = [row("random", 0.9, 250.0, 10.0), row("power_of_two", 0.9, 65.0, 1.0), row("random", 0.5, 50.0, 1.0)]
+    table = sweep_table(rows, scenario=variant().replace(duration_s=20, warmup_s=10))
+    lines = {(line.split()[0], line.split()[1]): line for line in table.splitlines()[2:5]}
+    assert "+0.0% ok*" in lines["random", "0.90"] and "ok*" not in lines["random", "0.50"]
+    assert "% ok " in lines["power_of_two", "0.90"]
+    assert "* the warm-up (10 s) is shorter than this point needs (up to 19 s" in table
 
 
 def test_the_plot_draws_theory_dashed_in_each_strategy_colour_with_a_mean_panel() -> None:
