@@ -94,6 +94,7 @@ from core.client_key import TrustedProxies
 from core.scenario import BalancerSpec
 from core.strategies import STRATEGIES, BaseStrategy, NoHealthyBackend, Strategy
 from live.backends import NOT_CHECKED, backends_stats, entry_stats, running
+from live.dashboard import DashboardConfig, add_dashboard
 from live.http import error_response, json_error, metrics_response
 from live.metrics import BalancerMetrics
 from live.openapi import balancer_description, serve as serve_openapi
@@ -575,9 +576,11 @@ async def _background(app: web.Application) -> Any:
 
 
 def make_balancer_app(config: BalancerConfig, *, strategy_cls: type[BaseStrategy] | None = None,
-                      clock: Callable[[], float] | None = None) -> web.Application:
+                      clock: Callable[[], float] | None = None,
+                      dashboard: DashboardConfig | None = None) -> web.Application:
     """The balancer's aiohttp application. ``strategy_cls`` defaults to the class ``core`` registers
-    under ``config.strategy``; whose exercise code runs is the command line's choice."""
+    under ``config.strategy``; whose exercise code runs is the command line's choice. ``dashboard``:
+    how ``GET /dashboard`` behaves (:mod:`live.dashboard`; None: its defaults)."""
     if clock is None:
         clock = time.monotonic  # what the default event loop's loop.time() reads
     strategy = (strategy_cls or STRATEGIES[config.strategy])(rng=random.Random(config.seed))
@@ -588,6 +591,7 @@ def make_balancer_app(config: BalancerConfig, *, strategy_cls: type[BaseStrategy
     app.router.add_get("/lb-stats", lb_stats)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", serve_openapi(balancer_description()))
+    add_dashboard(app, app[STATE], dashboard)  # GET /dashboard*: the balancer's own, before the catch-all
     app.router.add_route("*", "/{tail:.*}", proxy, expect_handler=expect_continue)
     app.cleanup_ctx.append(_background)
     return app
