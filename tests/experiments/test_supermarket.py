@@ -155,3 +155,19 @@ def test_the_simulation_matches_theory_at_100_nodes_and_load_half() -> None:
         assert mean["ci95"] < 0.03 * expected  # a check that can fail: the tolerance is the 3%, not a wide CI
     table = sweep_table(rows, scenario=scenario)
     assert table.count("% ok") == 2 and "theory ms" in table
+
+
+def test_a_run_summary_of_many_nodes_lists_the_idlest_and_busiest_few() -> None:
+    from experiments.report import NODES_LISTED, run_summary
+
+    lat = {k: 1.0 for k in ("mean", "p50", "p90", "p95", "p99", "max")}
+    nodes = {f"n-{i}": {"requests": 100 + i, "share": 0.1, "utilization": 0.5, "latency_ms": lat} for i in range(10)}
+    result = {"scenario": "s", "mode": "sim", "strategy": "random", "seed": 1, "warmup_s": 0, "duration_s": 1,
+              "requests": {"sent": 1045, "ok": 1045, "rate_limited": 0, "backpressure": 0, "circuit_open": 0,
+                           "errors": 0}, "throughput_rps": 1045.0, "latency_ms": lat, "nodes": nodes}
+    listed = [line.split()[0] for line in run_summary(result).splitlines() if line.strip().startswith("n-")]
+    assert NODES_LISTED == 3 and listed == ["n-0", "n-1", "n-2", "n-7", "n-8", "n-9"]
+    assert "(10 nodes: the 3 with the fewest requests, then the 3 with the most)" in run_summary(result)
+    few = {**result, "nodes": dict(list(nodes.items())[:6])}
+    assert [line.split()[0] for line in run_summary(few).splitlines() if line.strip().startswith("n-")] == \
+        [f"n-{i}" for i in range(6)]
