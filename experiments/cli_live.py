@@ -47,8 +47,8 @@ class _Bar:
 def run_live_scenario(scenario: Any, impl: str, *, label: str | None = None, quiet: bool = False,
                       **limits: Any) -> dict[str, Any]:
     """One live run with a progress bar; a process failure or Ctrl-C ends the command with a clear message.
-    ``quiet`` leaves out the lines naming each process started; ``limits`` (``max_in_flight``, ``drain_s``)
-    go to :func:`live.run.run_live`."""
+    ``quiet`` leaves out the lines naming each process started; ``limits`` (``max_in_flight``, ``drain_s``,
+    ``dashboard``) go to :func:`live.run.run_live`."""
     from live.run import LiveRunError, run_live
 
     bar = _Bar(scenario.duration_s, label or f"live {scenario.balancer.strategy}")
@@ -83,9 +83,12 @@ def live_group() -> None:
               help="Seconds to wait for outstanding responses after the duration; what is still out then "
                    "counts as a timeout [default: the scenario's balancer timeout_s + 1, as long as the "
                    "simulator waits].")
+@click.option("--dashboard", is_flag=True, default=False,
+              help="Print the URL of the balancer's live dashboard (GET /dashboard: open it in a browser) "
+                   "before the load starts; it is served while the run lasts.")
 def live_run_command(scenario: Any, strategy: str | None, rate: float | None, load: float | None,
                      duration: float | None, seed: int | None, impl: str, json_path: str | None,
-                     max_in_flight: int, drain_s: float | None) -> None:
+                     max_in_flight: int, drain_s: float | None, dashboard: bool) -> None:
     """Run one scenario live: start its processes on free loopback ports, send its workload
     through the balancer, stop everything, and print the same summary as `testbed sim run`.
 
@@ -95,7 +98,7 @@ def live_run_command(scenario: Any, strategy: str | None, rate: float | None, lo
 
     scenario = apply_overrides(scenario, strategy, rate, load, duration, seed)
     echo_notices(impl, scenario)
-    result = run_live_scenario(scenario, impl, max_in_flight=max_in_flight, drain_s=drain_s)
+    result = run_live_scenario(scenario, impl, max_in_flight=max_in_flight, drain_s=drain_s, dashboard=dashboard)
     result["impl"] = impl
     click.echo(run_summary(result))
     write_json(json_path, result)

@@ -153,7 +153,9 @@ def node_view(path: str, status: int, body: bytes) -> dict[str, Any] | str:
         return "not JSON"
     if path == "/circuit-status":
         state = data.get("state")
-        counts = data.get("counts") if isinstance(data.get("counts"), dict) else {}
+        counts = data.get("counts")
+        if not isinstance(counts, dict):
+            counts = {}
         return {"state": state if state in BREAKER_STATES else "?",
                 "consecutive_failures": _finite(data.get("consecutive_failures")),
                 "retry_after_s": _finite(data.get("retry_after_s")),
@@ -386,12 +388,16 @@ def _static(name: str) -> bytes:
 
 
 async def page(request: web.Request) -> web.StreamResponse:
-    """``GET /dashboard``: the page (and ``GET /dashboard/<file>``: its script and style)."""
-    name = request.match_info.get("file", "")
-    if name in ("", "dashboard.html"):
-        return web.Response(body=request.app[PAGES]["dashboard.html"], content_type="text/html", charset="utf-8",
-                            headers={"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
-                                     "Cache-Control": "no-cache", "Referrer-Policy": "no-referrer"})
+    """``GET /dashboard``: the page."""
+    return web.Response(body=request.app[PAGES]["dashboard.html"], content_type="text/html", charset="utf-8",
+                        headers={"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
+                                 "Cache-Control": "no-cache", "Referrer-Policy": "no-referrer"})
+
+
+async def static_file(request: web.Request) -> web.StreamResponse:
+    """``GET /dashboard/<file>``: the page's script and style; any other path under ``/dashboard/`` is a 404
+    of the balancer's own (never proxied)."""
+    name = request.match_info["file"]
     if name in _STATIC:
         return web.Response(body=request.app[PAGES][name], content_type=_STATIC[name], charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
@@ -452,7 +458,7 @@ def add_dashboard(app: web.Application, lb: Balancer, config: DashboardConfig | 
     app[PAGES] = {name: _static(name) for name in ("dashboard.html", *_STATIC)}
     app.router.add_get("/dashboard", page)
     app.router.add_get("/dashboard/events", events)
-    app.router.add_get("/dashboard/{file:.*}", page)
+    app.router.add_get("/dashboard/{file:.*}", static_file)
     app.on_shutdown.append(_shutdown)
     app.cleanup_ctx.append(_running)
     return dash

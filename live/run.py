@@ -24,6 +24,10 @@ neither queueing nor service, which the simulator does not model. With
 run ends (done, Ctrl-C, SIGTERM, a process dying, an error) the cluster is
 stopped before this returns or raises.
 
+With ``dashboard`` the runner prints the balancer's dashboard URL
+(``GET /dashboard``, :mod:`live.dashboard`) once the cluster is up, before the
+load starts; the balancer serves it for as long as the run lasts.
+
 Before a load of ``PROBE_FROM_PER_S`` or more starts, the runner also measures
 how many requests per second this machine carries through the balancer right
 now (``GET /health`` from 32 loops for half a second); a rate above that is
@@ -107,18 +111,20 @@ async def _ticker(gen: LoadGenerator, progress: Progress) -> None:
 async def live_run(scenario: Scenario, *, command: Sequence[str], impl: str = "auto",
                    echo: Callable[[str], Any] = print, progress: Progress | None = None,
                    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, drain_s: float | None = None,
-                   keep_requests: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+                   keep_requests: str | os.PathLike[str] | None = None, dashboard: bool = False) -> dict[str, Any]:
     """Run ``scenario`` live (see the module docstring) and return its results dict. ``command`` starts a
     ``testbed`` process (see :class:`live.cluster.Cluster`); ``max_in_flight`` bounds the requests
     outstanding, ``drain_s`` the wait for them after the duration (None: the balancer's timeout and a margin,
     :func:`live.limits.default_drain_s`, as long as the simulator waits); ``keep_requests`` is a path to
-    write every request's row to."""
+    write every request's row to; ``dashboard``: print the dashboard's URL once the cluster is up."""
     s = scenario
     if drain_s is None:
         drain_s = default_drain_s(s.balancer.timeout_s)
     try:
         async with Cluster(s, command=command, impl=impl, echo=echo) as cluster:
             assert cluster.balancer is not None
+            if dashboard:
+                echo(f"dashboard: {cluster.balancer.url}/dashboard (up while the run lasts)")
             gen = LoadGenerator(cluster.balancer.url, s.workload, seed=s.seed, duration_s=s.duration_s,
                                 node_ids=[n.id for n in s.nodes], timeout_s=s.balancer.timeout_s + 5.0,
                                 max_in_flight=max_in_flight, drain_s=drain_s)
@@ -180,7 +186,7 @@ def _describe(s: Scenario) -> str:
 def run_live(scenario: Scenario, *, command: Sequence[str], impl: str = "auto",
              echo: Callable[[str], Any] = print, progress: Progress | None = None,
              max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, drain_s: float | None = None,
-             keep_requests: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+             keep_requests: str | os.PathLike[str] | None = None, dashboard: bool = False) -> dict[str, Any]:
     """:func:`live_run` in a fresh event loop (uvloop unless ``TESTBED_LOOP=asyncio``).
 
     Ctrl-C and SIGTERM cancel the run: the cluster is stopped, then
@@ -195,7 +201,8 @@ def run_live(scenario: Scenario, *, command: Sequence[str], impl: str = "auto",
         loop.add_signal_handler(signal.SIGTERM, task.cancel)
         try:
             return await live_run(scenario, command=command, impl=impl, echo=echo, progress=progress,
-                                  max_in_flight=max_in_flight, drain_s=drain_s, keep_requests=keep_requests)
+                                  max_in_flight=max_in_flight, drain_s=drain_s, keep_requests=keep_requests,
+                                  dashboard=dashboard)
         except asyncio.CancelledError:
             raise KeyboardInterrupt from None
         finally:
