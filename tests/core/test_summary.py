@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from core.results import CHUNK_ROWS, Outcome
-from core.summary import CENTROIDS, Latencies, RunSummary
+from core.summary import CENTROIDS, Latencies, RunSummary, Tally
 
 QS = (0.5, 0.9, 0.95, 0.99)
 
@@ -101,3 +101,19 @@ def test_not_sent_counts_only_the_window() -> None:
     s.fold_not_sent([0.5, 1.0, 9.99, 10.0])
     s.fold_not_sent(np.array([3.0]))
     assert s.not_sent == 3
+
+
+def test_the_overall_latencies_are_the_nodes_merged_exact_up_to_centroids_then_within_half_a_percent() -> None:
+    rng = np.random.default_rng(9)
+    for nodes, per_node in ((4, CENTROIDS // 4), (100, 3000)):
+        tally = Tally(nodes=nodes, outcomes=len(Outcome), ok=Outcome.OK)
+        node = np.repeat(np.arange(nodes, dtype=np.intc), per_node)
+        response = rng.lognormal(-3.0 + 0.01 * node, 1.0)
+        for lo in range(0, node.size, 4096):  # each chunk a mix of nodes, as a run's are
+            rows = slice(lo, lo + 4096)
+            tally.fold(node[rows], np.zeros(node[rows].size, np.int8), response[rows])
+        got = np.array([tally.latency.quantile_s(q) for q in QS])
+        exact = np.percentile(response, [50, 90, 95, 99])
+        tolerance = 1e-12 if node.size <= CENTROIDS else 0.005
+        assert np.abs(got / exact - 1).max() < tolerance, (nodes, got / exact - 1)
+        assert tally.latency.max_s == response.max() and tally.latency.count == response.size
