@@ -36,7 +36,9 @@ warm-up of two relaxation times and a window of half a one or more leave a
 bias under 1% at every load (-0.6% with a window of one, from 0.5 to 0.99). Power of two forgets much sooner: the mean-field equations
 from empty reach 99% of their limit by about ``5 / (1 - rho)`` service times
 (49 at 0.9, 97 at 0.95, 457 at 0.99). :func:`warmup_needed_s` gives the
-warm-up a point needs, so a table can say where a run was too short.
+warm-up a point needs, so a table can say where a run was too short; for
+random, :func:`mm1_transient_response_s` gives what such a run should show
+(M/M/1 from empty, exactly), so even a short run is checked.
 """
 
 from __future__ import annotations
@@ -44,11 +46,13 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     from core.scenario import Scenario
 
 __all__ = ["CHOICES", "MATCH_REL_TOL", "TIMEOUT_MEANS", "erlang_c_response_s", "matches", "md1_response_s",
-           "mean_field_response_s", "mm1_relaxation_s", "mm1_response_s", "mmck_blocking", "power_of_d_response_s",
+           "mean_field_response_s", "mm1_relaxation_s", "mm1_response_s", "mm1_transient_response_s", "mmck_blocking", "power_of_d_response_s",
            "supermarket_mu", "warmup_needed_s"]
 
 #: Servers each strategy samples before picking the shortest (random: one, so no choice at all).
@@ -97,6 +101,46 @@ def mm1_relaxation_s(lam: float, mu: float) -> float:
     if not 0 <= lam < mu:
         raise ValueError(f"M/M/1 needs 0 <= lam < mu, got lam={lam:g}, mu={mu:g}")
     return 1 / (mu * (1 - math.sqrt(lam / mu)) ** 2)
+
+
+def mm1_transient_response_s(lam: float, mu: float, start_s: float, end_s: float) -> float:
+    """Mean response time of the requests that arrive in ``[start_s, end_s)`` at an M/M/1 queue
+    that was empty at time 0: what a run with that warm-up and duration measures on average.
+
+    Uniformization (Jensen 1953): the queue moves at the jumps of a Poisson process of rate
+    ``lam + mu`` (up with probability ``lam / (lam + mu)``, else down, or stay at 0), so
+    ``E[L(t)] = sum_n P(N(t) = n) E_n`` with ``E_n`` the mean after n jumps, and the time
+    integral of ``P(N(t) = n)`` is a Poisson tail. An arrival at t waits for the ``L(t)``
+    ahead of it (PASTA; FIFO) and is served: ``(E[L(t)] + 1) / mu``. States beyond where
+    the stationary tail is 1e-15 are cut (a queue started empty holds fewer than that one)."""
+    if not 0 <= lam < mu or not 0 <= start_s < end_s:
+        raise ValueError(f"needs 0 <= lam < mu and 0 <= start_s < end_s, got lam={lam:g}, mu={mu:g}, "
+                         f"start_s={start_s:g}, end_s={end_s:g}")
+    rate = lam + mu
+    jumps = int(rate * end_s + 12 * math.sqrt(rate * end_s) + 30)  # the Poisson tail beyond is nothing
+    states = min(jumps + 2, int(math.log(1e-15) / math.log(lam / mu)) + 2 if lam > 0 else 2)
+    n = np.arange(jumps)
+    mass = _poisson_cdf(n, rate * start_s) - _poisson_cdf(n, rate * end_s)  # (1/rate) * integral of P(N(t) = n)
+    p, up, down, level = np.zeros(states), lam / rate, mu / rate, np.arange(states)
+    p[0] = 1.0
+    area = 0.0
+    for k in range(jumps):
+        area += mass[k] * float(p @ level)
+        moved = np.empty_like(p)
+        moved[1:] = p[:-1] * up
+        moved[0] = p[0] * down
+        moved[:-1] += p[1:] * down
+        moved[-1] += p[-1] * up  # the cut: the top state keeps what would climb past it
+        p = moved
+    return (1 + area / rate / (end_s - start_s)) / mu
+
+
+def _poisson_cdf(n: np.ndarray, mean: float) -> np.ndarray:
+    """P(N <= n) for N Poisson with ``mean``, at the integers ``n`` (0, 1, 2, ...)."""
+    if mean == 0:
+        return np.ones(len(n))
+    log_pmf = -mean + n * math.log(mean) - np.concatenate(([0.0], np.cumsum(np.log(np.arange(1, len(n))))))
+    return np.minimum(np.cumsum(np.exp(log_pmf)), 1.0)
 
 
 def power_of_d_response_s(lam: float, mu: float, d: int = 2, *, rel_tol: float = 1e-12) -> float:

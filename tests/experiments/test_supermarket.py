@@ -18,7 +18,7 @@ from experiments.plot import draw_sweep
 from experiments.report import sweep_table
 from experiments.scenarios import load
 from experiments.theory import (
-    matches, mean_field_response_s, mm1_relaxation_s, supermarket_mu, warmup_needed_s,
+    matches, mean_field_response_s, mm1_relaxation_s, mm1_transient_response_s, supermarket_mu, warmup_needed_s,
 )
 
 LOADS = (0.5, 0.7, 0.9, 0.95, 0.99)
@@ -155,6 +155,21 @@ def test_the_simulation_matches_theory_at_100_nodes_and_load_half() -> None:
         assert mean["ci95"] < 0.03 * expected  # a check that can fail: the tolerance is the 3%, not a wide CI
     table = sweep_table(rows, scenario=scenario)
     assert table.count("% ok") == 2 and "theory ms" in table
+
+
+
+def test_random_started_empty_follows_the_mm1_transient_and_the_table_says_so() -> None:
+    """At 0.95 a window of 2..6 s (80..240 service times) is deep in the transient: theory's stationary
+    500 ms is 46% off, the exact transient from empty is what the simulation must match."""
+    scenario = load("supermarket").with_nodes(300).replace(duration_s=6, warmup_s=2)
+    rows = aggregate(sweep(scenario, ["random"], [0.95], 3, workers=1))
+    mean = rows[0]["latency_ms"]["mean"]
+    expected = 1000 * mm1_transient_response_s(0.95 * 40, 40, 2, 6)
+    assert 250 < expected < 300 and matches(mean["mean"], mean["ci95"], expected), (mean, expected)
+    assert mean["ci95"] < 0.1 * expected
+    table = sweep_table(rows, scenario=scenario)
+    assert "% OFF*" in table and "random at 0.95: from empty, M/M/1 over 2..6 s averages" in table
+    assert table.splitlines()[-1].endswith(" ok")
 
 
 def test_a_run_summary_of_many_nodes_lists_the_idlest_and_busiest_few() -> None:

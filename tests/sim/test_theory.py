@@ -14,7 +14,8 @@ import pytest
 
 from core.results import Outcome
 from experiments.theory import (
-    erlang_c_response_s, md1_response_s, mm1_response_s, mmck_blocking, power_of_d_response_s,
+    erlang_c_response_s, md1_response_s, mm1_relaxation_s, mm1_response_s, mm1_transient_response_s, mmck_blocking,
+    power_of_d_response_s,
 )
 from sim.model import Simulation
 from tests.sim.helpers import batch_means, one_node, simulation
@@ -124,3 +125,26 @@ def test_more_choices_are_faster_and_the_bad_inputs_are_named() -> None:
         power_of_d_response_s(0.5, 1.0, 0)
     with pytest.raises(ValueError, match="M/M/1 needs 0 <= lam < mu, got lam=2, mu=1"):
         mm1_response_s(2.0, 1.0)
+
+
+@pytest.mark.parametrize("rho, warmup, window, bias_percent", [
+    (0.5, 1.5, 1.0, -0.91), (0.7, 2.0, 1.0, -0.51), (0.95, 2.0, 1.0, -0.60), (0.95, 1.5, 1.0, -1.24),
+    (0.9, 2.0, 0.5, -0.78),
+])
+def test_mm1_from_empty_against_an_independent_computation(rho: float, warmup: float, window: float,
+                                                           bias_percent: float) -> None:
+    """Warm-up and window in relaxation times; the biases were computed apart from this code, with
+    scipy's expm_multiply on the truncated generator (the transient of the chain, integrated)."""
+    tau = mm1_relaxation_s(rho, 1.0)
+    got = mm1_transient_response_s(rho, 1.0, warmup * tau, (warmup + window) * tau)
+    assert 100 * (got / mm1_response_s(rho, 1.0) - 1) == pytest.approx(bias_percent, abs=0.01)
+
+
+def test_mm1_from_empty_starts_at_one_service_and_ends_stationary() -> None:
+    assert mm1_transient_response_s(0.9 * MU, MU, 0.0, 1e-6) == pytest.approx(1 / MU, rel=1e-4)  # + lam t / 2
+    late = mm1_transient_response_s(0.5 * MU, MU, 100.0, 200.0)  # 4,000 service times, 340 relaxation times
+    assert late == pytest.approx(mm1_response_s(0.5 * MU, MU), rel=1e-9)
+    early = [mm1_transient_response_s(0.9 * MU, MU, t, t + 1) for t in (0, 1, 4, 16)]
+    assert early == sorted(early) and early[-1] < mm1_response_s(0.9 * MU, MU)
+    with pytest.raises(ValueError, match="start_s=2, end_s=1"):
+        mm1_transient_response_s(0.5, 1.0, 2.0, 1.0)
