@@ -128,8 +128,8 @@ def _sweep(scenario: Scenario, strategies: list[str], loads: list[float], reps: 
     try:
         with open_executor(kind, scheduler=scheduler, workers=workers, connect_timeout_s=connect_timeout,
                            echo=click.echo) as pool, counting(total, "simulating", quiet=quiet) as update:
-            results = sweep(scenario, strategies, loads, reps, impl=impl, workers=workers, executor=pool,
-                            progress=update)
+            results = sweep(scenario, strategies, loads, reps, impl=impl, workers=workers, executor=pool.executor,
+                            progress=update, check=pool.check)
     except ExecutorError as exc:
         raise click.ClickException(str(exc)) from None
     rows = aggregate(results)

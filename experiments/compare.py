@@ -8,9 +8,12 @@ strategy and load (common random numbers): the strategies see the very same
 arrivals and service times, so their difference is not sampling noise.
 
 Runs go through a ``concurrent.futures.Executor``: a local process pool by
-default (one worker per core), any other executor (Dask's
-``distributed.Client.get_executor()``, say) when a sweep outgrows one machine.
-Each run is a picklable :class:`Job` and returns the plain results dict.
+default (one worker per core), any other executor (Dask's, opened by
+:mod:`experiments.executors`) when a sweep outgrows one machine. Each run is a
+picklable :class:`Job` and returns the plain results dict. While runs are
+out, an optional ``check`` is called about every second (and after each
+result): a cluster that lost every worker would otherwise be waited on for
+ever, and ``check`` is how its executor says so, by raising.
 
 Aggregation: for each (strategy, load), the mean over repetitions of each
 metric with a 95% confidence half-width from Student's t, so a table says how
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import math
 import os
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -33,6 +36,10 @@ __all__ = ["FAILURE_KINDS", "Job", "aggregate", "failed_percent", "failures", "r
 _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
         2.045, 2.042]
+
+
+#: Seconds between two calls of a sweep's ``check`` while no result comes back.
+CHECK_EVERY_S = 1.0
 
 
 def t95(dof: int) -> float:
@@ -62,8 +69,12 @@ def run_job(job: Job) -> dict[str, Any]:
 
 def sweep(scenario: Scenario, strategies: Sequence[str], loads: Sequence[float], reps: int, *,
           impl: str = "auto", executor: Executor | None = None, workers: int | None = None,
-          progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
-    """Run the grid; results come back ordered by (strategy, load, rep) whatever the executor did."""
+          progress: Callable[[int], None] | None = None,
+          check: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+    """Run the grid; results come back ordered by (strategy, load, rep) whatever the executor did.
+
+    ``progress(n)`` is told as ``n`` more runs are done; ``check()`` is called while runs are out
+    (after each result, and after :data:`CHECK_EVERY_S` without one) and stops the sweep by raising."""
     jobs = [Job(scenario, s, load, r, impl) for s in strategies for load in loads for r in range(reps)]
     if executor is None and (workers or os.cpu_count() or 1) <= 1:
         results = []
@@ -77,10 +88,15 @@ def sweep(scenario: Scenario, strategies: Sequence[str], loads: Sequence[float],
     try:
         futures: dict[Future, int] = {pool.submit(run_job, job): i for i, job in enumerate(jobs)}
         out: list[dict[str, Any] | None] = [None] * len(jobs)
-        for fut in as_completed(futures):
-            out[futures[fut]] = fut.result()
-            if progress:
-                progress(1)
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=CHECK_EVERY_S if check else None, return_when=FIRST_COMPLETED)
+            for fut in done:
+                out[futures[fut]] = fut.result()
+                if progress:
+                    progress(1)
+            if check and pending:
+                check()
     finally:
         if own:
             pool.shutdown(cancel_futures=True)

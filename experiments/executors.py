@@ -25,7 +25,12 @@ this project's source). A worker that cannot import the project or runs other
 code would compute other numbers, so the sweep stops before it starts, naming
 the worker. A worker that dies mid-sweep loses its running job, and Dask runs
 it again on another worker (``distributed.scheduler.allowed-failures``, 3);
-past that, :class:`ExecutorError` says which job kept killing workers.
+past that, :class:`ExecutorError` says which job kept killing workers. When
+every worker has gone, Dask would wait for a new one for ever: the sweep's
+``check`` (:class:`WorkerWatch`) stops it once the cluster has had no worker
+for the connect timeout. A scheduler that stops cancels the sweep's jobs,
+which is one line too. Dask's own log lines about these (tracebacks at ERROR)
+are held back while the executor is open: the one line says it.
 
 Waiting is bounded: ``distributed.Client`` bounds the TCP connect by its
 ``timeout`` but not the Dask handshake after it (a port that accepts and never
@@ -43,11 +48,14 @@ import logging
 import pathlib
 import platform
 import re
+import time
 from concurrent.futures import CancelledError, Executor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-__all__ = ["EXECUTORS", "ExecutorError", "identity", "mismatches", "open_executor", "scheduler_address"]
+__all__ = ["EXECUTORS", "ExecutorError", "Pool", "WorkerWatch", "identity", "mismatches", "open_executor",
+           "scheduler_address"]
 
 #: ``--executor`` choices.
 EXECUTORS = ("process", "dask")
@@ -64,6 +72,44 @@ _ADDRESS = re.compile(r"^(?:tcp://)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5}
 
 class ExecutorError(Exception):
     """The executor could not be opened or lost the sweep; the message is one line that says why."""
+
+
+@dataclass(frozen=True)
+class Pool:
+    """What :func:`open_executor` gives a sweep: its ``executor`` (``None``: the sweep's own process
+    pool) and the ``check`` to call while runs are out (``None``: nothing to watch)."""
+
+    executor: Executor | None = None
+    check: Callable[[], None] | None = None
+
+
+class WorkerWatch:
+    """A sweep's ``check`` on a Dask cluster: raises :class:`ExecutorError` once the cluster has had
+    no worker for ``grace_s``. Asks the scheduler at most every ``every_s``, each time for at most
+    ``every_s`` (a scheduler that does not answer is not counted as empty: its jobs' cancellation
+    reports it)."""
+
+    def __init__(self, client: Any, where: str, grace_s: float, every_s: float = 1.0) -> None:
+        self.client, self.where, self.grace_s, self.every_s = client, where, grace_s, every_s
+        self.asked_at = -float("inf")
+        self.empty_since: float | None = None
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now - self.asked_at < self.every_s:
+            return
+        self.asked_at = now
+        try:
+            info = self.client.sync(self.client.scheduler.identity, n_workers=0, callback_timeout=self.every_s)
+        except Exception:  # noqa: BLE001 -- unreachable or slow: not known to be empty
+            return
+        if info.get("n_workers"):
+            self.empty_since = None
+        elif self.empty_since is None:
+            self.empty_since = now
+        elif now - self.empty_since > self.grace_s:
+            raise ExecutorError(f"every worker of the Dask cluster at {self.where} has gone and none joined "
+                                f"within {self.grace_s:g} s; the sweep stopped (start workers: dask worker ...)")
 
 
 def scheduler_address(text: str) -> str:
@@ -153,8 +199,23 @@ def _dashboard(client: Any) -> str:
 
 
 @contextmanager
+def _quiet_dask_logs() -> Iterator[None]:
+    """Dask's loggers at CRITICAL only: what went wrong reaches the user as one :class:`ExecutorError`."""
+    import distributed  # noqa: F401 -- its import sets its loggers' levels: set them after that
+    names = ["distributed", *(n for n in logging.root.manager.loggerDict if n.startswith("distributed."))]
+    levels = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+@contextmanager
 def _dask(scheduler: str | None, workers: int | None, connect_timeout_s: float,
-          echo: Callable[[str], None]) -> Iterator[Executor]:
+          echo: Callable[[str], None]) -> Iterator[Pool]:
     from distributed import KilledWorker
 
     client = _connect(scheduler, connect_timeout_s) if scheduler else _local_cluster(workers)
@@ -171,10 +232,12 @@ def _dask(scheduler: str | None, workers: int | None, connect_timeout_s: float,
         where = scheduler or f"a local cluster on 127.0.0.1 ({client.scheduler.address})"
         echo(f"dask: {nworkers} worker{'s' * (nworkers != 1)} at {where}, {_dashboard(client)}")
         try:
-            yield client.get_executor(pure=False)
+            yield Pool(client.get_executor(pure=False), WorkerWatch(client, scheduler or where, connect_timeout_s))
         except KilledWorker as exc:
-            raise ExecutorError(f"a Dask worker died running {exc.task} each of the {exc.allowed_failures + 1} times "
-                                f"it was tried (last on {exc.last_worker.address}); see that worker's log") from None
+            tries = exc.allowed_failures + 1
+            raise ExecutorError(f"a job ({exc.task}) was running on a Dask worker that died, {tries} "
+                                f"time{'s' * (tries > 1)} (distributed.scheduler.allowed-failures + 1), last on "
+                                f"{exc.last_worker.address}; see that worker's log") from None
         except CancelledError:
             raise ExecutorError("the Dask cluster dropped the sweep's jobs (did the scheduler stop?)") from None
     finally:
@@ -186,17 +249,18 @@ def _dask(scheduler: str | None, workers: int | None, connect_timeout_s: float,
 
 @contextmanager
 def open_executor(kind: str, *, scheduler: str | None = None, workers: int | None = None,
-                  connect_timeout_s: float = 10.0, echo: Callable[[str], None] = print) -> Iterator[Executor | None]:
-    """The executor for a sweep, closed (a local cluster stopped) on the way out.
+                  connect_timeout_s: float = 10.0, echo: Callable[[str], None] = print) -> Iterator[Pool]:
+    """The executor for a sweep and its check (a :class:`Pool`), closed (a local cluster stopped) on the way out.
 
     ``kind`` is one of :data:`EXECUTORS`; ``scheduler`` (``tcp://HOST:PORT``) means ``dask`` on that
     cluster; ``workers`` sizes a local pool or local cluster (default: one per core);
-    ``connect_timeout_s`` bounds reaching the scheduler and waiting for its first worker; ``echo``
-    gets the line naming the cluster and its dashboard. Yields ``None`` for ``process``, which the
-    sweep reads as "your own pool". Raises :class:`ExecutorError` with a one-line reason.
+    ``connect_timeout_s`` bounds reaching the scheduler, waiting for its first worker, and a
+    cluster left without any; ``echo`` gets the line naming the cluster and its dashboard.
+    ``process`` gives ``Pool()``, which the sweep reads as "your own pool". Raises
+    :class:`ExecutorError` with a one-line reason.
     """
     if kind == "process" and scheduler is None:
-        yield None
+        yield Pool()
         return
-    with _dask(scheduler, workers, connect_timeout_s, echo) as executor:
-        yield executor
+    with _quiet_dask_logs(), _dask(scheduler, workers, connect_timeout_s, echo) as pool:
+        yield pool

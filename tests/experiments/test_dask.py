@@ -10,7 +10,7 @@ import pathlib
 import socket
 import subprocess
 import sys
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 from click.testing import CliRunner
@@ -30,9 +30,9 @@ SWEEP = ["sim", "compare", "seed", "--strategies", "round_robin,least_connection
 
 
 @contextlib.contextmanager
-def dask_cluster(workers: int, logs: pathlib.Path) -> Iterator[tuple[str, list[subprocess.Popen]]]:
+def dask_cluster(workers: int, logs: pathlib.Path) -> Iterator[tuple[str, subprocess.Popen, list[subprocess.Popen]]]:
     """``dask scheduler`` and ``workers`` x ``dask worker`` (one process each, no nanny, one thread) on
-    127.0.0.1; yields the scheduler's address and the worker processes, and stops every one by PID."""
+    127.0.0.1; yields the scheduler's address, its process and the workers', and stops every one by PID."""
     address = f"tcp://127.0.0.1:{free_port()}"
     procs: list[subprocess.Popen] = []
     with contextlib.ExitStack() as files:
@@ -42,7 +42,7 @@ def dask_cluster(workers: int, logs: pathlib.Path) -> Iterator[tuple[str, list[s
             return procs[-1]
 
         try:
-            start("scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], "--no-dashboard",
+            scheduler = start("scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], "--no-dashboard",
                   "--dashboard-address", "127.0.0.1:0")
             worker_procs = [start("worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--no-nanny",
                                   "--no-dashboard", "--dashboard-address", "127.0.0.1:0", "--name", f"w{i}",
@@ -51,7 +51,7 @@ def dask_cluster(workers: int, logs: pathlib.Path) -> Iterator[tuple[str, list[s
             with distributed.Client(address, timeout=60, set_as_default=False) as client:  # the scheduler is up
                 if workers:
                     client.wait_for_workers(workers, timeout=120)  # returns as soon as they have joined
-            yield address, worker_procs
+            yield address, scheduler, worker_procs
         finally:
             for proc in reversed(procs):  # workers first, then the scheduler they would try to reach again
                 proc.terminate()
@@ -64,7 +64,7 @@ def dask_cluster(workers: int, logs: pathlib.Path) -> Iterator[tuple[str, list[s
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with dask_cluster(2, tmp_path_factory.mktemp("dask")) as (address, _):
+    with dask_cluster(2, tmp_path_factory.mktemp("dask")) as (address, _, _):
         yield address
 
 
@@ -116,29 +116,60 @@ def test_a_port_that_accepts_and_never_speaks_does_not_hang_the_sweep() -> None:
     assert f"cannot reach the Dask scheduler at {address} within 1 s (no answer)" in error
 
 
-def test_a_scheduler_without_workers_is_one_line_too(tmp_path: pathlib.Path) -> None:
-    with dask_cluster(0, tmp_path) as (address, _):
+def test_a_cluster_whose_workers_all_went_ends_the_sweep_in_one_line(tmp_path: pathlib.Path) -> None:
+    scenario = load("seed").replace(duration_s=3)
+    with dask_cluster(1, tmp_path) as (address, _, [worker]):
+        def progress(done: int) -> None:
+            if worker.poll() is None:
+                worker.kill()  # the only worker, as the first run comes back: Dask would wait for ever
+                worker.wait(15)
+
+        with pytest.raises(ExecutorError, match=f"every worker of the Dask cluster at {address} has gone and none "
+                                                "joined within 1 s; the sweep stopped"):
+            with open_executor("dask", scheduler=address, connect_timeout_s=1, echo=lambda text: None) as pool:
+                sweep(scenario, ["round_robin"], [0.5], 6, executor=pool.executor, check=pool.check,
+                      progress=progress)
+        # Now a scheduler without workers: a new sweep does not start.
         with pytest.raises(ExecutorError, match=f"the Dask scheduler at {address} has no worker"):
             with open_executor("dask", scheduler=address, connect_timeout_s=1, echo=lambda text: None):
                 pass
 
 
-def test_a_worker_killed_mid_sweep_costs_a_retry_not_the_sweep(tmp_path: pathlib.Path) -> None:
+def test_a_job_that_keeps_killing_workers_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import dask
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):  # the local cluster's scheduler is here
+        with pytest.raises(ExecutorError, match=r"a job \(_exit-\S+\) was running on a Dask worker that died, 1 "
+                                                r"time \(.*\), last on tcp://127.0.0.1:\d+; see that worker's log"):
+            with open_executor("dask", workers=1, echo=lambda text: None) as pool:
+                assert pool.executor is not None
+                pool.executor.submit(os._exit, 1).result()
+
+
+def killer(proc: subprocess.Popen) -> Callable[[int], None]:
+    """A sweep's ``progress`` that SIGKILLs ``proc`` (by PID) as the first run comes back."""
+    def progress(done: int) -> None:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(15)
+    return progress
+
+
+def test_a_worker_killed_mid_sweep_costs_a_retry_and_a_scheduler_killed_one_line(tmp_path: pathlib.Path) -> None:
     scenario = load("seed").replace(duration_s=4)
     grid = (["round_robin", "least_connections"], [0.5, 0.9], 2)
     expected = sweep(scenario, *grid, workers=1)
-    with dask_cluster(2, tmp_path) as (address, workers):
-        victim = workers[1]
-
-        def progress(done: int) -> None:
-            if victim.poll() is None:
-                victim.kill()  # SIGKILL by PID, as the first run comes back: its jobs go to the other worker
-                victim.wait(15)
-
-        with open_executor("dask", scheduler=address, echo=lambda text: None) as executor:
-            runs = sweep(scenario, *grid, executor=executor, progress=progress)
-        assert victim.returncode is not None and workers[0].poll() is None
-    assert runs == expected
+    runs: list = []
+    with dask_cluster(2, tmp_path) as (address, scheduler, [survivor, victim]):
+        with pytest.raises(ExecutorError, match=r"the Dask cluster dropped the sweep's jobs \(did the "
+                                                r"scheduler stop\?\)"):
+            with open_executor("dask", scheduler=address, echo=lambda text: None) as pool:
+                # The victim's jobs go to the survivor.
+                runs = sweep(scenario, *grid, executor=pool.executor, check=pool.check, progress=killer(victim))
+                assert victim.returncode is not None and survivor.poll() is None
+                sweep(scenario, *grid, executor=pool.executor, check=pool.check, progress=killer(scheduler))
+    assert json.dumps(runs) == json.dumps(expected)  # as written to JSON (where NaN is NaN)
 
 
 def test_mismatches_name_the_worker_and_what_differs() -> None:
