@@ -16,6 +16,8 @@
     "503": "503 from nodes (queue full or breaker open)",
     "504": "504 from nodes",
   };
+  const KIND_COLORS = { no_healthy_backend: "#343a40", failed: "#e67700", "429": "#0c8599", "500": "#c92a2a",
+                        "503": "#5c7cfa" };
   const BREAKER = {                 // state -> [text, style]
     CLOSED: ["closed", "ok"], HALF_OPEN: ["half-open", "warn"], OPEN: ["open", "bad"],
   };
@@ -92,11 +94,19 @@
   }
 
   // -- charts --------------------------------------------------------------------------------------
-  function niceMax(value) {
+  // The smallest of 1, 2, 2.5, 5 times a power of ten that is >= value (1 for nothing to show).
+  function niceStep(value) {
     if (!(value > 0)) return 1;
-    const step = Math.pow(10, Math.floor(Math.log10(value)));
-    for (const m of [1, 2, 2.5, 5, 10]) if (value <= m * step) return m * step;
-    return 10 * step;
+    const power = Math.pow(10, Math.floor(Math.log10(value)));
+    for (const m of [1, 2, 2.5, 5, 10]) if (value <= m * power * (1 + 1e-9)) return m * power;
+    return 10 * power;
+  }
+
+  function niceMax(value) { return niceStep(value); }
+
+  function decimals(step) {
+    for (let d = 0; d < 6; d++) if (Math.abs(step * Math.pow(10, d) - Math.round(step * Math.pow(10, d))) < 1e-6) return d;
+    return 6;
   }
 
   function fitCanvas(canvas) {
@@ -131,13 +141,13 @@
     const w = W - left - right, h = H - topPad - bottom;
     let max = 0;
     for (const s of series) for (const v of s.values) if (v !== null && v > max) max = v;
-    const top = niceMax(max);
+    const step = niceStep(max / 4), top = 4 * step, digits = decimals(step);  // four gridlines at round values
     ctx.font = "11px system-ui, sans-serif"; ctx.fillStyle = "#5f6b7a"; ctx.strokeStyle = "#e3e7ec"; ctx.lineWidth = 1;
     ctx.textAlign = "right"; ctx.textBaseline = "middle";
     for (let i = 0; i <= 4; i++) {
       const y = topPad + h - (i / 4) * h;
       ctx.beginPath(); ctx.moveTo(left, y); ctx.lineTo(left + w, y); ctx.stroke();
-      ctx.fillText(fmt((top * i) / 4, top < 4 ? 1 : 0) + " " + unit, left - 6, y);
+      ctx.fillText(fmt(step * i, digits) + " " + unit, left - 6, y);
     }
     ctx.textBaseline = "top";
     const ticks = [[0, "60 s ago"], [0.5, "30 s ago"], [1, "now"]];
@@ -145,7 +155,8 @@
       ctx.textAlign = f === 0 ? "left" : f === 1 ? "right" : "center";
       ctx.fillText(text, left + f * w, topPad + h + 5);
     }
-    for (const s of series) line(ctx, s.values, left, topPad, w, h, top, s.color, 1.8);
+    // Earlier series thicker, drawn first: a series hidden under an equal one still shows at its edges.
+    series.forEach((s, i) => line(ctx, s.values, left, topPad, w, h, top, s.color, Math.max(1.2, 3.4 - 0.7 * i)));
     if (!series.length) {
       ctx.textAlign = "center"; ctx.textBaseline = "middle";
       ctx.fillText(note || "no data yet", left + w / 2, topPad + h / 2);
@@ -278,7 +289,7 @@
     chart($("chart-rate"), $("legend-rate"), backendSeries(hist.rate), "/s");
     chart($("chart-p95"), $("legend-p95"), backendSeries(hist.p95), "ms");
     const kinds = [...hist.rejections.keys()].map((k) => ({ label: KIND_LABELS[k] || `${k} from nodes`,
-                                                           color: colorOf("kind:" + k), values: hist.rejections.get(k) }));
+                                                           color: KIND_COLORS[k] || colorOf("kind:" + k), values: hist.rejections.get(k) }));
     chart($("chart-rejections"), $("legend-rejections"), kinds, "/s", "no rejections");
 
     const body = $("rejections").tBodies[0];
