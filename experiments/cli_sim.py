@@ -57,7 +57,7 @@ class CommaList(click.ParamType):
 class SchedulerAddress(click.ParamType):
     """A Dask scheduler's ``tcp://HOST:PORT``."""
 
-    name = "tcp://HOST:PORT"
+    name = "ADDRESS"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         try:
@@ -162,7 +162,8 @@ def _sweep_options(default_plot: str | None, default_json: str | None, default_r
                          help="Run repetitions on the Dask cluster whose scheduler is here (implies --executor "
                               "dask; every worker needs this project installed)."),
             click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
-                         show_default=True, help="Seconds to reach --scheduler and for its first worker."),
+                         show_default=True, help="Seconds to reach --scheduler, to wait for its first worker, "
+                                                 "and for a new one if every worker has gone."),
             quiet_option,
             impl_option,
             click.option("--plot", type=OutputPath(), default=default_plot, show_default=True,

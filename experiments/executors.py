@@ -262,5 +262,10 @@ def open_executor(kind: str, *, scheduler: str | None = None, workers: int | Non
     if kind == "process" and scheduler is None:
         yield Pool()
         return
+    try:
+        import distributed  # noqa: F401
+    except ImportError as exc:
+        raise ExecutorError(f"a sweep on Dask needs the dask extra ({exc}): pip install 'resilience-testbed[dask]'") \
+            from None
     with _quiet_dask_logs(), _dask(scheduler, workers, connect_timeout_s, echo) as pool:
         yield pool

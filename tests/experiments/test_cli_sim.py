@@ -8,6 +8,7 @@ import pathlib
 import pty
 import select
 import subprocess
+import sys
 import time
 
 import pytest
@@ -157,3 +158,11 @@ def test_a_long_simulation_draws_its_progress_in_simulated_time_on_a_terminal(tm
     assert "simulating 20 s  [####################################]  100%" in drawn, drawn
     quiet = on_a_terminal([*run, "-q"], tmp_path)
     assert "simulating" not in quiet and "p95" in quiet, quiet
+
+
+def test_dask_without_the_dask_extra_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed raises ImportError
+    result = CliRunner().invoke(main, [*SWEEP, "--executor", "dask"])
+    assert result.exit_code == 1, result.output
+    assert "Error: a sweep on Dask needs the dask extra" in result.output
+    assert "pip install 'resilience-testbed[dask]'" in result.output and "Traceback" not in result.output
