@@ -149,7 +149,9 @@ def mismatches(local: dict[str, str], workers: dict[str, Any]) -> list[str]:
     problems = []
     for address, theirs in sorted(workers.items()):
         if isinstance(theirs, BaseException):
-            problems.append(f"worker {address} cannot run the project ({type(theirs).__name__}: {theirs}); "
+            # Dask hands back an error raised while unpickling the call as Exception(repr(the error)).
+            why = str(theirs) if type(theirs) is Exception else f"{type(theirs).__name__}: {theirs}"
+            problems.append(f"worker {address} cannot run the project ({why}); "
                             "install it there: pip install 'resilience-testbed[dask]' from this tree")
             continue
         diff = [f"{k} {theirs.get(k, 'missing')} (here {v})" for k, v in local.items() if theirs.get(k) != v]

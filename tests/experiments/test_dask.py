@@ -10,6 +10,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import sysconfig
 from typing import Callable, Iterator
 
 import pytest
@@ -133,6 +134,22 @@ def test_a_cluster_whose_workers_all_went_ends_the_sweep_in_one_line(tmp_path: p
         with pytest.raises(ExecutorError, match=f"the Dask scheduler at {address} has no worker"):
             with open_executor("dask", scheduler=address, connect_timeout_s=1, echo=lambda text: None):
                 pass
+        # Nor with a worker that cannot import the project (Python without site's .pth files: Dask, no project).
+        site = sysconfig.get_paths()["purelib"]
+        with (tmp_path / "bare.log").open("w") as log:
+            bare = subprocess.Popen(
+                [sys.executable, "-S", "-c", f"import sys; sys.path.append({site!r}); from dask.__main__ import main; "
+                 "main()", "worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--no-nanny", "--no-dashboard",
+                 "--dashboard-address", "127.0.0.1:0"], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+            try:
+                with pytest.raises(ExecutorError, match=r"worker tcp://127.0.0.1:\d+ cannot run the project "
+                                                        r"\(ModuleNotFoundError.*No module named 'experiments'.*\); "
+                                                        r"install it there"):
+                    with open_executor("dask", scheduler=address, connect_timeout_s=60, echo=lambda text: None):
+                        pass
+            finally:
+                bare.terminate()
+                bare.wait(15)
 
 
 def test_a_job_that_keeps_killing_workers_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
