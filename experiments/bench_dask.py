@@ -17,6 +17,13 @@ checking every worker's code) is paid once per sweep, not per repetition, so it
 is timed apart and printed beside, and both sides are warmed up on a short run
 first. The load average is printed too: on a machine shared with other work
 the ratio falls below ``workers`` for want of free cores, not of Dask.
+
+So a second figure does not depend on the neighbours: the CPU time each side
+spent (this process, plus for Dask every process of the local cluster:
+scheduler here, nannies, workers), summed over the rounds. Dask's extra CPU
+is its whole cost; ``workers x`` (CPU one after another / CPU on Dask) is the
+speed-up the sweep would have on ``workers`` free cores, its repetitions split
+evenly (``reps`` a multiple of ``workers``).
 """
 
 from __future__ import annotations
@@ -39,6 +46,21 @@ __all__ = ["TARGET", "bench_dask_command", "run"]
 TARGET = 1.5
 
 
+def _cpu_s() -> float:
+    """CPU seconds (user + system) of this process and of its live descendants."""
+    import psutil  # a dependency of distributed
+
+    me = psutil.Process()
+    total = 0.0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            cpu = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += cpu.user + cpu.system
+    return total
+
+
 def run(*, reps: int = 4, workers: int = 2, duration_s: float = 300.0, rounds: int = 3, scenario: str = "seed",
         strategy: str = "least_connections", load: float = 0.9, json_path: str | None = None,
         echo: Callable[[str], None] = print) -> int:
@@ -58,21 +80,27 @@ def run(*, reps: int = 4, workers: int = 2, duration_s: float = 300.0, rounds: i
         start_s = time.perf_counter() - t0
         sweep(warm, [strategy], [load], workers, executor=pool.executor, check=pool.check)
         times: dict[str, list[float]] = {"one after another": [], "dask": []}
+        cpu = {name: 0.0 for name in times}
         runs: dict[str, Any] = {}
         for r in range(rounds):
             for name in times:
-                t = time.perf_counter()
+                t, c = time.perf_counter(), _cpu_s()
                 runs[name] = sweep(s, *grid, workers=1) if name == "one after another" else \
                     sweep(s, *grid, executor=pool.executor, check=pool.check)
                 times[name].append(time.perf_counter() - t)
+                cpu[name] += _cpu_s() - c
             echo(f"  round {r + 1}: " + ", ".join(f"{name} {ts[-1]:.2f} s" for name, ts in times.items()))
     best = {name: min(ts) for name, ts in times.items()}
     ratio = best["one after another"] / best["dask"]
+    on_free_cores = workers * cpu["one after another"] / cpu["dask"]
     same = json.dumps(runs["one after another"]) == json.dumps(runs["dask"])  # as written: NaN is NaN there
     echo(f"  cluster start-up {start_s:.1f} s (once per sweep)")
     echo(f"  => best of {rounds}: one after another {best['one after another']:.2f} s, dask {best['dask']:.2f} s: "
          f"{ratio:.2f}x faster on Dask (target >= {TARGET}x: {'met' if ratio >= TARGET else 'NOT met'}); "
          f"{'the same runs' if same else 'DIFFERENT runs'}")
+    echo(f"  => CPU time over the rounds: one after another {cpu['one after another']:.2f} s, dask "
+         f"{cpu['dask']:.2f} s in all its processes ({100 * (cpu['dask'] / cpu['one after another'] - 1):+.0f}%): "
+         f"on {workers} free cores {on_free_cores:.2f}x faster")
     if json_path:
         p = pathlib.Path(json_path)
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -80,6 +108,7 @@ def run(*, reps: int = 4, workers: int = 2, duration_s: float = 300.0, rounds: i
                                  "scenario": s.name, "strategy": strategy, "load": load,
                                  "load_average": os.getloadavg()[0], "cores": cores, "cluster_start_s": start_s,
                                  "times_s": times, "best_s": best, "speedup": ratio, "target": TARGET,
+                                 "cpu_s": cpu, "speedup_on_free_cores": on_free_cores,
                                  "same_runs": same}, indent=2) + "\n")
         echo(f"wrote {p}")
     return 0 if same else 1

@@ -209,3 +209,4 @@ def test_bench_dask_smoke(tmp_path: pathlib.Path) -> None:
     assert "x faster on Dask (target >= 1.5x: " in said and "the same runs" in said, said
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["same_runs"] is True and data["speedup"] > 0 and len(data["times_s"]["dask"]) == 1
+    assert data["cpu_s"]["dask"] > 0 and data["speedup_on_free_cores"] > 0 and "on 2 free cores" in said
