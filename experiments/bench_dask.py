@@ -48,7 +48,7 @@ TARGET = 1.5
 
 def _cpu_s() -> float:
     """CPU seconds (user + system) of this process and of its live descendants."""
-    import psutil  # a dependency of distributed
+    import psutil  # type: ignore[import-untyped]  # a dependency of distributed, without type stubs
 
     me = psutil.Process()
     total = 0.0
