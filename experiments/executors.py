@@ -169,12 +169,22 @@ async def _probe(address: str, timeout_s: float) -> None:
     await comm.close()
 
 
+def _refused(exc: BaseException | None) -> bool:
+    """Whether a refused connection is among the causes of ``exc`` (Dask retries one until its timeout)."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, ConnectionRefusedError):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def _connect(address: str, timeout_s: float) -> Any:
     from distributed import Client
     try:
         asyncio.run(_probe(address, timeout_s))
     except (OSError, asyncio.TimeoutError) as exc:
-        why = "no answer" if isinstance(exc, asyncio.TimeoutError) or "Timed out" in str(exc) else str(exc)
+        why = "connection refused" if _refused(exc) else "no answer"
         raise ExecutorError(f"cannot reach the Dask scheduler at {address} within {timeout_s:g} s ({why}); "
                             "is `dask scheduler` running there and its port open? (--connect-timeout)") from None
     try:

@@ -104,7 +104,8 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
 def test_nobody_listening_is_one_line_after_the_connect_timeout() -> None:
     address = f"tcp://127.0.0.1:{free_port()}"
     error = one_line_error(run_cli("--scheduler", address, "--connect-timeout", "1"))
-    assert f"cannot reach the Dask scheduler at {address} within 1 s" in error and "--connect-timeout" in error
+    assert f"cannot reach the Dask scheduler at {address} within 1 s (connection refused)" in error
+    assert "--connect-timeout" in error
 
 
 def test_a_port_that_accepts_and_never_speaks_does_not_hang_the_sweep() -> None:
