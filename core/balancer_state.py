@@ -11,10 +11,30 @@ response time, and an *ejector*: a :class:`~core.circuit_breaker.CircuitBreaker`
 fed by every answer, which takes a backend that keeps failing out of rotation
 for ``ejection_time_s`` and then lets one probe decide.
 
-:meth:`BalancerState.pick` hands the strategy one immutable
-:class:`~core.strategies.Backend` snapshot per backend (healthy = health
-tracker says so, not excluded, ejector admits) and returns an
-:class:`Attempt`: the backend, counted in flight, with the ejector's permit.
+:meth:`BalancerState.pick` returns an :class:`Attempt`: the backend the
+strategy picked among the *available* ones (health tracker says healthy, not
+excluded, ejector admits), counted in flight, with the ejector's permit. It
+asks the strategy one of two ways:
+
+* **fast path** (the strategy declares one, see "Fast paths" in
+  :mod:`core.strategies`): the strategy's :class:`~core.pick_index.Picker`
+  over a :class:`~core.pick_index.PickIndex` that this object keeps up to
+  date. Every method here that changes a backend (:meth:`add`,
+  :meth:`remove`, :meth:`hold`, :meth:`checked`, :meth:`pick`'s count and
+  permit, :meth:`refused`, :meth:`answered`, :meth:`abandoned`, a stall
+  ejection, a new ``weight``) tells the index, which moves the backend in or
+  out of the available list only when its availability changes and re-ranks
+  it for the picker (``O(1)`` or ``O(log n)``); ejections that end by time
+  are re-checked when due, at the start of a pick. A pick costs ``O(1)``
+  (round robin, random, power of two) or ``O(log n)`` (the others),
+  whatever the number of backends. This is why backends must change only
+  through these methods: a driver that moved a backend's health tracker or
+  ejector itself would leave the index behind (``weight`` is the one field
+  a driver sets directly, and it tells the index).
+* **snapshots** (any other strategy: a student's, a third party's): one
+  immutable :class:`~core.strategies.Backend` per backend to
+  ``select_node``, ``O(n)`` per pick.
+
 Every attempt is settled exactly once, by one of:
 
 * :meth:`refused`: the connection failed before anything was sent: a failed
@@ -57,9 +77,10 @@ from core.events import EventLog
 from core.health import CheckSchedule, HealthTracker, counts_as_failure, default_health_timeout_s
 from core.latency import PeakEwma
 from core.outlier import NOT_AN_ANSWER, StallClock, Stalled, StallRule
+from core.pick_index import GONE, PickIndex
 from core.registry_follower import RegistryFollower
 from core.scenario import BalancerSpec
-from core.strategies import Backend, Strategy
+from core.strategies import Backend, NoHealthyBackend, Strategy, fast_picker
 
 __all__ = ["Attempt", "AttemptSettled", "BackendEntry", "BalancerState", "IDEMPOTENT", "feeds_latency"]
 
@@ -78,13 +99,18 @@ class AttemptSettled(RuntimeError):
 
 class BackendEntry:
     """The balancer's truth about one backend. ``driver`` is the driver's own (the live one keeps
-    recent latencies and the last check's result there)."""
+    recent latencies and the last check's result there). ``index``, ``index_pos`` and
+    ``index_due`` are the pick index's (:mod:`core.pick_index`), kept in the entry as
+    HAProxy keeps its tree node in the server."""
 
-    __slots__ = ("id", "url", "weight", "active", "requests", "errors", "health", "latency", "ejector", "stall",
-                 "last_sent", "driver")
+    __slots__ = ("id", "url", "_weight", "active", "requests", "errors", "health", "latency", "ejector", "stall",
+                 "last_sent", "driver", "index", "index_pos", "index_due")
 
     def __init__(self, backend_id: str, url: str, weight: int, spec: BalancerSpec) -> None:
-        self.id, self.url, self.weight = backend_id, url, weight
+        self.id, self.url, self._weight = backend_id, url, weight
+        self.index: PickIndex[BackendEntry] | None = None
+        self.index_pos = GONE
+        self.index_due: float | None = None
         self.active = 0
         self.requests = 0
         self.errors = 0
@@ -96,9 +122,25 @@ class BackendEntry:
                         if spec.eject_after_failures else None)
         self.driver: Any = None
 
+    @property
+    def weight(self) -> int:
+        """Its capacity in workers (>= 1); a driver may set it (a backend's ``/health`` says)."""
+        return self._weight
+
+    @weight.setter
+    def weight(self, value: int) -> None:
+        self._weight = value
+        if self.index is not None:
+            self.index.refresh(self)
+
     def available(self, now: float) -> bool:
         """Healthy by its checks and not ejected: whether it may get traffic now."""
         return self.health.healthy and (self.ejector is None or self.ejector.available(now=now))
+
+    def recheck_at(self) -> float | None:
+        """When time alone may make it available again: its ejection's end (None: only an event can)."""
+        ejector = self.ejector
+        return ejector.next_deadline() if ejector is not None and self.health.healthy else None
 
 
 class Attempt:
@@ -119,6 +161,9 @@ class BalancerState:
     def __init__(self, spec: BalancerSpec, strategy: Strategy) -> None:
         self.spec = spec
         self.strategy = strategy
+        picker = fast_picker(strategy)
+        #: The strategy's fast path over the books (None: it has none; snapshots per pick).
+        self.index: PickIndex[BackendEntry] | None = PickIndex(picker) if picker is not None else None
         self.backends: dict[str, BackendEntry] = {}
         #: The hung-backend rule; the floor is the default health-check timeout. A driver may replace it.
         self.stall_rule: StallRule | None = StallRule(default_health_timeout_s(spec.health_check_interval_s))
@@ -132,23 +177,44 @@ class BalancerState:
         """A backend joins (or comes back at another address: a fresh entry)."""
         old = self.backends.get(backend_id)
         if old is not None:
-            self.checks.remove(old)
+            self._forget(old)
         entry = self.backends[backend_id] = BackendEntry(backend_id, url, weight, self.spec)
         self.checks.add(entry)
+        if self.index is not None:
+            entry.index = self.index
+            self.index.enter(entry)
         return entry
 
     def remove(self, backend_id: str) -> None:
         entry = self.backends.pop(backend_id, None)
         if entry is not None:
-            self.checks.remove(entry)
+            self._forget(entry)
+
+    def _forget(self, entry: BackendEntry) -> None:
+        self.checks.remove(entry)
+        if self.index is not None:
+            self.index.exit(entry)
+            entry.index = None
 
     def hold(self, entry: BackendEntry) -> None:
         """Keep ``entry`` out of rotation until its first active check passes (a backend a registry named)."""
         entry.health.hold()
+        self._changed(entry)
 
     def checked(self, entry: BackendEntry, ok: bool) -> None:
         """An active health check of ``entry`` passed or failed (an entry that has left since is no one's)."""
         entry.health.observe(ok)
+        self._changed(entry)
+
+    def _changed(self, entry: BackendEntry, now: float | None = None) -> None:
+        """Tell the pick index (if any) that ``entry`` may have changed, at ``now`` (None: no time passed)."""
+        if self.index is not None:
+            self.index.refresh(entry, now)
+
+    @property
+    def fast_path(self) -> bool:
+        """Whether picks go through the strategy's fast path (else through snapshots)."""
+        return self.index is not None
 
     def due_checks(self, *, now: float) -> list[BackendEntry]:
         """The backends whose active check is due at ``now`` (:class:`~core.health.CheckSchedule`)."""
@@ -177,6 +243,7 @@ class BalancerState:
         if silent_s <= threshold_s:
             return False
         ejector.force_open(now=now)
+        self._changed(entry, now)
         entry.stall.stalls += 1
         self._stalls.emit(Stalled(entry.id, now, silent_s, threshold_s, entry.active))
         return True
@@ -186,20 +253,40 @@ class BalancerState:
         """The strategy's pick among the available backends; NoHealthyBackend if there is none.
 
         A pick that falls on a stalled backend ejects it and picks again (see :mod:`core.outlier`)."""
-        while True:
-            chosen = self.strategy.select_node([
-                Backend(b.id, b.url, b.active, b.weight, b.id not in exclude and b.available(now), b.latency.value)
-                for b in self.backends.values()])
-            entry = self.backends[chosen.id]
-            if not (entry.active and self._eject_if_stalled(entry, now)):
-                break
+        index = self.index
+        if index is None:
+            entry = self._pick_from_snapshots(now, exclude)
+        else:
+            index.settle(now)
+            backends = self.backends
+            excluded = tuple(e for e in dict.fromkeys(map(backends.get, exclude))
+                             if e is not None and e.index_pos >= 0) if exclude else ()
+            while True:
+                found = index.pick(excluded)
+                if found is None:
+                    raise NoHealthyBackend(len(backends))
+                entry = found
+                if not (entry.active and self._eject_if_stalled(entry, now)):
+                    break
         permit = entry.ejector.try_acquire(now=now) if entry.ejector is not None else None
         if not entry.active:
             entry.stall.mark(now)  # idle -> busy: silence counts from here
         entry.active += 1
         entry.requests += 1
         entry.last_sent = now
+        if index is not None:
+            index.refresh(entry, now)
         return Attempt(entry, permit, number)
+
+    def _pick_from_snapshots(self, now: float, exclude: Iterable[str]) -> BackendEntry:
+        """The strategy's ``select_node`` over one snapshot per backend, ``O(n)``."""
+        while True:
+            chosen = self.strategy.select_node([
+                Backend(b.id, b.url, b.active, b.weight, b.id not in exclude and b.available(now), b.latency.value)
+                for b in self.backends.values()])
+            entry = self.backends[chosen.id]
+            if not (entry.active and self._eject_if_stalled(entry, now)):
+                return entry
 
     def may_retry(self, attempt: Attempt, method: str = "GET") -> bool:
         """After a refused connection: try once more elsewhere?"""
@@ -212,6 +299,7 @@ class BalancerState:
         entry.health.observe(False)
         if entry.ejector is not None and attempt.permit is not None:
             entry.ejector.record_failure(attempt.permit, now=now)
+        self._changed(entry, now)
 
     def answered(self, attempt: Attempt, *, status: int, elapsed_s: float, now: float) -> None:
         """The exchange ended with ``status`` after ``elapsed_s`` (504: timed out; 502: broken)."""
@@ -229,6 +317,7 @@ class BalancerState:
                 ejector.record_failure(attempt.permit, now=now)
             else:
                 ejector.record_success(attempt.permit, now=now)
+        self._changed(entry, now)
 
     def abandoned(self, attempt: Attempt, *, now: float) -> None:
         """The attempt ended for a reason that says nothing about the backend."""
@@ -237,6 +326,7 @@ class BalancerState:
         entry = self._settle(attempt)
         if entry.ejector is not None and attempt.permit is not None:
             entry.ejector.release(attempt.permit, now=now)
+        self._changed(entry, now)
 
     def _settle(self, attempt: Attempt) -> BackendEntry:
         if attempt.settled:

@@ -3,17 +3,32 @@
 To use it, copy the method below over the stub in ``core/strategies.py``
 (same indentation, replacing the whole stub method). ``testbed check
 least-connections --impl exercise`` then grades your copy.
+
+The class also declares a fast path (see "Fast paths" in ``core/strategies.py``):
+the same rule kept in a heap by requests in flight, which balancers use instead
+of snapshots. It is tied to this very ``select_node``; your copy in
+``core/strategies.py`` runs through snapshots, as written.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from core.strategies import Backend, LeastConnectionsStrategy
+from core.pick_index import Member, RankedPicker
+from core.strategies import Backend, LeastConnectionsStrategy, fast_path
 
-__all__ = ["LeastConnectionsSolution"]
+__all__ = ["LeastConnectionsPicker", "LeastConnectionsSolution"]
 
 
+class LeastConnectionsPicker(RankedPicker):
+    """Fewest requests in flight first, ties in turn: a heap keyed by ``active``, ``O(log n)``."""
+
+    @staticmethod
+    def key(member: Member) -> int:
+        return member.active
+
+
+@fast_path(LeastConnectionsPicker)
 class LeastConnectionsSolution(LeastConnectionsStrategy):
     """:class:`LeastConnectionsStrategy` with the exercise method filled in."""
 
