@@ -193,12 +193,16 @@ async def test_a_silent_node_and_a_dead_one_show_as_such_without_holding_the_sna
     silent = await aiohttp_server(recording_backend(seen, {"/circuit-status": hang, "/queue-stats": hang}))
     dead = f"http://127.0.0.1:{free_port()}"
     lb = await balancer(aiohttp_client, [str(silent.make_url("")).rstrip("/"), dead], health_interval_s=60,
+                        unhealthy_after=10, eject_after_failures=0,
                         dashboard=DashboardConfig(interval_s=0.2, node_timeout_s=0.1))
+    assert [(await lb.get("/work")).status for _ in range(4)] == [200] * 4  # refused by the dead one: retried
     async with lb.get("/dashboard/events") as stream:
         event = await event_where(stream, lambda e: e["seq"] >= 2, "two snapshots")
     quiet, gone = event["backends"]
     assert quiet["node"] == {"breaker": None, "queue": None, "reach": "no answer"}
     assert gone["node"]["reach"] == "unreachable"
+    # The balancer's own failures: every attempt on the dead backend was refused (and retried elsewhere).
+    assert event["rejections"]["failed"]["total"] == gone["errors"] == gone["requests"] >= 1
     never.set()
 
 
