@@ -106,6 +106,9 @@ class CIDRList(click.ParamType):
                    "included); past it the exchange is dropped and the client gets 502 backend_error.")
 @click.option("--max-response-headers", type=click.IntRange(1, 10_000), default=100, show_default=True,
               help="Most header fields in a backend's response; past it the client gets 502 backend_error.")
+@click.option("--dashboard-max-streams", type=click.IntRange(0, 10_000), default=8, show_default=True,
+              help="Open /dashboard/events streams at most; past it 503 dashboard_busy (0: no dashboard "
+                   "streams).")
 @impl_option
 def balancer_command(port: int, host: str, nodes: tuple[str, ...] | None,
                      registry: str | None, strategy: str, health_interval: float, unhealthy_after: int,
@@ -114,7 +117,7 @@ def balancer_command(port: int, host: str, nodes: tuple[str, ...] | None,
                      max_body: int, trust_clients: tuple[str, ...], health_timeout: float | None,
                      health_concurrency: int, stall_after: float | None, stall_factor: float, max_backends: int,
                      allow_backends: str | None, warmup_timeout: float, max_response_header_bytes: int,
-                     max_response_headers: int) -> None:
+                     max_response_headers: int, dashboard_max_streams: int) -> None:
     """The load balancer: proxies everything; GET /lb-stats and /metrics are its own."""
     from live.balancer import STATE, BalancerConfig, make_balancer_app
 
@@ -147,6 +150,9 @@ def balancer_command(port: int, host: str, nodes: tuple[str, ...] | None,
         check_nodes(config)  # every --nodes backend in the allowed networks, none of them this balancer
     except AddressError as exc:
         raise click.UsageError(str(exc)) from None
-    app = make_balancer_app(config, strategy_cls=strategy_cls)
+    from live.dashboard import DashboardConfig
+
+    app = make_balancer_app(config, strategy_cls=strategy_cls,
+                            dashboard=DashboardConfig(max_streams=dashboard_max_streams))
     lb = app[STATE]
     serve_app(app, port, name="balancer", on_listening=lambda bound: listening(lb, bound))

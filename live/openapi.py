@@ -369,6 +369,14 @@ def balancer_description() -> dict[str, Any]:
             {"id": {"type": "string", "description": "This balancer's name in `Via` (loop detection)."}}), tag=tag),
         "/metrics": _metrics(tag),
         "/openapi.json": _openapi(tag),
+        "/dashboard": _get("The live dashboard: one HTML page", STRING, tag=tag, media="text/html"),
+        "/dashboard/events": _get(
+            "Dashboard snapshots, one a second, as Server-Sent Events", STRING, tag=tag, media="text/event-stream",
+            errors={503: "`--dashboard-max-streams` streams open already (`dashboard_busy`), with `Retry-After`."}),
+        "/dashboard/{file}": _get(
+            "The dashboard's script or style", STRING, tag=tag, media="application/javascript",
+            errors={404: "No such file (`not_found`)."},
+            parameters=[{"name": "file", "in": "path", "required": True, "schema": STRING}]),
     }
     return _document(
         "testbed balancer",
