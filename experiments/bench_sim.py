@@ -197,8 +197,11 @@ SCALE_STRATEGIES = ("round_robin", "random", "power_of_two", "weighted_round_rob
                     "weighted_least_connections", "least_response_time")
 SERVICE_MS = 25.0
 SCALE_LOAD = 0.9
-#: Arrivals per configuration when --requests is not given: a few seconds per round at 3 nodes.
-DEFAULT_SCALE_REQUESTS = 20_000
+#: Arrivals per run when --requests is not given (the issue's own figure): long enough that what a run
+#: costs once per node (building it, its first draws) weighs little beside what it costs per request.
+DEFAULT_SCALE_REQUESTS = 60_000
+#: Wall time a run may take when --budget-s is not given: the whole default table in a few minutes.
+DEFAULT_BUDGET_S = 3.0
 #: Sizes and strategy of ``--memory`` when --nodes and --strategies are not given.
 DEFAULT_MEMORY_SIZES = (100,)
 DEFAULT_MEMORY_STRATEGY = "power_of_two"
@@ -382,12 +385,13 @@ def _label(model: str, strategy: str) -> str:
 
 
 def run_scale(sizes: Sequence[int], strategies: Sequence[str] | None = None, requests: int | None = None,
-              rounds: int = 3, budget_s: float = 2.0, json_path: str | None = None,
+              rounds: int = 3, budget_s: float | None = None, json_path: str | None = None,
               echo: Callable[[str], None] = print) -> int:
     """The scale table: requests/s and peak RSS of every strategy (and Ciw's routers) at every size."""
     sizes = sorted(set(sizes))
     strategies = list(strategies or SCALE_STRATEGIES)
     requests = requests or DEFAULT_SCALE_REQUESTS
+    budget_s = budget_s or DEFAULT_BUDGET_S
     models = [("ours", s) for s in strategies]
     if importlib.util.find_spec("ciw"):
         models += [("ciw", s) for s in strategies if s in CIW_ROUTERS]

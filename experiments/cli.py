@@ -116,7 +116,7 @@ def _node_counts(ctx: click.Context, param: click.Parameter, value: str | None) 
 
 @bench.command("sim")
 @click.option("--requests", type=click.IntRange(1000, 10_000_000), default=None,
-              help="Arrivals each model simulates per round  [default: 200,000; with --nodes, 20,000 per run].")
+              help="Arrivals each model simulates per round  [default: 200,000; with --nodes, 60,000 per run].")
 @click.option("--rounds", type=click.IntRange(1, 20), default=3, show_default=True,
               help="Interleaved rounds; the best counts.")
 @click.option("--nodes", "sizes", callback=_node_counts, metavar="N,N,...", default=None,
@@ -124,15 +124,16 @@ def _node_counts(ctx: click.Context, param: click.Parameter, value: str | None) 
                    "routers, requests/s, peak RSS and the ratio to the smallest size.")
 @click.option("--strategies", type=CommaList("strategies"), default=None,
               help="With --nodes or --memory: these strategies only  [default: all seven; power_of_two for --memory].")
-@click.option("--budget-s", type=click.FloatRange(0.1, 3600), default=2.0, show_default=True,
-              help="With --nodes: wall time one run may take; a run stopped there counts the arrivals it simulated.")
+@click.option("--budget-s", type=click.FloatRange(0.1, 3600), default=None,
+              help="With --nodes: wall time one run may take; a run stopped there counts the arrivals it simulated  "
+                   "[default: 3].")
 @click.option("--memory", "memory_requests", type=click.IntRange(1000, 100_000_000), default=None, metavar="N",
               help="Instead: one run of N arrivals per --nodes size (default 100 nodes) and strategy, in a fresh "
                    "process; prints its peak RSS and requests/s.")
 @bench_json_option
 @click.pass_context
 def bench_sim(ctx: click.Context, requests: int | None, rounds: int, sizes: list[int] | None,
-              strategies: list[str] | None, budget_s: float, memory_requests: int | None,
+              strategies: list[str] | None, budget_s: float | None, memory_requests: int | None,
               json_path: str | None) -> None:
     """Simulated requests per second of wall time: our model, Ciw, minimal SimPy (M/M/4 at 90%);
     with --nodes, every strategy at every size; with --memory, the peak RSS of one long run."""
