@@ -1,4 +1,4 @@
-"""Load-balancing strategies: pick one backend from a snapshot.
+"""Load-balancing strategies: pick one backend from a snapshot (or, on a fast path, from a pick index).
 
 Theory of operation
 -------------------
@@ -59,7 +59,9 @@ repeatable). Costs per pick, ``n`` available backends:
 
 ====================================  =======================================================
 round robin, random, power of two     ``O(1)``: ``members[cursor % n]``, one or two draws
-weighted round robin                  ``O(log n)``: earliest deadline first (Envoy's EDF)
+weighted round robin                  ``O(log n)``: earliest deadline first (Envoy's EDF); the
+                                      same counts per cycle as nginx's order, ``O(n log n)``
+                                      once after the available set or a weight changes
 least connections, weighted least     ``O(log n)``: a heap keyed by the rule's score,
 connections, least response time      re-keyed when a backend's count or latency changes
 ====================================  =======================================================
