@@ -35,7 +35,23 @@ __all__ = ["ARRIVAL_STREAM", "CLIENT_STREAM", "NODE_STREAM", "STRATEGY_STREAM", 
 ARRIVAL_STREAM, CLIENT_STREAM, STRATEGY_STREAM, NODE_STREAM = 0, 1, 2, 3  # node i: NODE_STREAM + i
 
 
-def chunks(draw: Callable[[int], np.ndarray], size: int = 4096, unboxed: int = 256) -> Iterator[float]:
+#: Draws fetched at once per stream; every node's streams together hold at most about
+#: :data:`DRAWS_BUFFERED` values (see :func:`node_chunk_size`).
+CHUNK_SIZE = 4096
+DRAWS_BUFFERED = 65_536
+
+
+def node_chunk_size(nodes: int) -> int:
+    """How many draws each of ``nodes`` nodes fetches at once: :data:`CHUNK_SIZE` up to 16 nodes (every
+    live node, every shipped scenario but the supermarket), smaller beyond, down to 256, so that 1,000
+    nodes' fetches fit in the processor's caches as 3 nodes' do (a pick touches one node's stream, and a
+    fetch is cheap beside a request). Only the fetch size changes: a stream's values are the same; where
+    one node draws from two streams of one generator (service times, and fault error draws), which
+    values each gets depends on it."""
+    return max(256, min(CHUNK_SIZE, DRAWS_BUFFERED // max(1, nodes)))
+
+
+def chunks(draw: Callable[[int], np.ndarray], size: int = CHUNK_SIZE, unboxed: int = 256) -> Iterator[float]:
     """An endless iterator over numpy draws, fetched ``size`` at a time.
 
     A fetch stays a numpy array (8 bytes a value) and becomes Python floats ``unboxed`` at a time
@@ -62,10 +78,11 @@ def strategy_seed(seed: int) -> int:
     return int(stream(seed, STRATEGY_STREAM).integers(2**63))
 
 
-def service_times(service: str, mean_s: float, rng: np.random.Generator) -> Iterator[float]:
+def service_times(service: str, mean_s: float, rng: np.random.Generator, *,
+                  chunk_size: int = CHUNK_SIZE) -> Iterator[float]:
     """Endless service times (seconds) with mean ``mean_s``: exponential, or the mean itself (deterministic)."""
     if service == "exponential" and mean_s > 0:
-        return chunks(lambda n: rng.exponential(mean_s, n))
+        return chunks(lambda n: rng.exponential(mean_s, n), chunk_size)
     return itertools.repeat(mean_s)
 
 

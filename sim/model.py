@@ -62,8 +62,8 @@ from core.results import CHUNK_ROWS, OUTCOME_STATUS, Outcome, RequestLog, new_su
 from core.scenario import NodeSpec, Scenario
 from core.strategies import STRATEGIES, BaseStrategy, NoHealthyBackend
 from core.workload import (
-    ARRIVAL_STREAM, CLIENT_STREAM, NODE_STREAM, chunks, client_ids, open_loop, service_times, strategy_seed, streams,
-    think_times,
+    ARRIVAL_STREAM, CLIENT_STREAM, NODE_STREAM, chunks, client_ids, node_chunk_size, open_loop, service_times,
+    strategy_seed, streams, think_times,
 )
 from sim.requests_file import RequestsFile
 
@@ -98,8 +98,9 @@ class SimNode:
         self.sim, self.index, self.spec = sim, index, spec
         self.env = sim.env
         self.pipeline = NodePipeline(spec, limiter_cls)
-        self.service = service_times(spec.service, spec.load_factor_ms / 1000.0, rng)
-        self.uniform = chunks(rng.random)
+        size = node_chunk_size(len(sim.scenario.nodes))
+        self.service = service_times(spec.service, spec.load_factor_ms / 1000.0, rng, chunk_size=size)
+        self.uniform = chunks(rng.random, size)
         self.up = True
         self.error_rate = 0.0
         self.extra_latency_s = 0.0

@@ -61,3 +61,21 @@ def test_service_times() -> None:
     assert list(itertools.islice(service_times("exponential", 0.0, stream(0, 3)), 2)) == [0.0, 0.0]
     draws = list(itertools.islice(service_times("exponential", 0.025, stream(0, 3)), 20_000))
     assert np.mean(draws) == pytest.approx(0.025, rel=0.03)
+
+
+def test_node_chunk_size_bounds_what_many_nodes_buffer() -> None:
+    from core.workload import CHUNK_SIZE, node_chunk_size
+    assert node_chunk_size(1) == node_chunk_size(16) == CHUNK_SIZE  # live nodes and the shipped scenarios
+    assert node_chunk_size(1000) == 256 and node_chunk_size(100) == 655
+    assert node_chunk_size(0) == CHUNK_SIZE
+
+
+def test_one_stream_gives_the_same_values_whatever_the_fetch_size() -> None:
+    import itertools
+
+    import numpy as np
+
+    from core.workload import service_times
+    a = list(itertools.islice(service_times("exponential", 0.02, np.random.default_rng(9)), 5000))
+    b = list(itertools.islice(service_times("exponential", 0.02, np.random.default_rng(9), chunk_size=256), 5000))
+    assert a == b and all(type(v) is float for v in a)
