@@ -10,7 +10,7 @@ import click
 
 from core.scenario import Scenario
 from experiments.options import (
-    TESTBED_COMMAND, ScenarioParam, apply_overrides, echo_notices, run_options, write_json,
+    TESTBED_COMMAND, OutputPath, ScenarioParam, apply_overrides, echo_notices, run_options, write_json,
 )
 from live.limits import DEFAULT_MAX_IN_FLIGHT
 
@@ -86,9 +86,12 @@ def live_group() -> None:
 @click.option("--dashboard", is_flag=True, default=False,
               help="Print the URL of the balancer's live dashboard (GET /dashboard: open it in a browser) "
                    "before the load starts; it is served while the run lasts.")
+@click.option("--keep-requests", type=OutputPath(), default=None,
+              help="Also write every request (arrival, node, start, end, outcome) to this .npz; "
+                   "numpy.load(PATH)['arrival'].")
 def live_run_command(scenario: Any, strategy: str | None, rate: float | None, load: float | None,
                      duration: float | None, seed: int | None, impl: str, json_path: str | None,
-                     max_in_flight: int, drain_s: float | None, dashboard: bool) -> None:
+                     max_in_flight: int, drain_s: float | None, dashboard: bool, keep_requests: str | None) -> None:
     """Run one scenario live: start its processes on free loopback ports, send its workload
     through the balancer, stop everything, and print the same summary as `testbed sim run`.
 
@@ -98,7 +101,8 @@ def live_run_command(scenario: Any, strategy: str | None, rate: float | None, lo
 
     scenario = apply_overrides(scenario, strategy, rate, load, duration, seed)
     echo_notices(impl, scenario)
-    result = run_live_scenario(scenario, impl, max_in_flight=max_in_flight, drain_s=drain_s, dashboard=dashboard)
+    result = run_live_scenario(scenario, impl, max_in_flight=max_in_flight, drain_s=drain_s, dashboard=dashboard,
+                               keep_requests=keep_requests)
     result["impl"] = impl
     click.echo(run_summary(result))
     write_json(json_path, result)
