@@ -23,6 +23,7 @@ much of a difference is real.
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -67,6 +68,15 @@ def run_job(job: Job) -> dict[str, Any]:
     return result
 
 
+def process_pool(workers: int | None = None) -> ProcessPoolExecutor:
+    """This machine's pool, ``workers`` processes (default one per core), forked by a forkserver that
+    holds the imports rather than by this process: CPython runs at-fork handlers in a process that
+    forks, and a Ctrl-C landing in one (logging's lock release) is lost, so the sweep went on."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["experiments.compare", "solutions.impl", "sim.model"])
+    return ProcessPoolExecutor(max_workers=workers or os.cpu_count(), mp_context=ctx)
+
+
 def sweep(scenario: Scenario, strategies: Sequence[str], loads: Sequence[float], reps: int, *,
           impl: str = "auto", executor: Executor | None = None, workers: int | None = None,
           progress: Callable[[int], None] | None = None,
@@ -84,7 +94,7 @@ def sweep(scenario: Scenario, strategies: Sequence[str], loads: Sequence[float],
                 progress(1)
         return results
     own = executor is None
-    pool = executor or ProcessPoolExecutor(max_workers=workers or os.cpu_count())
+    pool = executor or process_pool(workers)
     try:
         futures: dict[Future, int] = {pool.submit(run_job, job): i for i, job in enumerate(jobs)}
         out: list[dict[str, Any] | None] = [None] * len(jobs)
