@@ -133,10 +133,10 @@ def _sweep(scenario: Scenario, strategies: list[str], loads: list[float], reps: 
     except ExecutorError as exc:
         raise click.ClickException(str(exc)) from None
     rows = aggregate(results)
-    click.echo(sweep_table(rows))
+    click.echo(sweep_table(rows, scenario=scenario))  # theory's values beside, where it has them
     if plot:
         from experiments.plot import plot_sweep
-        click.echo(f"wrote {plot_sweep(rows, plot, title=title)}")
+        click.echo(f"wrote {plot_sweep(rows, plot, title=title, scenario=scenario)}")
     write_json(json_path, {"scenario": scenario.to_dict(), "strategies": strategies, "loads": loads,
                             "reps": reps, "seeds": [scenario.seed + r for r in range(reps)], "impl": impl,
                             "summary": rows, "runs": results})
