@@ -10,7 +10,10 @@ it cannot cover data. A sweep of one load is drawn as points on a short axis aro
 
 Given the sweep's scenario, where queueing theory has a mean response time for a strategy
 (:func:`experiments.theory.mean_field_response_s`: the supermarket model), a first panel
-shows the simulated mean against load with theory as a dashed line in the strategy's colour.
+shows the simulated mean against load with theory as a dashed line in the strategy's colour;
+where a run's warm-up was too short for its load and theory knows the transient (random:
+M/M/1 from empty, :func:`experiments.theory.from_empty_response_s`), a hollow diamond marks
+what that run should measure.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ def draw_sweep(rows: Sequence[dict[str, Any]], *, title: str, live: Sequence[dic
 
     strategies = sorted({r["strategy"] for r in [*rows, *live]})
     colours = {strategy: f"C{i}" for i, strategy in enumerate(strategies)}
-    theory = _theory_curves(rows, scenario)
+    theory, from_empty = _theory_curves(rows, scenario), _from_empty_points(rows, scenario)
     panels = ("mean", *_PANELS) if theory else _PANELS
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.5 * len(panels) + 4.5, 5.2),
                              gridspec_kw={"width_ratios": [1] * len(panels) + [0.8]})
@@ -93,6 +96,10 @@ def draw_sweep(rows: Sequence[dict[str, Any]], *, title: str, live: Sequence[dic
             # One load has no line to draw: a short dash marks theory's value there.
             latency_axes[0].plot(xs, ys, "--" if len(xs) > 1 else "_", color=colour, linewidth=1.5, markersize=24,
                                  mew=2, zorder=2)
+        empty = [(shift(x), y) for x, y in from_empty.get(strategy, [])]
+        if empty:
+            latency_axes[0].plot([x for x, _ in empty], [y for _, y in empty], "D", color=colour, markersize=9,
+                                 markerfacecolor="none", mew=1.5, zorder=4)
         for ax, key in zip(latency_axes, panels):
             points = [(r["load"], r["latency_ms"][key], f) for r, f in zip(mine, failed)
                       if r["latency_ms"][key]["mean"] is not None]
@@ -135,6 +142,9 @@ def draw_sweep(rows: Sequence[dict[str, Any]], *, title: str, live: Sequence[dic
                               label="some requests failed"))
     if theory:
         handles.append(plt.Line2D([], [], color="grey", linestyle="--", label="mean-field (n \u2192 \u221e)"))
+    if from_empty:
+        handles.append(plt.Line2D([], [], color="grey", marker="D", markerfacecolor="none", linestyle="none",
+                                  label="theory from empty, this run's window (warm-up too short)"))
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
     fig.suptitle(f"{title}\n{_caption(rows, live, bool(theory))}", fontsize=11)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
@@ -156,6 +166,20 @@ def _theory_curves(rows: Sequence[dict[str, Any]], scenario: Scenario | None) ->
             xs = [loads[0] + (loads[-1] - loads[0]) * k / 200 for k in range(201)] if len(loads) > 1 else loads
             curves[strategy] = (xs, [1000 * (mean_field_response_s(scenario, strategy, x) or 0.0) for x in xs])
     return curves
+
+
+def _from_empty_points(rows: Sequence[dict[str, Any]], scenario: Scenario | None) -> dict[str, list]:
+    """Strategy -> [(load, ms)] that runs too short for their load should measure, where theory knows."""
+    from experiments.theory import from_empty_response_s
+
+    points: dict[str, list] = {}
+    if scenario is None:
+        return points
+    for r in rows:
+        value = from_empty_response_s(scenario, r["strategy"], r["load"])
+        if value is not None:
+            points.setdefault(r["strategy"], []).append((r["load"], 1000 * value))
+    return points
 
 
 def _curve(ax: Any, xs: list[float], cells: list[dict[str, float | None]], hollow: list[bool], colour: str, *,

@@ -186,20 +186,21 @@ def sweep_table(rows: Sequence[dict[str, Any]], *, scenario: Scenario | None = N
         lines.append(f"  * the warm-up ({scenario.warmup_s:g} s) is shorter than this point needs (up to {worst:,.0f} s: "
                      "two M/M/1 relaxation times\n    for random), so its mean is biased low: run it with a longer "
                      "duration and warm-up.")
-        lines.extend(_from_empty(row, scenario) for row, _ in short if row["strategy"] == "random")
+        lines.extend(filter(None, (_from_empty(row, scenario) for row, _ in short)))
     return "\n".join(lines)
 
 
 def _from_empty(row: dict[str, Any], scenario: Scenario) -> str:
-    """What a random row with too short a warm-up should show: M/M/1's exact transient from empty
-    over the run's window (:func:`experiments.theory.mm1_transient_response_s`), against the mean."""
-    from experiments.theory import matches, mm1_transient_response_s, supermarket_mu
+    """Under the * note: what a run this short should show where theory knows the transient
+    (:func:`experiments.theory.from_empty_response_s`), against the mean; else nothing."""
+    from experiments.theory import from_empty_response_s, matches
 
-    mu = supermarket_mu(scenario) or 1.0  # a value: theory applies to the row
-    expected = 1000 * mm1_transient_response_s(row["load"] * mu, mu, scenario.warmup_s, scenario.duration_s)
-    mean = row["latency_ms"]["mean"]
-    said = (f"    random at {row['load']:g}: from empty, M/M/1 over {scenario.warmup_s:g}..{scenario.duration_s:g} s "
-            f"averages {_ms(expected)} ms (exact transient)")
+    expected_s = from_empty_response_s(scenario, row["strategy"], row["load"])
+    if expected_s is None:
+        return ""
+    expected, mean = 1000 * expected_s, row["latency_ms"]["mean"]
+    said = (f"    {row['strategy']} at {row['load']:g}: from empty, M/M/1 over {scenario.warmup_s:g}.."
+            f"{scenario.duration_s:g} s averages {_ms(expected)} ms (exact transient)")
     if mean["mean"] is None:
         return said
     verdict = "ok" if matches(mean["mean"], mean["ci95"], expected) else "OFF"

@@ -51,9 +51,9 @@ import numpy as np
 if TYPE_CHECKING:
     from core.scenario import Scenario
 
-__all__ = ["CHOICES", "MATCH_REL_TOL", "TIMEOUT_MEANS", "erlang_c_response_s", "matches", "md1_response_s",
-           "mean_field_response_s", "mm1_relaxation_s", "mm1_response_s", "mm1_transient_response_s", "mmck_blocking", "power_of_d_response_s",
-           "supermarket_mu", "warmup_needed_s"]
+__all__ = ["CHOICES", "MATCH_REL_TOL", "TIMEOUT_MEANS", "erlang_c_response_s", "from_empty_response_s", "matches",
+           "md1_response_s", "mean_field_response_s", "mm1_relaxation_s", "mm1_response_s", "mm1_transient_response_s",
+           "mmck_blocking", "power_of_d_response_s", "supermarket_mu", "warmup_needed_s"]
 
 #: Servers each strategy samples before picking the shortest (random: one, so no choice at all).
 CHOICES = {"random": 1, "power_of_two": 2}
@@ -211,3 +211,14 @@ def warmup_needed_s(scenario: Scenario, strategy: str, load: float) -> float | N
     if strategy == "random":
         return 2 * mm1_relaxation_s(load * mu, mu)
     return 5 / (1 - load) / mu
+
+
+def from_empty_response_s(scenario: Scenario, strategy: str, load: float) -> float | None:
+    """What a run of ``scenario`` should measure where its warm-up is too short for the point
+    (:func:`warmup_needed_s`) and theory knows the transient: random's M/M/1 from empty over the
+    run's window ``[warmup_s, duration_s)``. None elsewhere (the stationary value stands)."""
+    needed_s = warmup_needed_s(scenario, strategy, load)
+    mu = supermarket_mu(scenario)
+    if strategy != "random" or needed_s is None or mu is None or scenario.warmup_s >= needed_s:
+        return None
+    return mm1_transient_response_s(load * mu, mu, scenario.warmup_s, scenario.duration_s)

@@ -138,6 +138,15 @@ def test_the_plot_draws_theory_dashed_in_each_strategy_colour_with_a_mean_panel(
         assert all(not legend_box.overlaps(ax.get_window_extent()) for ax in fig.axes)
     finally:
         plt.close(fig)
+    assert not [ln for ln in mean_ax.get_lines() if ln.get_marker() == "D"]  # warm-up long enough: no diamonds
+    fig = draw_sweep(rows, title="t", scenario=variant().replace(duration_s=20, warmup_s=10))
+    try:
+        diamonds = [ln for ln in fig.axes[0].get_lines() if ln.get_marker() == "D"]
+        assert [ln.get_color() for ln in diamonds] == ["C2"] and len(diamonds[0].get_xdata()) == 1  # random, 0.9
+        assert diamonds[0].get_ydata()[0] == pytest.approx(1000 * mm1_transient_response_s(36, 40, 10, 20))
+        assert any("from empty" in t.get_text() for t in fig.legends[0].get_texts())
+    finally:
+        plt.close(fig)
     fig = draw_sweep(rows, title="t")
     try:
         assert len(fig.axes) == 4  # no scenario, no theory: the usual panels
