@@ -4,26 +4,31 @@
 
 Issue 12's target: a 4-repetition sweep on a 2-worker Dask cluster on this
 machine runs at least 1.5x faster than the same repetitions one after another.
-Both are :func:`experiments.compare.sweep` on the same grid (one strategy, one
-load, ``reps`` seeds): "one after another" in this process, "dask" on a
-``LocalCluster`` of ``workers`` processes with one thread each, through
-:func:`experiments.executors.open_executor`, exactly as ``testbed sim compare
---executor dask`` runs them. The two alternate round by round (so a neighbour's
-burst of CPU hurts both alike), the best round of each counts, and the figure
-is their ratio; the two give the very same runs, which is checked too.
+Every side is :func:`experiments.compare.sweep` on the same grid (one strategy,
+one load, ``reps`` seeds):
 
-Starting the cluster (spawning its processes, importing the project there,
-checking every worker's code) is paid once per sweep, not per repetition, so it
-is timed apart and printed beside, and both sides are warmed up on a short run
-first. The load average is printed too: on a machine shared with other work
-the ratio falls below ``workers`` for want of free cores, not of Dask.
+* **one after another**, in this process;
+* **process pool**: ``workers`` processes of the local pool (the default
+  executor), started before the clock: what the machine gives that many
+  plain processes right now, the baseline for Dask's own cost;
+* **dask**: a ``LocalCluster`` of ``workers`` processes with one thread each,
+  through :func:`experiments.executors.open_executor`, exactly as ``testbed
+  sim compare --executor dask`` runs them.
 
-So a second figure does not depend on the neighbours: the CPU time each side
-spent (this process, plus for Dask every process of the local cluster:
-scheduler here, nannies, workers), summed over the rounds. Dask's extra CPU
-is its whole cost; ``workers x`` (CPU one after another / CPU on Dask) is the
-speed-up the sweep would have on ``workers`` free cores, its repetitions split
-evenly (``reps`` a multiple of ``workers``).
+The sides alternate round by round (so a neighbour's burst of CPU hurts all
+alike), the best round of each counts, and the figures are ratios to one after
+another; all sides give the very same runs, which is checked too. Starting the
+cluster (spawning its processes, importing the project there, checking every
+worker's code) is paid once per sweep, not per repetition, so it is timed
+apart, and every side is warmed up on a short run first.
+
+On a machine shared with other work, two processes do not get two cores: the
+process pool's ratio says what they got, and Dask's ratio is to be read beside
+it. A last figure does not depend on the neighbours at all: the CPU time each
+side spent (this process and all its descendants: the pool's, the cluster's
+nannies and workers), summed over the rounds. ``workers x`` (CPU one after
+another / CPU on Dask) is the speed-up the sweep would have on ``workers`` free
+cores, its repetitions split evenly (``reps`` a multiple of ``workers``).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from typing import Any, Callable
 
 import click
 
-from experiments.compare import sweep
+from experiments.compare import process_pool, sweep
 from experiments.executors import open_executor
 from experiments.options import bench_json_option
 
@@ -44,6 +49,8 @@ __all__ = ["TARGET", "bench_dask_command", "run"]
 
 #: The issue's target for the ratio (one after another / dask).
 TARGET = 1.5
+
+SIDES = ("one after another", "process pool", "dask")
 
 
 def _cpu_s() -> float:
@@ -64,40 +71,51 @@ def _cpu_s() -> float:
 def run(*, reps: int = 4, workers: int = 2, duration_s: float = 300.0, rounds: int = 3, scenario: str = "seed",
         strategy: str = "least_connections", load: float = 0.9, json_path: str | None = None,
         echo: Callable[[str], None] = print) -> int:
-    """Measure and print; return the exit status (0, or 1 when the two ways gave different runs)."""
+    """Measure and print; return the exit status (0, or 1 when the sides gave different runs)."""
     from experiments.scenarios import load as load_scenario
 
     s = load_scenario(scenario).replace(duration_s=duration_s)
     grid = ([strategy], [load], reps)
     cores = os.cpu_count() or 1
     echo(f"bench dask: {reps} repetitions of {s.name} ({strategy}, load {load:.2f}, {duration_s:g} s simulated "
-         f"each); one after another in this process, and on a {workers}-worker Dask LocalCluster "
-         f"(1 thread each); load average {os.getloadavg()[0]:.1f} on {cores} cores")
-    warm = s.replace(duration_s=min(duration_s, 5.0))
-    sweep(warm, [strategy], [load], 1, workers=1)
+         f"each): one after another in this process, on a {workers}-process pool, and on a {workers}-worker Dask "
+         f"LocalCluster (1 thread each); load average {os.getloadavg()[0]:.1f} on {cores} cores")
+    warm = ([strategy], [load], workers)
+    sweep(s.replace(duration_s=min(duration_s, 5.0)), [strategy], [load], 1, workers=1)
     t0 = time.perf_counter()
-    with open_executor("dask", workers=workers, echo=lambda text: echo("  " + text)) as pool:
+    with process_pool(workers) as local, open_executor("dask", workers=workers,
+                                                       echo=lambda text: echo("  " + text)) as pool:
         start_s = time.perf_counter() - t0
-        sweep(warm, [strategy], [load], workers, executor=pool.executor, check=pool.check)
-        times: dict[str, list[float]] = {"one after another": [], "dask": []}
-        cpu = {name: 0.0 for name in times}
-        runs: dict[str, Any] = {}
+        ways: dict[str, Callable[[Any], list[dict[str, Any]]]] = {
+            "one after another": lambda sc: sweep(sc, *grid, workers=1),
+            "process pool": lambda sc: sweep(sc, *grid, executor=local),
+            "dask": lambda sc: sweep(sc, *grid, executor=pool.executor, check=pool.check),
+        }
+        for name in SIDES[1:]:
+            sweep(s.replace(duration_s=min(duration_s, 5.0)), *warm,
+                  executor=local if name == "process pool" else pool.executor)
+        times: dict[str, list[float]] = {name: [] for name in SIDES}
+        cpu = {name: 0.0 for name in SIDES}
+        runs: dict[str, str] = {}
         for r in range(rounds):
-            for name in times:
+            for name in SIDES:
                 t, c = time.perf_counter(), _cpu_s()
-                runs[name] = sweep(s, *grid, workers=1) if name == "one after another" else \
-                    sweep(s, *grid, executor=pool.executor, check=pool.check)
+                result = ways[name](s)
                 times[name].append(time.perf_counter() - t)
                 cpu[name] += _cpu_s() - c
+                runs[name] = json.dumps(result)  # as written: a NaN equals a NaN there
             echo(f"  round {r + 1}: " + ", ".join(f"{name} {ts[-1]:.2f} s" for name, ts in times.items()))
     best = {name: min(ts) for name, ts in times.items()}
-    ratio = best["one after another"] / best["dask"]
+    speedup = {name: best["one after another"] / best[name] for name in SIDES[1:]}
     on_free_cores = workers * cpu["one after another"] / cpu["dask"]
-    same = json.dumps(runs["one after another"]) == json.dumps(runs["dask"])  # as written: NaN is NaN there
-    echo(f"  cluster start-up {start_s:.1f} s (once per sweep)")
-    echo(f"  => best of {rounds}: one after another {best['one after another']:.2f} s, dask {best['dask']:.2f} s: "
-         f"{ratio:.2f}x faster on Dask (target >= {TARGET}x: {'met' if ratio >= TARGET else 'NOT met'}); "
-         f"{'the same runs' if same else 'DIFFERENT runs'}")
+    same = len(set(runs.values())) == 1
+    echo(f"  pool and cluster start-up {start_s:.1f} s (once per sweep)")
+    echo(f"  => best of {rounds}: " + ", ".join(f"{name} {best[name]:.2f} s" for name in SIDES)
+         + f"; {'the same runs' if same else 'DIFFERENT runs'}")
+    echo(f"  => dask {speedup['dask']:.2f}x faster than one after another (target >= {TARGET}x: "
+         f"{'met' if speedup['dask'] >= TARGET else 'NOT met'}); {workers} plain processes got "
+         f"{speedup['process pool']:.2f}x on this machine now, so Dask reached "
+         f"{100 * speedup['dask'] / speedup['process pool']:.0f}% of what it could")
     echo(f"  => CPU time over the rounds: one after another {cpu['one after another']:.2f} s, dask "
          f"{cpu['dask']:.2f} s in all its processes ({100 * (cpu['dask'] / cpu['one after another'] - 1):+.0f}%): "
          f"on {workers} free cores {on_free_cores:.2f}x faster")
@@ -106,8 +124,9 @@ def run(*, reps: int = 4, workers: int = 2, duration_s: float = 300.0, rounds: i
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps({"reps": reps, "workers": workers, "duration_s": duration_s, "rounds": rounds,
                                  "scenario": s.name, "strategy": strategy, "load": load,
-                                 "load_average": os.getloadavg()[0], "cores": cores, "cluster_start_s": start_s,
-                                 "times_s": times, "best_s": best, "speedup": ratio, "target": TARGET,
+                                 "load_average": os.getloadavg()[0], "cores": cores, "start_s": start_s,
+                                 "times_s": times, "best_s": best, "speedup": speedup["dask"],
+                                 "speedup_process_pool": speedup["process pool"], "target": TARGET,
                                  "cpu_s": cpu, "speedup_on_free_cores": on_free_cores,
                                  "same_runs": same}, indent=2) + "\n")
         echo(f"wrote {p}")

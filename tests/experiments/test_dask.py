@@ -207,7 +207,9 @@ def test_bench_dask_smoke(tmp_path: pathlib.Path) -> None:
     lines: list[str] = []
     assert run(reps=2, workers=2, duration_s=2, rounds=1, json_path=str(tmp_path / "b.json"), echo=lines.append) == 0
     said = "\n".join(lines)
-    assert "x faster on Dask (target >= 1.5x: " in said and "the same runs" in said, said
+    assert "x faster than one after another (target >= 1.5x: " in said and "the same runs" in said, said
+    assert "2 plain processes got " in said, said
     data = json.loads((tmp_path / "b.json").read_text())
-    assert data["same_runs"] is True and data["speedup"] > 0 and len(data["times_s"]["dask"]) == 1
+    assert data["same_runs"] is True and data["speedup"] > 0 and data["speedup_process_pool"] > 0
+    assert len(data["times_s"]["dask"]) == len(data["times_s"]["process pool"]) == 1
     assert data["cpu_s"]["dask"] > 0 and data["speedup_on_free_cores"] > 0 and "on 2 free cores" in said
