@@ -177,8 +177,10 @@ def _register() -> None:
     from experiments.cli_live import live_group
     from experiments.cli_node import node_command
     from experiments.cli_registry import registry_command
+    from experiments.bench_dask import bench_dask_command
     from experiments.cli_sim import compare_command, sim_group
     from experiments.figures import figures_command
+    bench.add_command(bench_dask_command)
     main.add_command(sim_group)
     main.add_command(live_group)
     main.add_command(compare_command)

@@ -79,16 +79,26 @@ def sim_group() -> None:
 @click.argument("scenario", type=ScenarioParam())
 @run_options
 @quiet_option
+@click.option("--keep-requests", type=OutputPath(), default=None,
+              help="Also write every request (arrival, node, start, end, outcome) to this .npz as the run "
+                   "goes, in bounded memory; numpy.load(PATH)['arrival'].")
 def sim_run(scenario: Scenario, strategy: str | None, rate: float | None, load: float | None,
-            duration: float | None, seed: int | None, impl: str, json_path: str | None, quiet: bool) -> None:
+            duration: float | None, seed: int | None, impl: str, json_path: str | None, quiet: bool,
+            keep_requests: str | None) -> None:
     """Simulate one scenario and print its summary."""
     from experiments.progress import over_time
     from experiments.report import run_summary, scheduled_faults
+    from sim.requests_file import RequestsFileError
     from solutions.impl import simulation
 
     scenario = apply_overrides(scenario, strategy, rate, load, duration, seed)
     echo_notices(impl, scenario)
     model = simulation(scenario, impl)
+    if keep_requests:
+        try:
+            model.keep_requests(keep_requests)
+        except RequestsFileError as exc:
+            raise click.BadParameter(str(exc), param_hint="--keep-requests") from None
     with over_time(f"simulating {scenario.duration_s:g} s", quiet=quiet) as update:
         result = model.run(progress=update).results()
     result["impl"] = impl

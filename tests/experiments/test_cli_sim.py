@@ -166,3 +166,26 @@ def test_dask_without_the_dask_extra_is_one_line(monkeypatch: pytest.MonkeyPatch
     assert result.exit_code == 1, result.output
     assert "Error: a sweep on Dask needs the dask extra" in result.output
     assert "pip install 'resilience-testbed[dask]'" in result.output and "Traceback" not in result.output
+
+
+def test_sim_run_keeps_every_request_when_asked(tmp_path: pathlib.Path) -> None:
+    import numpy as np
+
+    rows, out = tmp_path / "rows.npz", tmp_path / "run.json"
+    result = CliRunner().invoke(main, ["sim", "run", "seed", "--duration", "5", "--keep-requests", str(rows),
+                                       "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(out.read_text())
+    with np.load(rows) as kept:
+        assert sorted(kept.files) == ["arrival", "end", "node", "outcome", "start"]
+        arrival = kept["arrival"]
+    assert len(arrival) == summary["simulated_requests"] > 0
+    in_window = (arrival >= summary["warmup_s"]) & (arrival < summary["duration_s"])
+    assert int(in_window.sum()) == summary["requests"]["sent"]
+
+
+def test_sim_run_refuses_a_requests_file_it_cannot_write(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "dir").mkdir()
+    result = CliRunner().invoke(main, ["sim", "run", "seed", "--duration", "5", "--keep-requests",
+                                       str(tmp_path / "dir")])
+    assert result.exit_code == 2 and "--keep-requests" in result.output and "Traceback" not in result.output
