@@ -33,8 +33,10 @@ from core.strategies import NoHealthyBackend
 from live.discovery import RegistryAnswer
 from live.http import _KeyTwice
 from live.cluster import ChildFailed
+from experiments.executors import ExecutorError
 from live.run import LiveRunError
 from live.upstream import ConnectFailed, UpstreamError, _TooManyHeaders
+from sim.requests_file import RequestsFileError
 from solutions.properties import Counterexample
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -68,6 +70,8 @@ SAMPLES: list[BaseException] = [
     RegistryAnswer("register", 409, '{"error": {"status": 409}}'),
     _KeyTwice("id"),
     _TooManyHeaders(),
+    ExecutorError("tcp://127.0.0.1:8786: no answer within 10 s (--connect-timeout)"),
+    RequestsFileError("/nope/x.npz: cannot write there (No such file or directory)"),
 ]
 
 
