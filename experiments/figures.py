@@ -48,6 +48,11 @@ FIGURES = {f.name: f for f in (
             "--strategies", "round_robin,least_connections,weighted_least_connections"),
            ("--loads", "0.5", "--duration", "3", "--reps", "2", "--strategies", "round_robin,least_connections"),
            "about 10 minutes: nine live runs of 60 s"),
+    Figure("supermarket.png",
+           ("sim", "compare", "supermarket", "--strategies", "random,power_of_two,least_connections",
+            "--loads", "0.5,0.7,0.9,0.95,0.99"),
+           ("--strategies", "random,power_of_two", "--loads", "0.5,0.9", "--reps", "2", "--duration", "1"),
+           "about 1 h 40 min on 2 cores: 75 runs, 291 million simulated requests"),
 )}
 
 
@@ -76,8 +81,9 @@ def _pick(names: tuple[str, ...]) -> list[Figure]:
 def figures_command(names: tuple[str, ...], out: pathlib.Path, data: pathlib.Path, quick: bool,
                     list_only: bool) -> None:
     """Regenerate the README's figures (all of them, or the NAMEs given), each with the
-    testbed command that draws it: seed-compare.png (a simulated sweep, about 10 s) and
-    seed-sim-vs-live.png (simulated and live, about 10 minutes of live runs)."""
+    testbed command that draws it: seed-compare.png (a simulated sweep, about 10 s),
+    seed-sim-vs-live.png (simulated and live, about 10 minutes of live runs) and
+    supermarket.png (1,000 nodes against queueing theory, about 1 h 40 min)."""
     main = click.get_current_context().find_root().command  # the testbed group, without importing it back
     figures = _pick(names)
     if quick and out.resolve() == FIGURES_DIR:

@@ -103,7 +103,9 @@ def draw_sweep(rows: Sequence[dict[str, Any]], *, title: str, live: Sequence[dic
         for ax, key in zip(latency_axes, panels):
             points = [(r["load"], r["latency_ms"][key], f) for r, f in zip(mine, failed)
                       if r["latency_ms"][key]["mean"] is not None]
-            _curve(ax, [x for x, _, _ in points], [c for _, c, _ in points], [f > 0 for _, _, f in points], colour)
+            # Beside theory's dashed line the simulated means are points, so the line shows where they sit on it.
+            _curve(ax, [x for x, _, _ in points], [c for _, c, _ in points], [f > 0 for _, _, f in points], colour,
+                   joined=not (key == "mean" and strategy in theory))
             mine_live = sorted((shift(r["load"]), r["latency_ms"][key], failed_percent(r) > 0) for r in live
                                if r["strategy"] == strategy and r["latency_ms"][key] is not None)
             _crosses(ax, mine_live, colour)
@@ -183,15 +185,15 @@ def _from_empty_points(rows: Sequence[dict[str, Any]], scenario: Scenario | None
 
 
 def _curve(ax: Any, xs: list[float], cells: list[dict[str, float | None]], hollow: list[bool], colour: str, *,
-           log: bool = True) -> None:
-    """Means joined by a line with 95% CI bars; a point where requests failed is drawn hollow."""
+           log: bool = True, joined: bool = True) -> None:
+    """Means joined by a line (unless not ``joined``) with 95% CI bars; a point where requests failed is hollow."""
     if not xs:
         return
     ys = [c["mean"] or 0.0 for c in cells]  # callers pass only cells with samples, so a mean
     errs = [c["ci95"] or 0.0 for c in cells]
     # On a log axis a lower bar must stay above zero.
     lower = [min(e, 0.9 * y) for e, y in zip(errs, ys)] if log else [min(e, y) for e, y in zip(errs, ys)]
-    ax.errorbar(xs, ys, yerr=[lower, errs], capsize=3, color=colour, marker="none")
+    ax.errorbar(xs, ys, yerr=[lower, errs], capsize=3, color=colour, marker="none", linestyle="-" if joined else "none")
     for fill in (False, True):
         pts = [(x, y) for x, y, h in zip(xs, ys, hollow) if h != fill]
         if pts:

@@ -35,6 +35,8 @@ def test_figures_lists_each_command() -> None:
     assert result.exit_code == 0, result.output
     assert "seed-compare.png (about 10 s): testbed compare seed --plot" in result.output
     assert "seed-sim-vs-live.png" in result.output and "--mode both" in result.output
+    assert ("testbed sim compare supermarket --strategies random,power_of_two,least_connections "
+            "--loads 0.5,0.7,0.9,0.95,0.99 --plot") in result.output
 
 
 def test_figures_refuses_bad_names_and_quick_over_the_shipped_ones() -> None:
@@ -46,7 +48,8 @@ def test_figures_refuses_bad_names_and_quick_over_the_shipped_ones() -> None:
 
 
 def test_every_figure_is_drawn_by_its_command_at_small_sizes(tmp_path: pathlib.Path) -> None:
-    """Both figures, the live one included (two live runs of 3 s, about 25 s in all on 2 cores)."""
+    """Every figure, the live one included (two live runs of 3 s) and the supermarket one (eight
+    runs of 1,000 nodes for 1 s): about 40 s in all on 2 cores."""
     shipped = {p: p.stat().st_mtime_ns for p in FIGURES_DIR.glob("*.png")}
     done = subprocess.run([TESTBED, "figures", "--quick", "--out", str(tmp_path), "--data", str(tmp_path)],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -55,4 +58,5 @@ def test_every_figure_is_drawn_by_its_command_at_small_sizes(tmp_path: pathlib.P
         assert (tmp_path / name).read_bytes()[:8] == PNG and (tmp_path / name).stat().st_size > 20_000, name
         assert (tmp_path / name).with_suffix(".json").exists(), name
     assert "failed (% of sent) by kind" in done.stdout and "live vs sim" in done.stdout
+    assert "sim vs theory" in done.stdout and "mean-field limit (n -> infinity)" in done.stdout  # supermarket.png
     assert {p: p.stat().st_mtime_ns for p in FIGURES_DIR.glob("*.png")} == shipped
