@@ -61,6 +61,11 @@ ejected through its ejector. The backend just picked is judged on each pick
 (``eject_after_failures`` 0) is never ejected. Stalls come out as
 :class:`~core.outlier.Stalled` events (:meth:`drain_stalls`).
 
+State changes for a timeline (:mod:`core.timeline`): :meth:`drain_events`
+hands out every backend's health flips (``up`` <-> ``down``, at the ``now``
+of the check or refusal that flipped it) and its ejector's transitions, as
+:class:`~core.events.TimelineEvent` values, oldest first per source.
+
 Active checks (:class:`~core.health.CheckSchedule`): membership changes keep
 the schedule in step, :meth:`due_checks` says whose check is due. The
 simulator checks every backend at once each interval and does not use it.
@@ -73,7 +78,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from core.circuit_breaker import CircuitBreaker, Permit, State
-from core.events import EventLog
+from core.events import EventLog, TimelineEvent
 from core.health import CheckSchedule, HealthTracker, counts_as_failure, default_health_timeout_s
 from core.latency import PeakEwma
 from core.outlier import NOT_AN_ANSWER, StallClock, Stalled, StallRule
@@ -169,6 +174,7 @@ class BalancerState:
         self.stall_rule: StallRule | None = StallRule(default_health_timeout_s(spec.health_check_interval_s))
         self.checks: CheckSchedule[BackendEntry] = CheckSchedule(spec.health_check_interval_s)
         self._stalls: EventLog[Stalled] = EventLog()
+        self._health_changes: EventLog[TimelineEvent] = EventLog()
         #: Set by a driver that follows a registry: the cap, who was left out, who was refused.
         self.follower: RegistryFollower | None = None
 
@@ -196,15 +202,35 @@ class BalancerState:
             self.index.exit(entry)
             entry.index = None
 
-    def hold(self, entry: BackendEntry) -> None:
+    def hold(self, entry: BackendEntry, *, now: float | None = None) -> None:
         """Keep ``entry`` out of rotation until its first active check passes (a backend a registry named)."""
+        was = entry.health.healthy
         entry.health.hold()
+        self._health_seen(entry, was, now)
         self._changed(entry)
 
-    def checked(self, entry: BackendEntry, ok: bool) -> None:
-        """An active health check of ``entry`` passed or failed (an entry that has left since is no one's)."""
+    def checked(self, entry: BackendEntry, ok: bool, *, now: float | None = None) -> None:
+        """An active health check of ``entry`` passed or failed (an entry that has left since is no one's),
+        at ``now`` (None: a flip it causes is not timed, and not listed by :meth:`drain_events`)."""
+        was = entry.health.healthy
         entry.health.observe(ok)
+        self._health_seen(entry, was, now)
         self._changed(entry)
+
+    def _health_seen(self, entry: BackendEntry, was: bool, now: float | None) -> None:
+        if entry.health.healthy != was and now is not None:
+            self._health_changes.emit(TimelineEvent(now, entry.id, "health", "up" if was else "down",
+                                                    "down" if was else "up"))
+
+    def drain_events(self) -> list[TimelineEvent]:
+        """Health flips and ejector transitions since the last drain (see the module docstring)."""
+        out = self._health_changes.drain()
+        for entry in self.backends.values():
+            ejector = entry.ejector
+            if ejector is not None:
+                out.extend(TimelineEvent(c.at, entry.id, "ejector", c.old.name, c.new.name, c.signal.value)
+                           for c in ejector.drain_events())
+        return out
 
     def _changed(self, entry: BackendEntry, now: float | None = None) -> None:
         """Tell the pick index (if any) that ``entry`` may have changed, at ``now`` (None: no time passed)."""
@@ -296,7 +322,9 @@ class BalancerState:
         """The connection failed before anything was sent."""
         entry = self._settle(attempt)
         entry.errors += 1
+        was = entry.health.healthy
         entry.health.observe(False)
+        self._health_seen(entry, was, now)
         if entry.ejector is not None and attempt.permit is not None:
             entry.ejector.record_failure(attempt.permit, now=now)
         self._changed(entry, now)

@@ -7,7 +7,8 @@ today: the live registry (``live/registry.py``) logs every membership change
 and counts it in ``GET /metrics``, after each request and once a second. No
 driver drains a breaker's changes: the live node shows a breaker's state
 through ``status()`` (``GET /circuit-status`` and a gauge in ``GET /metrics``),
-and the simulator's record is the per-request outcome log. The log is
+and the simulator's record is the per-request outcome log. A run's timeline
+(:mod:`core.timeline`) drains them all, as :class:`TimelineEvent` values. The log is
 bounded: left undrained it keeps the newest ``maxlen`` events and counts the
 older ones it pushed out in ``dropped``, so its memory never grows.
 """
@@ -15,9 +16,10 @@ older ones it pushed out in ``dropped``, so its memory never grows.
 from __future__ import annotations
 
 from collections import deque
-from typing import Generic, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
-__all__ = ["EventLog"]
+__all__ = ["EventLog", "TimelineEvent"]
 
 E = TypeVar("E")
 
@@ -44,3 +46,24 @@ class EventLog(Generic[E]):
 
     def __len__(self) -> int:
         return len(self._events)
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineEvent:
+    """``target`` went from ``old`` to ``new`` at ``t`` (seconds); ``kind`` is one of
+    :data:`core.timeline.EVENT_KINDS`; ``detail`` says more where there is more to say (a fault's what, a
+    breaker's signal). What a run's timeline lists (:mod:`core.timeline`)."""
+
+    t: float
+    target: str
+    kind: str
+    old: str
+    new: str
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"t": round(self.t, 6), "target": self.target, "kind": self.kind, "from": self.old,
+                               "to": self.new}
+        if self.detail:
+            out["detail"] = self.detail
+        return out

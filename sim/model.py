@@ -42,6 +42,14 @@ ten million requests needs no more memory than a short one. ``keep_rows=True``
 keeps every row in ``sim.log`` instead (tests, small runs); the results are
 the same either way.
 
+Timeline. The same chunks also fold into a :class:`core.timeline.Timeline`
+(per ``interval_s``, overall and per node), and the core objects' own state
+changes go beside it: the balancer's (health, ejector) and the node
+breakers' event logs are drained on each health-check tick and at the end,
+and the scenario's faults are listed from the scenario. A node that crashes
+starts afresh: a breaker it left not CLOSED shows as reset ("restarted") when
+it comes back. ``interval_s=None`` keeps no timeline.
+
 Nothing here decides policy: admission, breaking, picking, retrying and health
 are all ``core`` calls; this module moves simulated time.
 """
@@ -60,7 +68,9 @@ from core.node_pipeline import NodePipeline, Rejected, Ticket
 from core.rate_limiter import TokenBucket
 from core.results import CHUNK_ROWS, OUTCOME_STATUS, Outcome, RequestLog, new_summary, scenario_results
 from core.scenario import NodeSpec, Scenario
+from core.events import TimelineEvent
 from core.strategies import STRATEGIES, BaseStrategy, NoHealthyBackend
+from core.timeline import TIMELINE_NODES, Timeline, breaker_events, fault_events
 from core.workload import (
     ARRIVAL_STREAM, CLIENT_STREAM, NODE_STREAM, chunks, client_ids, node_chunk_size, open_loop, service_times,
     strategy_seed, streams, think_times,
@@ -104,6 +114,7 @@ class SimNode:
         self.up = True
         self.error_rate = 0.0
         self.extra_latency_s = 0.0
+        self.breaker_at_crash = "CLOSED"
 
     # -- the request path ----------------------------------------------------
     def accept(self, req: Request) -> None:
@@ -135,11 +146,18 @@ class SimNode:
         """Go down: everything held fails now; the process comes back fresh when it recovers."""
         now = self.env.now
         self.up = False
+        self.sim.drain_breaker(self)
+        breaker = self.pipeline.breaker
+        self.breaker_at_crash = breaker.state.name if breaker is not None else "CLOSED"
         for ticket in self.pipeline.crash():
             self.sim.finish(ticket.payload, _ERR, now)
 
     def recover(self) -> None:
         self.up = True
+        if self.breaker_at_crash != "CLOSED" and self.sim.timeline is not None:
+            self.sim.timeline.add_events([TimelineEvent(self.env.now, self.spec.id, "breaker", self.breaker_at_crash,
+                                                        "CLOSED", "restarted")])
+        self.breaker_at_crash = "CLOSED"
 
 
 class Simulation:
@@ -147,16 +165,22 @@ class Simulation:
 
     def __init__(self, scenario: Scenario, *, strategy_cls: type[BaseStrategy] | None = None,
                  limiter_cls: type[TokenBucket] | None = None, keep_rows: bool = False,
-                 chunk_rows: int = CHUNK_ROWS) -> None:
+                 chunk_rows: int = CHUNK_ROWS, interval_s: float | None = 1.0,
+                 timeline_nodes: int = TIMELINE_NODES) -> None:
         """``strategy_cls`` and ``limiter_cls`` default to the classes in ``core`` (the exercises'
         own, stubs included); whose code runs is the caller's choice (``solutions.impl.simulate``).
         ``keep_rows`` keeps every request's row in :attr:`log` (memory grows with the run); the rows are
-        folded into the summary ``chunk_rows`` at a time either way."""
+        folded into the summary ``chunk_rows`` at a time either way. ``interval_s`` is the timeline's
+        interval (None: no timeline), with per-node series for up to ``timeline_nodes`` nodes."""
         self.scenario = scenario
         self.env = simpy.Environment()
         self.summary = new_summary(warmup_s=scenario.warmup_s, duration_s=scenario.duration_s,
                                    nodes=len(scenario.nodes))
-        self.log = RequestLog(keep=keep_rows, sinks=[self.summary.fold], chunk_rows=chunk_rows)
+        self.timeline = (Timeline(interval_s=interval_s, duration_s=scenario.duration_s,
+                                  node_ids=[n.id for n in scenario.nodes], workers=[n.workers for n in scenario.nodes],
+                                  node_series=timeline_nodes) if interval_s is not None else None)
+        sinks = [self.summary.fold] if self.timeline is None else [self.summary.fold, self.timeline.fold]
+        self.log = RequestLog(keep=keep_rows, sinks=sinks, chunk_rows=chunk_rows)
         self._files: list[RequestsFile] = []
         rngs = streams(scenario.seed, NODE_STREAM + len(scenario.nodes))  # who uses which: core.workload
         self._rng_arrivals, self._rng_clients = rngs[ARRIVAL_STREAM], rngs[CLIENT_STREAM]
@@ -241,9 +265,28 @@ class Simulation:
         interval = self.scenario.balancer.health_check_interval_s
         while self.arrivals_open or self.in_flight:
             yield self.env.timeout(interval)
+            now = self.env.now
             for entry in self.balancer.backends.values():
-                self.balancer.checked(entry, entry.driver.up)
-            self.balancer.tick(now=self.env.now)  # hung backends the strategy no longer picks (core.outlier)
+                self.balancer.checked(entry, entry.driver.up, now=now)
+            self.balancer.tick(now=now)  # hung backends the strategy no longer picks (core.outlier)
+            self.drain_events()
+
+    # -- the timeline's state changes ------------------------------------------
+    def drain_breaker(self, node: SimNode) -> None:
+        """The node's breaker's changes so far into the timeline (before a crash replaces the breaker)."""
+        breaker = node.pipeline.breaker
+        if breaker is not None:
+            changes = breaker.drain_events()
+            if self.timeline is not None:
+                self.timeline.add_events(breaker_events(node.spec.id, "breaker", changes))
+
+    def drain_events(self) -> None:
+        """Every core object's state changes so far into the timeline (and out of their bounded logs)."""
+        events = self.balancer.drain_events()
+        for node in self.nodes:
+            self.drain_breaker(node)
+        if self.timeline is not None:
+            self.timeline.add_events(events)
 
     def _fault(self, node: SimNode, start: float, end: float, error_rate: float, extra_ms: float,
                down: bool) -> Any:
@@ -270,6 +313,7 @@ class Simulation:
         try:
             self._run(progress)
             self.log.flush()
+            self.drain_events()
             for f in self._files:
                 f.close()
         except BaseException:
@@ -285,6 +329,8 @@ class Simulation:
         else:
             env.process(self._open_arrivals())
         env.process(self._health_checks())
+        if self.timeline is not None:
+            self.timeline.add_events(fault_events(self.scenario))
         for node in self.nodes:
             for f in node.spec.faults:
                 env.process(self._fault(node, f.start_s, f.end_s, f.error_rate, f.extra_latency_ms, f.down))
@@ -302,5 +348,8 @@ class Simulation:
 
     def results(self) -> dict[str, Any]:
         """The results JSON (:mod:`core.results`) of the run, from its summary."""
-        return scenario_results(self.summary, self.scenario, mode="sim", simulated_requests=len(self.log))
+        extra: dict[str, Any] = {"simulated_requests": len(self.log)}
+        if self.timeline is not None:
+            extra["timeline"] = self.timeline.as_dict()
+        return scenario_results(self.summary, self.scenario, mode="sim", **extra)
 

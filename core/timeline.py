@@ -1,0 +1,314 @@
+"""Timelines: a run per interval, overall and per node, and its state changes; one schema for sim and live.
+
+Theory of operation
+-------------------
+A run's results (:mod:`core.results`) say what its measurement window added
+up to; a :class:`Timeline` says how it went. It folds the same chunks of
+request rows (``arrival``, ``node``, ``start``, ``end``, ``outcome``) the
+run's summary folds, as they are handed on, and keeps per interval of
+``interval_s`` seconds, overall and per node:
+
+* ``requests`` and each outcome: ``ok``, ``rate_limited``, ``backpressure``,
+  ``circuit_open``, ``errors`` (5xx, refused connections, no backend,
+  timeouts) of the requests whose response **completed** in the interval, as
+  a scraper of the servers' counters would count them. (The run's window
+  counts requests by arrival; a timeline counts what happened when.)
+* ``throughput_rps``: OK responses completed in the interval per second;
+* ``p50_ms``, ``p95_ms``, ``p99_ms``: response time (arrival to response)
+  of those OK responses, from a t-digest of ``INTERVAL_CENTROIDS``
+  centroids per interval and node (exact up to that many responses; null
+  when there were none);
+* ``in_flight``: requests sent and not yet answered at the interval's end
+  (what a gauge scraped then reads);
+* ``share`` (per node): its part of the interval's requests that a node
+  took; ``utilization`` (per node, and the overall mean): the time its
+  workers spent serving inside the interval over ``workers * interval_s``.
+
+The first interval starts at the run's time 0 (the first arrival's clock);
+intervals go on past ``duration_s`` while responses still complete (the
+drain), at most ``MAX_INTERVALS`` of them; a row later than that is counted
+in ``"later"``.
+
+State changes are :class:`TimelineEvent` values (a time, a target, a kind,
+from, to) handed in by the driver from the core objects' own event logs:
+the node breakers', the balancer's (:meth:`core.balancer_state.BalancerState.drain_events`:
+health and ejector), the registry's membership changes
+(:func:`membership_events`) and the scenario's faults
+(:func:`fault_events`, the same for a simulated and a live run).
+
+:meth:`Timeline.as_dict` is the ``"timeline"`` of the results JSON, in
+columns, so ``pandas.DataFrame(timeline["overall"], index=timeline["t"])``
+reads it directly::
+
+    {"interval_s": 1.0, "t": [0.0, 1.0, ...], "later": 0,
+     "overall": {"requests": [...], "ok": [...], ..., "in_flight": [...], "utilization": [...]},
+     "nodes": {"node-1": {"requests": [...], ..., "share": [...], "utilization": [...]}, ...},
+     "nodes_omitted": 0,
+     "events": [{"t": 20.0, "target": "node-1", "kind": "health", "from": "up", "to": "down"}, ...]}
+
+Per-node series are kept for at most ``node_series`` nodes (default
+``TIMELINE_NODES``); a run over more nodes keeps the overall series only and
+says how many it left out in ``"nodes_omitted"``. Memory is the counters and
+digests of ``intervals x (nodes + 1)``, whatever the number of requests.
+
+Pure numbers: no I/O, no clock; the same chunks fold into the same timeline.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from fastdigest import TDigest, merge_all
+
+from core.events import TimelineEvent
+from core.results import Outcome
+
+if TYPE_CHECKING:
+    from core.circuit_breaker import StateChange
+    from core.registry import MembershipChange
+    from core.scenario import Scenario
+
+__all__ = ["EVENT_KINDS", "INTERVAL_CENTROIDS", "MAX_INTERVALS", "SERIES", "TIMELINE_NODES", "Timeline",
+           "TimelineEvent", "breaker_events", "fault_events", "membership_events"]
+
+#: Intervals a timeline holds at most (an hour of 1 s intervals): a longer run needs a larger interval.
+MAX_INTERVALS = 3600
+#: Per-node series for at most this many nodes by default.
+TIMELINE_NODES = 100
+#: Centroids of each interval's t-digest: exact up to this many responses an interval and node; ~3 KB at most.
+INTERVAL_CENTROIDS = 200
+
+#: The series of the overall part, in order; a node's adds ``share``.
+SERIES = ("requests", "ok", "rate_limited", "backpressure", "circuit_open", "errors", "throughput_rps",
+          "p50_ms", "p95_ms", "p99_ms", "in_flight", "utilization")
+#: What an event is about: a node's breaker, the balancer's view of a backend (health, ejector), the registry's
+#: membership, a scheduled fault.
+EVENT_KINDS = ("breaker", "ejector", "health", "membership", "fault")
+
+_OUTCOMES = len(Outcome)
+_ERRORS = [int(o) for o in (Outcome.SERVER_ERROR, Outcome.CONNECT_ERROR, Outcome.NO_BACKEND, Outcome.TIMEOUT)]
+_QUANTILES = (("p50_ms", 0.50), ("p95_ms", 0.95), ("p99_ms", 0.99))
+
+
+def breaker_events(target: str, kind: str, changes: Iterable[StateChange], t0: float = 0.0) -> list[TimelineEvent]:
+    """A breaker's :class:`~core.circuit_breaker.StateChange` values as events of ``kind`` (``breaker``, a node's;
+    ``ejector``, the balancer's for a backend), their times less ``t0`` (the run's time origin)."""
+    return [TimelineEvent(c.at - t0, target, kind, c.old.name, c.new.name, c.signal.value) for c in changes]
+
+
+def membership_events(changes: Iterable[MembershipChange], t0: float = 0.0) -> list[TimelineEvent]:
+    """A registry's :class:`~core.registry.MembershipChange` values as ``membership`` events: ``to`` is what
+    happened (joined, rejoined, died, revived, left, removed), ``from`` what the node was before (``absent``,
+    ``alive``, ``dead``), followed change by change."""
+    status: dict[str, str] = {}
+    after = {"joined": "alive", "rejoined": "alive", "revived": "alive", "died": "dead", "left": "absent",
+             "removed": "absent"}
+    out = []
+    for c in changes:
+        before = status.get(c.node_id, "absent")
+        status[c.node_id] = after.get(c.kind, before)
+        out.append(TimelineEvent(c.at - t0, c.node_id, "membership", before, c.kind))
+    return out
+
+
+def fault_events(scenario: Scenario) -> list[TimelineEvent]:
+    """The scenario's faults as ``fault`` events: ``ok`` -> what (``down``, ``error_rate 0.5``,
+    ``extra_latency_ms 200``) at its start, back to ``ok`` at its end. The same for a simulated and a live run
+    of the scenario: both play the faults on the run's clock."""
+    out = []
+    for node in scenario.nodes:
+        for f in node.faults:
+            what = ", ".join(part for part in (
+                "down" if f.down else "",
+                f"error_rate {f.error_rate:g}" if f.error_rate else "",
+                f"extra_latency_ms {f.extra_latency_ms:g}" if f.extra_latency_ms else "") if part) or "none"
+            out.append(TimelineEvent(f.start_s, node.id, "fault", "ok", what))
+            out.append(TimelineEvent(f.end_s, node.id, "fault", what, "ok"))
+    return out
+
+
+class Timeline:
+    """Per-interval series of one run, folded from its request rows; see the module docstring."""
+
+    def __init__(self, *, interval_s: float, duration_s: float, node_ids: Sequence[str], workers: Sequence[int],
+                 node_series: int = TIMELINE_NODES) -> None:
+        if not (isinstance(interval_s, (int, float)) and math.isfinite(interval_s) and interval_s > 0):
+            raise ValueError(f"interval_s must be a positive number of seconds, got {interval_s!r}")
+        if len(node_ids) != len(workers):
+            raise ValueError("node_ids and workers differ in length")
+        wanted = math.ceil(duration_s / interval_s - 1e-9)
+        if wanted > MAX_INTERVALS:
+            raise ValueError(f"a timeline of {wanted} intervals of {interval_s:g} s for a run of {duration_s:g} s: "
+                             f"at most {MAX_INTERVALS}; give an interval of at least "
+                             f"{duration_s / MAX_INTERVALS:.3g} s")
+        self.interval_s = float(interval_s)
+        self.duration_s = float(duration_s)
+        self.node_ids = list(node_ids)
+        self.workers = np.asarray(workers, dtype=np.float64)
+        self.per_node = len(node_ids) <= node_series
+        # Groups: 0 is "no node" (the balancer had none), 1 + i is node i; or one group for all when per-node
+        # series are not kept.
+        self._groups = len(node_ids) + 1 if self.per_node else 1
+        self._size = 0
+        empty = np.zeros((0, self._groups), dtype=np.float64)
+        self._counts: np.ndarray = np.zeros((0, self._groups, _OUTCOMES), dtype=np.int64)
+        self._sent: np.ndarray = empty.astype(np.int64)
+        self._done: np.ndarray = empty.astype(np.int64)
+        self._busy: np.ndarray = empty
+        self._full: np.ndarray = empty.copy()
+        self._grow(max(1, wanted))
+        self._digests: dict[int, TDigest] = {}  # interval * groups + group -> digest of OK response times
+        self._events: list[TimelineEvent] = []
+        self.later = 0  # rows that completed after MAX_INTERVALS intervals
+
+    def _grow(self, size: int) -> None:
+        """Hold at least ``size`` intervals (the counters grow as responses complete later)."""
+        if size <= self._size:
+            return
+        size = min(MAX_INTERVALS, max(size, 2 * self._size))
+
+        def grown(a: np.ndarray, rows: int) -> np.ndarray:
+            out = np.zeros((rows, *a.shape[1:]), dtype=a.dtype)
+            out[:a.shape[0]] = a
+            return out
+        self._counts = grown(self._counts, size)  # (interval, group, outcome), by completion
+        self._sent = grown(self._sent, size + 1)  # (interval, group): requests by arrival interval
+        self._done = grown(self._done, size + 1)  # the same by completion interval
+        self._busy = grown(self._busy, size)      # seconds served in the first and last interval of a service
+        self._full = grown(self._full, size + 1)  # whole intervals between them, as differences (seconds)
+        self._size = size
+
+    # -- folding ----------------------------------------------------------------
+    def fold(self, columns: Mapping[str, np.ndarray]) -> None:
+        """Add one chunk of rows (the columns of :data:`core.results.COLUMNS`)."""
+        arrival, node, start, end, outcome = (columns[k] for k in ("arrival", "node", "start", "end", "outcome"))
+        if not arrival.size:
+            return
+        step = self.interval_s
+        done = np.floor(np.maximum(end, 0.0) / step).astype(np.int64)
+        self._grow(int(done.max()) + 1)
+        late = done >= self._size
+        if late.any():
+            self.later += int(late.sum())
+            keep = ~late
+            arrival, node, start, end, outcome, done = (a[keep] for a in (arrival, node, start, end, outcome, done))
+        g = self._groups
+        group = (node.astype(np.int64) + 1) if self.per_node else np.zeros(node.size, dtype=np.int64)
+        group = np.clip(group, 0, g - 1)
+        size = self._size
+
+        key = done * g + group
+        self._counts += np.bincount(key * _OUTCOMES + outcome.astype(np.int64),
+                                    minlength=self._counts.size).reshape(self._counts.shape)
+        sent = np.clip(np.floor(np.maximum(arrival, 0.0) / step).astype(np.int64), 0, size)
+        self._sent += np.bincount(sent * g + group, minlength=self._sent.size).reshape(self._sent.shape)
+        self._done += np.bincount(key, minlength=self._done.size).reshape(self._done.shape)
+
+        served = ~np.isnan(start) & (node >= 0)
+        if served.any():
+            self._fold_busy(start[served], end[served], group[served])
+
+        ok = outcome == Outcome.OK
+        if ok.any():
+            self._fold_latency(key[ok], (end - arrival)[ok])
+
+    def _fold_busy(self, start: np.ndarray, end: np.ndarray, group: np.ndarray) -> None:
+        """Each service interval ``[start, end)`` split over the timeline's intervals: the first and last
+        partly (``_busy``), the ones between wholly (a difference array, ``_full``)."""
+        step, g, size = self.interval_s, self._groups, self._size
+        start = np.maximum(start, 0.0)
+        a = np.floor(start / step).astype(np.int64)
+        b = np.minimum(np.floor(end / step).astype(np.int64), size - 1)
+        end = np.minimum(end, size * step)
+        same = a == b
+        first = np.where(same, end - start, (a + 1) * step - start)
+        self._busy += np.bincount(a * g + group, weights=first, minlength=self._busy.size).reshape(self._busy.shape)
+        apart = ~same & (b > a)
+        if apart.any():
+            last = end[apart] - b[apart] * step
+            self._busy += np.bincount(b[apart] * g + group[apart], weights=last,
+                                      minlength=self._busy.size).reshape(self._busy.shape)
+            between = b[apart] - a[apart] > 1
+            if between.any():
+                lo, hi, grp = a[apart][between] + 1, b[apart][between], group[apart][between]
+                flat = self._full.size
+                self._full += (np.bincount(lo * g + grp, minlength=flat)
+                               - np.bincount(hi * g + grp, minlength=flat)).reshape(self._full.shape) * step
+
+    def _fold_latency(self, key: np.ndarray, response_s: np.ndarray) -> None:
+        """OK response times into the digest of their (interval, group), one batch per digest."""
+        order = np.argsort(key, kind="stable")
+        key, response_s = key[order], response_s[order]
+        cuts = np.flatnonzero(np.diff(key)) + 1
+        digests = self._digests
+        for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), key.size]):
+            k = int(key[lo])
+            digest = digests.get(k)
+            if digest is None:
+                digest = digests[k] = TDigest(INTERVAL_CENTROIDS)
+            digest.batch_update(response_s[lo:hi])  # type: ignore[arg-type]  # any float buffer
+
+    def add_events(self, events: Iterable[TimelineEvent]) -> None:
+        """State changes to show beside the series (any order; the output is sorted by time)."""
+        self._events.extend(events)
+
+    # -- reading ------------------------------------------------------------------
+    def _span(self) -> int:
+        """Intervals to show: up to the run's end, and on while responses still completed."""
+        wanted = max(1, math.ceil(self.duration_s / self.interval_s - 1e-9))
+        done = np.flatnonzero(self._counts.sum(axis=(1, 2)))
+        return min(self._size, max(wanted, int(done[-1]) + 1 if done.size else 0))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``"timeline"`` of the results JSON (see the module docstring)."""
+        n, g, step = self._span(), self._groups, self.interval_s
+        counts = self._counts[:n]
+        in_flight = (np.cumsum(self._sent, axis=0) - np.cumsum(self._done, axis=0))[:n]
+        busy = (self._busy + np.cumsum(self._full, axis=0)[:-1])[:n]
+
+        def series(c: np.ndarray, flight: np.ndarray, digests: list[TDigest | None]) -> dict[str, list[Any]]:
+            out: dict[str, list[Any]] = {
+                "requests": c.sum(axis=1).tolist(),
+                "ok": c[:, Outcome.OK].tolist(),
+                "rate_limited": c[:, Outcome.RATE_LIMITED].tolist(),
+                "backpressure": c[:, Outcome.BACKPRESSURE].tolist(),
+                "circuit_open": c[:, Outcome.CIRCUIT_OPEN].tolist(),
+                "errors": c[:, _ERRORS].sum(axis=1).tolist(),
+                "throughput_rps": (c[:, Outcome.OK] / step).tolist(),
+            }
+            for name, q in _QUANTILES:
+                out[name] = [None if d is None else round(d.quantile(q) * 1000.0, 6) for d in digests]
+            out["in_flight"] = flight.tolist()
+            return out
+
+        def digests_of(group: int) -> list[TDigest | None]:
+            return [self._digests.get(k * g + group) for k in range(n)]
+
+        def merged(k: int) -> TDigest | None:
+            parts = [d for grp in range(g) if (d := self._digests.get(k * g + grp)) is not None]
+            return None if not parts else parts[0] if len(parts) == 1 else merge_all(parts)
+
+        overall = series(counts.sum(axis=1), in_flight.sum(axis=1), [merged(k) for k in range(n)])
+        capacity = float(self.workers.sum()) * step
+        overall["utilization"] = (busy.sum(axis=1) / capacity if capacity else np.zeros(n)).tolist()
+
+        nodes: dict[str, dict[str, list[Any]]] = {}
+        if self.per_node:
+            routed = counts[:, 1:, :].sum(axis=2)  # requests a node took, per interval and node
+            total = routed.sum(axis=1)
+            for i, node_id in enumerate(self.node_ids):
+                s = series(counts[:, i + 1, :], in_flight[:, i + 1], digests_of(i + 1))
+                s["share"] = [float(r / t) if t else None for r, t in zip(routed[:, i].tolist(), total.tolist())]
+                s["utilization"] = (busy[:, i + 1] / (self.workers[i] * step)).tolist()
+                nodes[node_id] = s
+        return {
+            "interval_s": step,
+            "t": [round(k * step, 9) for k in range(n)],
+            "later": self.later,
+            "overall": overall,
+            "nodes": nodes,
+            "nodes_omitted": 0 if self.per_node else len(self.node_ids),
+            "events": [e.as_dict() for e in sorted(self._events, key=lambda e: (e.t, e.target, e.kind))],
+        }
