@@ -26,7 +26,8 @@ run's summary folds, as they are handed on, and keeps per interval of
 
 The first interval starts at the run's time 0 (the first arrival's clock);
 intervals go on past ``duration_s`` while responses still complete (the
-drain), at most ``MAX_INTERVALS`` of them; a row later than that is counted
+drain), at most ``MAX_INTERVALS`` of them (:func:`default_interval_s` is one
+second, or longer for a run of more than an hour); a row later than that is counted
 in ``"later"``.
 
 State changes are :class:`TimelineEvent` values (a time, a target, a kind,
@@ -70,7 +71,7 @@ if TYPE_CHECKING:
     from core.registry import MembershipChange
     from core.scenario import Scenario
 
-__all__ = ["EVENT_KINDS", "INTERVAL_CENTROIDS", "MAX_INTERVALS", "SERIES", "TIMELINE_NODES", "Timeline",
+__all__ = ["default_interval_s", "EVENT_KINDS", "INTERVAL_CENTROIDS", "MAX_INTERVALS", "SERIES", "TIMELINE_NODES", "Timeline",
            "TimelineEvent", "breaker_events", "fault_events", "membership_events"]
 
 #: Intervals a timeline holds at most (an hour of 1 s intervals): a longer run needs a larger interval.
@@ -86,6 +87,15 @@ SERIES = ("requests", "ok", "rate_limited", "backpressure", "circuit_open", "err
 #: What an event is about: a node's breaker, the balancer's view of a backend (health, ejector), the registry's
 #: membership, a scheduled fault.
 EVENT_KINDS = ("breaker", "ejector", "health", "membership", "fault")
+
+def default_interval_s(duration_s: float) -> float:
+    """One second, or for a run too long for ``MAX_INTERVALS`` of them the first of 2, 5, 10, 20, 50, ...
+    seconds that fits."""
+    step = 1.0
+    while duration_s / step > MAX_INTERVALS:
+        step *= 2.5 if str(step).startswith("2") else 2.0
+    return step
+
 
 _OUTCOMES = len(Outcome)
 _ERRORS = [int(o) for o in (Outcome.SERVER_ERROR, Outcome.CONNECT_ERROR, Outcome.NO_BACKEND, Outcome.TIMEOUT)]

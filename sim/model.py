@@ -48,7 +48,7 @@ changes go beside it: the balancer's (health, ejector) and the node
 breakers' event logs are drained on each health-check tick and at the end,
 and the scenario's faults are listed from the scenario. A node that crashes
 starts afresh: a breaker it left not CLOSED shows as reset ("restarted") when
-it comes back. ``interval_s=None`` keeps no timeline.
+it comes back. ``timeline=False`` keeps none.
 
 Nothing here decides policy: admission, breaking, picking, retrying and health
 are all ``core`` calls; this module moves simulated time.
@@ -70,7 +70,7 @@ from core.results import CHUNK_ROWS, OUTCOME_STATUS, Outcome, RequestLog, new_su
 from core.scenario import NodeSpec, Scenario
 from core.events import TimelineEvent
 from core.strategies import STRATEGIES, BaseStrategy, NoHealthyBackend
-from core.timeline import TIMELINE_NODES, Timeline, breaker_events, fault_events
+from core.timeline import TIMELINE_NODES, Timeline, breaker_events, default_interval_s, fault_events
 from core.workload import (
     ARRIVAL_STREAM, CLIENT_STREAM, NODE_STREAM, chunks, client_ids, node_chunk_size, open_loop, service_times,
     strategy_seed, streams, think_times,
@@ -165,20 +165,23 @@ class Simulation:
 
     def __init__(self, scenario: Scenario, *, strategy_cls: type[BaseStrategy] | None = None,
                  limiter_cls: type[TokenBucket] | None = None, keep_rows: bool = False,
-                 chunk_rows: int = CHUNK_ROWS, interval_s: float | None = 1.0,
+                 chunk_rows: int = CHUNK_ROWS, timeline: bool = True, interval_s: float | None = None,
                  timeline_nodes: int = TIMELINE_NODES) -> None:
         """``strategy_cls`` and ``limiter_cls`` default to the classes in ``core`` (the exercises'
         own, stubs included); whose code runs is the caller's choice (``solutions.impl.simulate``).
         ``keep_rows`` keeps every request's row in :attr:`log` (memory grows with the run); the rows are
-        folded into the summary ``chunk_rows`` at a time either way. ``interval_s`` is the timeline's
-        interval (None: no timeline), with per-node series for up to ``timeline_nodes`` nodes."""
+        folded into the summary ``chunk_rows`` at a time either way. ``timeline`` keeps a timeline of
+        ``interval_s`` (None: :func:`core.timeline.default_interval_s`), with per-node series for up to
+        ``timeline_nodes`` nodes."""
         self.scenario = scenario
         self.env = simpy.Environment()
         self.summary = new_summary(warmup_s=scenario.warmup_s, duration_s=scenario.duration_s,
                                    nodes=len(scenario.nodes))
+        if interval_s is None:
+            interval_s = default_interval_s(scenario.duration_s)
         self.timeline = (Timeline(interval_s=interval_s, duration_s=scenario.duration_s,
                                   node_ids=[n.id for n in scenario.nodes], workers=[n.workers for n in scenario.nodes],
-                                  node_series=timeline_nodes) if interval_s is not None else None)
+                                  node_series=timeline_nodes) if timeline else None)
         sinks = [self.summary.fold] if self.timeline is None else [self.summary.fold, self.timeline.fold]
         self.log = RequestLog(keep=keep_rows, sinks=sinks, chunk_rows=chunk_rows)
         self._files: list[RequestsFile] = []

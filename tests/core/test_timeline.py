@@ -11,7 +11,9 @@ from core.circuit_breaker import Signal, State, StateChange
 from core.events import TimelineEvent
 from core.registry import MembershipChange
 from core.results import Outcome
-from core.timeline import INTERVAL_CENTROIDS, MAX_INTERVALS, Timeline, breaker_events, membership_events
+from core.timeline import (
+    INTERVAL_CENTROIDS, MAX_INTERVALS, Timeline, breaker_events, default_interval_s, membership_events,
+)
 
 STEP = 0.5
 
@@ -166,3 +168,10 @@ def test_events_come_out_sorted_and_converted() -> None:
     assert events[2]["from"] == "alive" and events[4]["from"] == "dead"
     assert events[3] == {"t": 5.0, "target": "a", "kind": "breaker", "from": "CLOSED", "to": "OPEN",
                          "detail": "trip"}
+
+
+def test_the_default_interval_is_a_second_or_the_first_round_one_that_fits() -> None:
+    assert default_interval_s(90) == 1.0 and default_interval_s(3600) == 1.0
+    assert [default_interval_s(d) for d in (3601, 7300, 18001, 40000, 92_000)] == [2.0, 5.0, 10.0, 20.0, 50.0]
+    for d in (1, 3601, 10**6):
+        Timeline(interval_s=default_interval_s(d), duration_s=d, node_ids=["a"], workers=[1])

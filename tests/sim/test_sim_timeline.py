@@ -48,7 +48,7 @@ def test_the_timeline_adds_up_to_the_run_and_changes_nothing_in_it() -> None:
     results = with_timeline.results()
     tl = results.pop("timeline")
     assert sum(tl["overall"]["requests"]) == len(with_timeline.log) == results["simulated_requests"]
-    without = simulation(scenario, keep_rows=True, interval_s=None).run().results()
+    without = simulation(scenario, keep_rows=True, timeline=False).run().results()
     assert "timeline" not in without and without == results
     again = simulation(scenario, keep_rows=False).run().results()["timeline"]
     assert again == tl
