@@ -45,3 +45,25 @@ def test_counts_a_process_and_its_children() -> None:
 
 def test_unknown_pid_is_nothing() -> None:
     assert cpu_seconds([2 ** 22 + 7]) == 0.0
+
+
+def test_the_dashboard_viewer_keeps_a_stream_open_and_counts_its_snapshots() -> None:
+    from experiments.bench_live import DashboardViewer, _testbed
+
+    node = _testbed("node", "--id", "watched-node")
+    lb = None
+    try:
+        lb = _testbed("balancer", "--nodes", str(node.port))
+        viewer = DashboardViewer(lb.port)
+        try:
+            deadline = time.monotonic() + 60
+            while viewer.snapshots < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert viewer.snapshots >= 2  # one a second while the stream is open
+        finally:
+            viewer.close()
+        assert not viewer._thread.is_alive()
+    finally:
+        for proc in (lb, node):
+            if proc is not None:
+                proc.stop()
