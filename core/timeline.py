@@ -228,7 +228,9 @@ class Timeline:
         """Each service interval ``[start, end)`` split over the timeline's intervals: the first and last
         partly (``_busy``), the ones between wholly (a difference array, ``_full``)."""
         step, g, size = self.interval_s, self._groups, self._size
-        start = np.maximum(start, 0.0)
+        # A response cut off by the balancer's timeout ends (for the client) before its service may even start:
+        # such a row adds nothing, as in the run's summary.
+        start = np.minimum(np.maximum(start, 0.0), end)
         a = np.floor(start / step).astype(np.int64)
         b = np.minimum(np.floor(end / step).astype(np.int64), size - 1)
         end = np.minimum(end, size * step)
