@@ -53,6 +53,7 @@ FIGURES = {f.name: f for f in (
             "--loads", "0.5,0.7,0.9,0.95,0.99"),
            ("--strategies", "random,power_of_two", "--loads", "0.5,0.9", "--reps", "2", "--duration", "1"),
            "about 1 h 40 min on 2 cores: 75 runs, 291 million simulated requests"),
+    Figure("faults-timeline.png", ("sim", "run", "faults"), ("--duration", "30"), "about 5 s"),
 )}
 
 
@@ -82,8 +83,9 @@ def figures_command(names: tuple[str, ...], out: pathlib.Path, data: pathlib.Pat
                     list_only: bool) -> None:
     """Regenerate the README's figures (all of them, or the NAMEs given), each with the
     testbed command that draws it: seed-compare.png (a simulated sweep, about 10 s),
-    seed-sim-vs-live.png (simulated and live, about 10 minutes of live runs) and
-    supermarket.png (1,000 nodes against queueing theory, about 1 h 40 min)."""
+    seed-sim-vs-live.png (simulated and live, about 10 minutes of live runs),
+    supermarket.png (1,000 nodes against queueing theory, about 1 h 40 min) and
+    faults-timeline.png (one simulated run of the faults scenario over time, about 5 s)."""
     main = click.get_current_context().find_root().command  # the testbed group, without importing it back
     figures = _pick(names)
     if quick and out.resolve() == FIGURES_DIR:

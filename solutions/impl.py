@@ -163,14 +163,17 @@ def scenario_classes(scenario: Scenario, impl: Impl | str = Impl.AUTO) -> Scenar
     return ScenarioClasses(strategy_class(scenario.balancer.strategy, impl), limiter)
 
 
-def simulation(scenario: Scenario, impl: Impl | str = Impl.AUTO) -> Simulation:
-    """A :class:`sim.model.Simulation` of ``scenario`` built with the exercise classes ``impl`` picks."""
+def simulation(scenario: Scenario, impl: Impl | str = Impl.AUTO, *, interval_s: float | None = 1.0) -> Simulation:
+    """A :class:`sim.model.Simulation` of ``scenario`` built with the exercise classes ``impl`` picks;
+    ``interval_s`` is its timeline's interval in seconds (None: no timeline)."""
     from sim.model import Simulation
 
     classes = scenario_classes(scenario, impl)
-    return Simulation(scenario, strategy_cls=classes.strategy_cls, limiter_cls=classes.limiter_cls)
+    return Simulation(scenario, strategy_cls=classes.strategy_cls, limiter_cls=classes.limiter_cls,
+                      interval_s=interval_s)
 
 
-def simulate(scenario: Scenario, impl: Impl | str = Impl.AUTO) -> dict[str, Any]:
-    """Simulate ``scenario`` with the exercise classes ``impl`` picks; return the results dict."""
-    return simulation(scenario, impl).run().results()
+def simulate(scenario: Scenario, impl: Impl | str = Impl.AUTO, *, interval_s: float | None = 1.0) -> dict[str, Any]:
+    """Simulate ``scenario`` with the exercise classes ``impl`` picks; return the results dict (with a
+    timeline of ``interval_s`` seconds per interval; None: none)."""
+    return simulation(scenario, impl, interval_s=interval_s).run().results()
