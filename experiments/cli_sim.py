@@ -84,9 +84,12 @@ class Interval(click.ParamType):
         return seconds
 
 
-def check_interval(interval_s: float, duration_s: float) -> None:
+def check_interval(interval_s: float | None, duration_s: float) -> None:
     """A usage error when a run of ``duration_s`` would need more than the timeline's MAX_INTERVALS intervals
-    of ``interval_s``, naming the smallest interval that works (rounded up to three significant digits)."""
+    of ``interval_s``, naming the smallest interval that works (rounded up to three significant digits).
+    None (the default interval, :func:`core.timeline.default_interval_s`) always fits."""
+    if interval_s is None:
+        return
     needed = math.ceil(duration_s / interval_s - 1e-9)
     if needed <= MAX_INTERVALS:
         return
@@ -103,9 +106,10 @@ def check_interval(interval_s: float, duration_s: float) -> None:
 def report_options(f):
     """``--interval``, ``--plot`` and ``--report``: a run's timeline, drawn and reported."""
     for option in reversed([
-        click.option("--interval", type=Interval(), default=1.0, show_default=True,
+        click.option("--interval", type=Interval(), default=None,
                      help="Seconds per interval of the run's timeline (the \"timeline\" in --json, --plot and "
-                          f"--report); a run holds at most {MAX_INTERVALS:,} intervals."),
+                          f"--report); at most {MAX_INTERVALS:,} intervals a run. [default: 1, or for a run "
+                          f"longer than {MAX_INTERVALS:,} s the first of 2, 5, 10, 20, 50, ... that fits]"),
         click.option("--plot", type=OutputPath(), default=None,
                      help="Draw the run's timeline to this PNG: latency, throughput, failures by kind, each "
                           "node's share, in-flight and utilization over time, with faults and state changes."),
@@ -150,7 +154,7 @@ def sim_group() -> None:
 @report_options
 def sim_run(scenario: Scenario, strategy: str | None, rate: float | None, load: float | None,
             duration: float | None, seed: int | None, impl: str, json_path: str | None, quiet: bool,
-            keep_requests: str | None, interval: float, plot: str | None, report: str | None) -> None:
+            keep_requests: str | None, interval: float | None, plot: str | None, report: str | None) -> None:
     """Simulate one scenario and print its summary; --plot and --report draw how it went over time."""
     from experiments.progress import over_time
     from experiments.report import run_summary, scheduled_faults

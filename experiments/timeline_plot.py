@@ -241,7 +241,9 @@ def _event_rows(timelines: Sequence[Mapping[str, Any]], end: float) -> tuple[lis
 
 def _spans(events: Sequence[Mapping[str, Any]], end: float) -> list[tuple[float, float, str]]:
     """One row's events (time order) as (start, end, state) for every state that is not the normal one."""
-    out = []
+    out: list[tuple[float, float, str]] = []
+    if not events:
+        return out
     events = sorted(events, key=lambda e: e["t"])
     state, since = str(events[0].get("from")), 0.0
     for e in events:
@@ -283,14 +285,14 @@ def _text(s: str, limit: int = 40) -> str:
 
 def _label_panels(by_name: Mapping[str, Any], nodes: Sequence[str], node_note: str,
                   timelines: Sequence[Mapping[str, Any]]) -> None:
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     latency = by_name["latency"]
     values = [v for tl in timelines for key, _, _ in _PERCENTILES for v in _values(tl["overall"].get(key))
               if v > 0]
     log = bool(values) and max(values) > 10 * min(values)
     if log:
-        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+        from matplotlib.ticker import LogLocator, NullFormatter
         latency.set_yscale("log")
         latency.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         latency.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 200, not 2 x 10^2
@@ -314,6 +316,13 @@ def _label_panels(by_name: Mapping[str, Any], nodes: Sequence[str], node_note: s
             ax.set_ylim(bottom=0)
         if name == "in_flight":
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        if name == "failures" and not any(v > 0 for tl in timelines for key, _, _ in _FAILURES
+                                          for v in _values(tl["overall"].get(key), 0.0)):
+            ax.set_ylim(0, 1)
+            ax.text(0.5, 0.5, "no failed requests", transform=ax.transAxes, ha="center", va="center",
+                    fontsize=9, color="0.4")
+        if name in ("throughput", "failures", "in_flight"):
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,g}"))
         ax.grid(True, which="major", alpha=0.3)
     for name in ("latency", "throughput", "failures", "share"):
         if name in by_name and by_name[name].get_legend_handles_labels()[0]:
@@ -326,21 +335,22 @@ def _draw_strip(ax: Any, rows: Sequence[tuple[str, str]], timelines: Sequence[Ma
     """The event strip; returns the fault names drawn in their bars, to be kept only where they fit."""
     n = len(timelines)
     labels = []
-    for r, (target, kind) in enumerate(rows):
-        for k, tl in enumerate(timelines):
-            events = [e for e in _events(tl, end) if str(e.get("target")) == target and str(e.get("kind")) == kind]
-            if not events:
-                continue
-            top = r + 0.1 + 0.8 * k / n
-            height = 0.8 / n
-            for t0, t1, state in _spans(events, end):
-                colour, _ = _style(kind, state)
-                ax.broken_barh([(t0, max(t1 - t0, 0.0))], (top, height), facecolors=colour, edgecolors=colour,
-                               linewidth=1.0)
+    for k, tl in enumerate(timelines):
+        by_row: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+        for e in _events(tl, end):
+            by_row.setdefault((str(e.get("target")), str(e.get("kind"))), []).append(e)
+        top, height = 0.1 + 0.8 * k / n, 0.8 / n
+        for r, (target, kind) in enumerate(rows):
+            bars: dict[str, list[tuple[float, float]]] = {}  # colour -> spans: one collection each, however many
+            for t0, t1, state in _spans(by_row.get((target, kind)) or [], end):
+                bars.setdefault(_style(kind, state)[0], []).append((t0, max(t1 - t0, 0.0)))
                 if kind == "fault" and k == 0:
                     text = ax.text((t0 + t1) / 2, r + 0.5, _fault_name(state), ha="center", va="center",
                                    fontsize=8, color="white", clip_on=True)
                     labels.append((text, t0, t1, f"{_text(target, 20)} {_text(state, 30)} {t0:g}\u2013{t1:g} s"))
+            for colour, spans in bars.items():
+                # An edge as wide as a pixel keeps a state that lasted milliseconds visible.
+                ax.broken_barh(spans, (r + top, height), facecolors=colour, edgecolors=colour, linewidth=1.0)
     ax.set_ylim(len(rows) if rows else 1, 0)
     ax.set_yticks([r + 0.5 for r in range(len(rows))], [f"{_text(t, 18)} {_ROW_NAMES.get(k, _text(k, 12))}"
                                                          for t, k in rows], fontsize=8)

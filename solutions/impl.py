@@ -163,9 +163,9 @@ def scenario_classes(scenario: Scenario, impl: Impl | str = Impl.AUTO) -> Scenar
     return ScenarioClasses(strategy_class(scenario.balancer.strategy, impl), limiter)
 
 
-def simulation(scenario: Scenario, impl: Impl | str = Impl.AUTO, *, interval_s: float | None = 1.0) -> Simulation:
+def simulation(scenario: Scenario, impl: Impl | str = Impl.AUTO, *, interval_s: float | None = None) -> Simulation:
     """A :class:`sim.model.Simulation` of ``scenario`` built with the exercise classes ``impl`` picks;
-    ``interval_s`` is its timeline's interval in seconds (None: no timeline)."""
+    ``interval_s`` is its timeline's interval in seconds (None: :func:`core.timeline.default_interval_s`)."""
     from sim.model import Simulation
 
     classes = scenario_classes(scenario, impl)
@@ -173,7 +173,7 @@ def simulation(scenario: Scenario, impl: Impl | str = Impl.AUTO, *, interval_s: 
                       interval_s=interval_s)
 
 
-def simulate(scenario: Scenario, impl: Impl | str = Impl.AUTO, *, interval_s: float | None = 1.0) -> dict[str, Any]:
-    """Simulate ``scenario`` with the exercise classes ``impl`` picks; return the results dict (with a
-    timeline of ``interval_s`` seconds per interval; None: none)."""
+def simulate(scenario: Scenario, impl: Impl | str = Impl.AUTO, *, interval_s: float | None = None) -> dict[str, Any]:
+    """Simulate ``scenario`` with the exercise classes ``impl`` picks; return the results dict (its timeline in
+    intervals of ``interval_s`` seconds; None: :func:`core.timeline.default_interval_s`)."""
     return simulation(scenario, impl, interval_s=interval_s).run().results()

@@ -94,6 +94,16 @@ def test_a_simulated_run_with_a_crash_draws_every_panel_and_names_the_fault(faul
     assert (tmp_path / "sub" / "t.png").read_bytes()[:8] == PNG
 
 
+def test_a_run_without_failures_says_so_on_an_axis_from_0_to_1() -> None:
+    run = synthetic()
+    run["timeline"]["overall"]["backpressure"] = [0] * 20
+    fig = draw_timeline([run])
+    try:
+        assert fig.axes[2].get_ylim() == (0.0, 1.0) and "no failed requests" in texts(fig)
+    finally:
+        plt.close(fig)
+
+
 def test_latency_is_on_a_log_scale_only_when_it_spans_more_than_ten_times() -> None:
     for p99, scale in ((40.0, "linear"), (400.0, "log")):
         fig = draw_timeline([synthetic(p99=p99)])
@@ -198,13 +208,21 @@ def test_sim_run_plot_report_and_interval(tmp_path: pathlib.Path) -> None:
     assert timeline["interval_s"] == 0.5 and timeline["t"][:3] == [0.0, 0.5, 1.0] and len(timeline["t"]) >= 40
 
 
+def test_a_long_run_without_interval_gets_the_first_round_one_that_fits(tmp_path: pathlib.Path) -> None:
+    data = tmp_path / "x.json"
+    result = CliRunner().invoke(main, ["sim", "run", "faults", "--rate", "1", "--duration", "7300", "--json",
+                                       str(data)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(data.read_text())["timeline"]["interval_s"] == 5.0  # 1 and 2 s would need over 3,600
+
+
 @pytest.mark.parametrize("args, words", [
     (["--interval", "0"], "'--interval': 0 is not a timeline interval: give a number of seconds above 0"),
     (["--interval", "-1"], "is not a timeline interval"),
     (["--interval", "inf"], "is not a timeline interval"),
     (["--interval", "soon"], "'soon' is not a number of seconds"),
-    (["--duration", "3601"], "a run of 3601 s in intervals of 1 s needs 3,601 intervals, more than a timeline "
-                             "holds (3,600); give --interval 1.01 or more"),
+    (["--duration", "3601", "--interval", "1"], "a run of 3601 s in intervals of 1 s needs 3,601 intervals, more "
+                                                "than a timeline holds (3,600); give --interval 1.01 or more"),
     (["--duration", "100", "--interval", "0.01"], "needs 10,000 intervals"),
 ])
 def test_a_bad_interval_is_a_usage_error_before_the_run(args, words) -> None:
