@@ -66,7 +66,13 @@ def _e(value: Any) -> str:
 
 
 def _num(v: Any, fmt: str = "{:,.1f}") -> str:
-    return "&ndash;" if v is None else _e(fmt.format(v))
+    """A number formatted, escaped; a dash for None; what is not a number, as it is (escaped)."""
+    if v is None:
+        return "&ndash;"
+    try:
+        return _e(fmt.format(v))
+    except (TypeError, ValueError):
+        return _e(v)
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[int] | None = None,

@@ -164,7 +164,7 @@ def draw_timeline(runs: Sequence[Mapping[str, Any]], *, title: str | None = None
 
     fig.legend(handles=_bottom_legend(runs, names, timelines, rows, end), loc="outside lower center",
                ncol=4, frameon=False, fontsize=9)
-    fig.suptitle(title or _default_title(runs, names), fontsize=13)
+    fig.suptitle(_text(title, 200) if title else _default_title(runs, names), fontsize=13)
     fig.canvas.draw()  # lay out, so a fault's name is kept only where it fits inside its bar
     hidden = _fit_labels(fault_labels, fig)
     notes = [n for n in (node_note if not nodes else "", row_note, _hidden_note(hidden)) if n]
