@@ -71,8 +71,9 @@ if TYPE_CHECKING:
     from core.registry import MembershipChange
     from core.scenario import Scenario
 
-__all__ = ["default_interval_s", "EVENT_KINDS", "INTERVAL_CENTROIDS", "MAX_INTERVALS", "SERIES", "TIMELINE_NODES", "Timeline",
-           "TimelineEvent", "breaker_events", "fault_events", "membership_events"]
+__all__ = ["EVENT_KINDS", "INTERVAL_CENTROIDS", "MAX_INTERVALS", "SERIES", "TIMELINE_NODES", "Timeline",
+           "TimelineEvent", "breaker_events", "default_interval_s", "fault_events", "membership_events",
+           "smallest_interval_s"]
 
 #: Intervals a timeline holds at most (an hour of 1 s intervals): a longer run needs a larger interval.
 MAX_INTERVALS = 3600
@@ -87,6 +88,19 @@ SERIES = ("requests", "ok", "rate_limited", "backpressure", "circuit_open", "err
 #: What an event is about: a node's breaker, the balancer's view of a backend (health, ejector), the registry's
 #: membership, a scheduled fault.
 EVENT_KINDS = ("breaker", "ejector", "health", "membership", "fault")
+
+def smallest_interval_s(duration_s: float) -> float:
+    """The smallest interval (seconds, three significant digits, rounded up) that fits a run of ``duration_s``
+    in ``MAX_INTERVALS`` intervals."""
+    least = duration_s / MAX_INTERVALS
+    if least <= 0:
+        return 0.0
+    unit = 10.0 ** (math.floor(math.log10(least)) - 2)
+    smallest = math.ceil(least / unit - 1e-9) * unit
+    while math.ceil(duration_s / smallest - 1e-9) > MAX_INTERVALS:  # float rounding: step up until it fits
+        smallest += unit
+    return float(f"{smallest:.3g}")
+
 
 def default_interval_s(duration_s: float) -> float:
     """One second, or for a run too long for ``MAX_INTERVALS`` of them the first of 2, 5, 10, 20, 50, ...
@@ -152,7 +166,7 @@ class Timeline:
         if wanted > MAX_INTERVALS:
             raise ValueError(f"a timeline of {wanted} intervals of {interval_s:g} s for a run of {duration_s:g} s: "
                              f"at most {MAX_INTERVALS}; give an interval of at least "
-                             f"{duration_s / MAX_INTERVALS:.3g} s")
+                             f"{smallest_interval_s(duration_s):g} s")
         self.interval_s = float(interval_s)
         self.duration_s = float(duration_s)
         self.node_ids = list(node_ids)

@@ -13,6 +13,7 @@ from core.registry import MembershipChange
 from core.results import Outcome
 from core.timeline import (
     INTERVAL_CENTROIDS, MAX_INTERVALS, Timeline, breaker_events, default_interval_s, membership_events,
+    smallest_interval_s,
 )
 
 STEP = 0.5
@@ -177,3 +178,12 @@ def test_the_default_interval_is_a_second_or_the_first_round_one_that_fits() -> 
     assert [default_interval_s(d) for d in (3601, 7300, 18001, 40000, 92_000)] == [2.0, 5.0, 10.0, 20.0, 50.0]
     for d in (1, 3601, 10**6):
         Timeline(interval_s=default_interval_s(d), duration_s=d, node_ids=["a"], workers=[1])
+
+
+@pytest.mark.parametrize("duration", [3601, 3600.5, 7777, 10**6, 12345.678, 3600 * 2.5])
+def test_the_smallest_interval_named_fits_and_three_digits_lower_would_not(duration) -> None:
+    smallest = smallest_interval_s(duration)
+    Timeline(interval_s=smallest, duration_s=duration, node_ids=["a"], workers=[1])
+    below = smallest - 10.0 ** (math.floor(math.log10(smallest)) - 2)
+    with pytest.raises(ValueError, match=f"at least {smallest:g} s"):
+        Timeline(interval_s=below, duration_s=duration, node_ids=["a"], workers=[1])
