@@ -3,18 +3,20 @@ cli_balancer)."""
 
 from __future__ import annotations
 
+import pathlib
 import sys
 from typing import Any
 
 import click
 
 from core.scenario import Scenario
+from core.timeline import MAX_INTERVALS, Timeline
 from experiments.options import (
     TESTBED_COMMAND, OutputPath, ScenarioParam, apply_overrides, echo_notices, run_options, write_json,
 )
 from live.limits import DEFAULT_MAX_IN_FLIGHT
 
-__all__ = ["EXIT_GENERATOR_BEHIND", "compare_live", "live_group", "run_live_scenario"]
+__all__ = ["EXIT_GENERATOR_BEHIND", "compare_live", "live_group", "run_live_scenario", "timeline_path"]
 
 #: ``testbed live run`` exit status when the load generator fell behind the asked load.
 EXIT_GENERATOR_BEHIND = 4
@@ -48,7 +50,7 @@ def run_live_scenario(scenario: Any, impl: str, *, label: str | None = None, qui
                       **limits: Any) -> dict[str, Any]:
     """One live run with a progress bar; a process failure or Ctrl-C ends the command with a clear message.
     ``quiet`` leaves out the lines naming each process started; ``limits`` (``max_in_flight``, ``drain_s``,
-    ``dashboard``) go to :func:`live.run.run_live`."""
+    ``dashboard``, ``keep_requests``, ``interval_s``) go to :func:`live.run.run_live`."""
     from live.run import LiveRunError, run_live
 
     bar = _Bar(scenario.duration_s, label or f"live {scenario.balancer.strategy}")
@@ -72,6 +74,48 @@ def live_group() -> None:
     """Run scenarios for real: a registry, the nodes and a balancer as processes on loopback."""
 
 
+# The same three flags as `testbed sim run`'s (experiments.cli_sim.report_options). Not imported from there:
+# cli_sim imports this module (compare_live), and the layering test forbids the cycle.
+def _report_options(f: Any) -> Any:
+    for option in reversed([
+        click.option("--interval", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Seconds per interval of the run's timeline (the \"timeline\" in --json, --plot and "
+                          f"--report); at most {MAX_INTERVALS:,} intervals a run. [default: 1, or for a run "
+                          f"longer than {MAX_INTERVALS:,} s the first of 2, 5, 10, 20, 50, ... that fits]"),
+        click.option("--plot", type=OutputPath(), default=None,
+                     help="Draw the run's timeline to this PNG: latency, throughput, failures by kind, each "
+                          "node's share, in-flight and utilization over time, with faults and state changes."),
+        click.option("--report", type=OutputPath(), default=None,
+                     help="Write one self-contained HTML file here (opens offline): the summary tables, the "
+                          "timeline figure and every state change."),
+    ]):
+        f = option(f)
+    return f
+
+
+def _check_interval(interval_s: float | None, duration_s: float) -> None:
+    """A usage error, before anything starts, for an interval core's timeline refuses (not finite, or more
+    than MAX_INTERVALS of them in the run; the message names the smallest that works)."""
+    if interval_s is None:
+        return
+    try:
+        Timeline(interval_s=interval_s, duration_s=duration_s, node_ids=[], workers=[])
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--interval") from None
+
+
+def _draw(result: dict[str, Any], plot: str | None, report: str | None) -> None:
+    title = f"{result['scenario']}: {result['strategy']}, seed {result['seed']}, live"
+    if plot:
+        from experiments.timeline_plot import plot_timeline
+        plot_timeline([result], plot, title=title)
+        click.echo(f"wrote {plot}")
+    if report:
+        from experiments.html_report import write_report
+        write_report(report, [result], title=title)
+        click.echo(f"wrote {report}")
+
+
 @live_group.command("run")
 @click.argument("scenario", type=ScenarioParam())
 @run_options
@@ -89,23 +133,32 @@ def live_group() -> None:
 @click.option("--keep-requests", type=OutputPath(), default=None,
               help="Also write every request (arrival, node, start, end, outcome) to this .npz; "
                    "numpy.load(PATH)['arrival'].")
+@_report_options
 def live_run_command(scenario: Any, strategy: str | None, rate: float | None, load: float | None,
                      duration: float | None, seed: int | None, impl: str, json_path: str | None,
-                     max_in_flight: int, drain_s: float | None, dashboard: bool, keep_requests: str | None) -> None:
+                     max_in_flight: int, drain_s: float | None, dashboard: bool, keep_requests: str | None,
+                     interval: float | None, plot: str | None, report: str | None) -> None:
     """Run one scenario live: start its processes on free loopback ports, send its workload
     through the balancer, stop everything, and print the same summary as `testbed sim run`.
+
+    The results (--json) hold the run's timeline, in the simulator's schema: per interval, the requests,
+    outcomes, latency, in-flight, share and utilization, beside the state changes the processes recorded
+    (each node's breaker, the balancer's health checks and ejector, the registry's membership) and the
+    scenario's faults. --plot and --report draw it.
 
     Exit status 4 when the load generator could not offer the asked load (the summary says how far off it was).
     """
     from experiments.report import run_summary
 
     scenario = apply_overrides(scenario, strategy, rate, load, duration, seed)
+    _check_interval(interval, scenario.duration_s)
     echo_notices(impl, scenario)
     result = run_live_scenario(scenario, impl, max_in_flight=max_in_flight, drain_s=drain_s, dashboard=dashboard,
-                               keep_requests=keep_requests)
+                               keep_requests=keep_requests, interval_s=interval)
     result["impl"] = impl
     click.echo(run_summary(result))
     write_json(json_path, result)
+    _draw(result, plot, report)
     if not result["generator"]["kept_up"]:
         raise SystemExit(EXIT_GENERATOR_BEHIND)
 
@@ -152,6 +205,26 @@ def compare_live(scenario: Scenario, mode: str, strategies: list[str], loads: li
     if plot:
         from experiments.plot import plot_sweep
         click.echo(f"wrote {plot_sweep(sim_rows, plot, title=f'{scenario.name}: simulated and live', live=live_runs)}")
+        if mode == "both":
+            _plot_timelines(scenario, plot, [(same[(r["strategy"], round(r["load"], 6))], r) for r in live_runs])
     write_json(json_path, {"mode": mode, "scenario": scenario.to_dict(), "strategies": strategies, "loads": loads,
                             "reps": reps if mode == "both" else 0, "impl": impl, "sim": {"summary": sim_rows,
                             "runs": sim_runs}, "live": live_runs, "differences": diffs})
+
+
+def timeline_path(plot: str, strategy: str, load: float) -> pathlib.Path:
+    """Where ``compare --mode both --plot PLOT`` draws one point's timelines: PLOT's name with
+    ``-timeline-STRATEGY-LOAD`` before its suffix (``compare.png`` -> ``compare-timeline-round_robin-0.50.png``)."""
+    path = pathlib.Path(plot)
+    return path.with_name(f"{path.stem}-timeline-{strategy}-{load:.2f}{path.suffix or '.png'}")
+
+
+def _plot_timelines(scenario: Scenario, plot: str, pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+    """One figure per (strategy, load): the simulated run of the point's seed and its live run, overlaid."""
+    from experiments.timeline_plot import plot_timeline
+
+    for sim, live in pairs:
+        path = timeline_path(plot, live["strategy"], live["load"])
+        plot_timeline([sim, live], path, title=f"{scenario.name}: {live['strategy']} at load {live['load']:.2f}, "
+                                               f"seed {live['seed']}, simulated and live")
+        click.echo(f"wrote {path}")

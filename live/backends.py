@@ -16,7 +16,9 @@ body is ``ok``, not JSON, passes), and a JSON object body may carry
 ``workers``, the backend's weight, cut to ``core.registry_follower.MAX_WEIGHT``.
 Core's health tracker decides what a run of results means. On the same tick, :meth:`~core.balancer_state.BalancerState.tick`
 ejects backends that hold requests and have gone silent (:mod:`core.outlier`;
-the pick path judges the backend it picks as well), and each stall is logged.
+the pick path judges the backend it picks as well), each stall is logged, and
+the books' state changes (health flips, timed with the check's ``now``, and
+ejector transitions) go to the balancer's ring for ``GET /lb-events``.
 
 **Following the registry.** With ``--registry``, ``GET /nodes`` is polled every
 ``refresh_s``; :class:`core.registry_follower.RegistryFollower` says what an
@@ -150,6 +152,7 @@ class Balancer(Protocol):
     @property
     def clock(self) -> Callable[[], float]: ...
     def join(self, backend_id: str, url: str, weight: int) -> BackendEntry: ...
+    def drain_events(self) -> None: ...
 
 
 def health_timeout_s(config: BalancerConfig) -> float:
@@ -241,6 +244,7 @@ async def health_checks(lb: Balancer, checks: HealthChecks) -> None:
         for s in state.drain_stalls():
             log.warning("backend %s stalled: %d requests in flight and no answer for %.2f s (more than %.2f s): "
                         "ejected", s.backend, s.in_flight, s.silent_s, s.threshold_s)
+        lb.drain_events()
         deadline = state.checks.next_deadline()
         wait_s = (deadline if deadline is not None else now) - lb.clock()
         await asyncio.sleep(min(max(0.001, wait_s), MAX_TICK_S))
@@ -313,7 +317,7 @@ async def _check(lb: Balancer, backend: BackendEntry, timeout: aiohttp.ClientTim
         ok = False
         reason = str(exc) or ("timed out" if isinstance(exc, asyncio.TimeoutError) else "")
         backend.driver.last_check = f"{type(exc).__name__}: {reason}"[:200]
-    lb.state.checked(backend, ok)
+    lb.state.checked(backend, ok, now=lb.clock())
 
 
 def _workers(body: bytes) -> Any:
@@ -381,6 +385,8 @@ async def apply_listing(lb: Balancer, listing: dict[str, Listed], source: Source
         log.warning("registry %s is a new instance (%s, was %s): the %d member(s) it does not list yet are kept "
                     "for %g s (its TTL) while nodes register again", lb.config.registry, source.instance, previous,
                     len(plan.kept), source.refill_s)
+    if plan.leave:
+        lb.drain_events()  # a leaving backend's ejector takes its undrained transitions with it
     for node_id in plan.leave:
         log.info("backend %s left", node_id)
         state.remove(node_id)
@@ -414,7 +420,9 @@ async def _admit_and_join(lb: Balancer, plan: Plan) -> None:
             continue
         log.info("backend %s joined at %s", node_id, url)
         entry = lb.join(node_id, url, listed.weight)
-        state.hold(entry)  # no traffic until its first health check passes
+        # No traffic until its first health check passes. Untimed: a fresh entry held is a backend arriving,
+        # not a healthy one going down, so the books list no health flip for it (its first pass is "up").
+        state.hold(entry)
         follower.joined(node_id, listed)
     if refused:
         log.warning("refused %d registry member(s) as backends: %s%s", len(refused),

@@ -30,6 +30,15 @@ Membership comes from ``--nodes`` or, with ``--registry``, from the registry's
 knows its backends (first listing, first checks: the warm-up of
 :mod:`live.backends`, at most ``warmup_timeout_s``).
 
+State changes. The books' own record of each backend's health flips and
+ejector transitions (:meth:`core.balancer_state.BalancerState.drain_events`,
+timed on this process's ``time.monotonic`` clock) is drained by the health
+task about ten times a second (and before a backend leaves the books) into a
+ring of the newest ``EVENTS_KEPT``, which ``GET /lb-events?since=N`` serves
+(:func:`live.registry.events_response`: the events from number N on, the
+number to ask for next, how many a late reader missed). ``testbed live run``
+reads them into its timeline.
+
 What is refused before any backend is picked (so no permit is taken)
 ---------------------------------------------------------------------
 * ``/admin/*`` in any spelling a backend might resolve to it (percent-encoded,
@@ -98,6 +107,7 @@ from live.dashboard import DashboardConfig, add_dashboard
 from live.http import error_response, json_error, metrics_response
 from live.metrics import BalancerMetrics
 from live.openapi import balancer_description, serve as serve_openapi
+from live.registry import EventRing, events_response
 from live.upstream import (MAX_RESPONSE_HEADER_BYTES, MAX_RESPONSE_HEADERS, Body, ConnectFailed, UpstreamError,
                            UpstreamPool, UpstreamResponse)
 
@@ -273,6 +283,11 @@ class Balancer:
         self._via = self.id.encode("latin-1")
         self._via_line = b"Via: 1.1 %s\r\n" % self._via
         self.trusted_clients = TrustedProxies.parse(config.trust_clients)
+        self.events: EventRing[dict[str, Any]] = EventRing()  # GET /lb-events
+
+    def drain_events(self) -> None:
+        """The books' state changes so far (health, ejector) into :attr:`events`."""
+        self.events.extend(event.as_dict() for event in self.state.drain_events())
 
     def join(self, backend_id: str, url: str, weight: int) -> BackendEntry:
         entry = self.state.add(backend_id, url, weight)
@@ -526,6 +541,13 @@ async def lb_stats(request: web.Request) -> web.Response:
     return web.json_response(request.app[STATE].stats())
 
 
+async def lb_events(request: web.Request) -> web.Response:
+    """``GET /lb-events?since=N``: health flips and ejector transitions (see the module docstring)."""
+    lb = request.app[STATE]
+    lb.drain_events()
+    return events_response(request, lb.events)
+
+
 async def metrics(request: web.Request) -> web.Response:
     lb = request.app[STATE]
     now = lb.clock()
@@ -589,6 +611,7 @@ def make_balancer_app(config: BalancerConfig, *, strategy_cls: type[BaseStrategy
     app = web.Application(client_max_size=config.max_body_bytes)
     app[STATE] = Balancer(config, strategy, clock)
     app.router.add_get("/lb-stats", lb_stats)
+    app.router.add_get("/lb-events", lb_events)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", serve_openapi(balancer_description()))
     add_dashboard(app, app[STATE], dashboard)  # GET /dashboard*: the balancer's own, before the catch-all

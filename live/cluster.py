@@ -38,6 +38,7 @@ import re
 import secrets
 import signal
 import sys
+import time
 from collections import deque
 from typing import Any, Callable, Sequence
 
@@ -77,6 +78,7 @@ class Child:
         self.port = 0
         self.output: deque[str] = deque(maxlen=40)
         self.expected_exit = False
+        self.started_at = 0.0  # time.monotonic() when it said it listens (the clock every process here uses)
         self._reader: asyncio.Task[None] | None = None
 
     @property
@@ -117,6 +119,7 @@ class Child:
             m = _LISTENING.search(raw)
             if m:
                 self.url, self.port = m.group(1).decode(), int(m.group(2))
+                self.started_at = time.monotonic()
                 return
 
     async def _drain(self) -> None:

@@ -257,6 +257,23 @@ def node_description(*, faults: bool = False, admin_token: bool = False) -> dict
         "naming its flag; every error is the `Error` shape.", paths, security_schemes=schemes)
 
 
+# -- state changes (the registry's GET /events, the balancer's GET /lb-events) ----
+_SINCE = [{"name": "since", "in": "query", "required": False,
+           "schema": {"type": "integer", "minimum": 0, "maximum": 2**53},
+           "description": "The number of the first event wanted (the `next` of the previous answer; default 0)."}]
+
+
+def _events(summary: str, event: Schema, *, tag: str) -> dict[str, Any]:
+    """A ring of numbered state changes read from ``since`` on (:func:`live.registry.events_response`)."""
+    return _get(summary, _obj({
+        "events": {"type": "array", "items": event},
+        "next": {**INTEGER, "description": "The `since` to ask for next."},
+        "missed": {**INTEGER, "description": "Events from `since` on that were pushed out of the ring "
+                                             "(it keeps the newest 4096) before this read."}}, more=False),
+                tag=tag, parameters=_SINCE,
+                errors={400: "`since` is not a whole number from 0 to 2**53, or given twice (`bad_query`)."})
+
+
 # -- the registry --------------------------------------------------------------
 _MEMBER = _obj({"id": STRING, "address": STRING, "metadata": {"type": "object"},
                 "status": {"enum": ["alive", "dead"]}, "registered_at": NUMBER, "incarnation": INTEGER},
@@ -339,6 +356,10 @@ def registry_description(*, token: bool = False) -> dict[str, Any]:
                            "name": "all", "in": "query", "required": False, "schema": STRING,
                            "description": "`1`, `true` or `yes`: the dead not yet forgotten too, and the heartbeat "
                                           "times; any other value: the alive only."}]),
+        "/events": _events(
+            "Membership changes, oldest first, each at the registry's clock (`time.monotonic` seconds)",
+            _obj({"kind": {"enum": ["joined", "rejoined", "died", "revived", "left", "removed"]},
+                  "node_id": STRING, "at": NUMBER}, more=False), tag=tag),
         "/health": _get("Liveness and member counts", _obj({"status": {"const": "ok"}, "alive": INTEGER,
                                                              "dead": INTEGER}), tag=tag),
         "/metrics": _metrics(tag),
@@ -367,6 +388,10 @@ def balancer_description() -> dict[str, Any]:
              "left_out": INTEGER, "refused": INTEGER,
              "backends": {"type": "object", "additionalProperties": _BACKEND}},
             {"id": {"type": "string", "description": "This balancer's name in `Via` (loop detection)."}}), tag=tag),
+        "/lb-events": _events(
+            "Health flips and ejector transitions, oldest first, each at the balancer's clock (`time.monotonic` "
+            "seconds)", _obj({"t": NUMBER, "target": STRING, "kind": {"enum": ["health", "ejector"]},
+                              "from": STRING, "to": STRING}, {"detail": STRING}, more=False), tag=tag),
         "/metrics": _metrics(tag),
         "/openapi.json": _openapi(tag),
         "/dashboard": _get("The live dashboard: one HTML page", STRING, tag=tag, media="text/html"),

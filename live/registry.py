@@ -4,7 +4,8 @@ Endpoints: ``POST /register`` ``{"id", "address", "metadata"?}`` (201 new, 200
 known; the answer carries the ``lease``); ``POST /heartbeat/{id}``
 ``{"metadata"?}`` (404 for an unknown id: register again); ``POST /deregister``
 ``{"id"}``; ``GET /nodes`` (alive; ``?all=1`` adds the dead not yet forgotten
-and the heartbeat times); ``GET /health``; ``GET /metrics``; ``GET /openapi.json``.
+and the heartbeat times); ``GET /events?since=N`` (the membership changes,
+below); ``GET /health``; ``GET /metrics``; ``GET /openapi.json``.
 
 Ownership: heartbeats and deregistrations carry the lease from the register
 answer in the ``X-Lease`` header; a missing or stale one is ``409
@@ -41,6 +42,17 @@ times, which change on every beat; ``?all=1`` has them, from a body at most
 ``ALL_REFRESH_S`` old. Expiry is lazy in the core table; a background task
 also advances it every second so membership changes are logged and counted
 when they happen, not when someone asks.
+
+Membership changes (:class:`core.registry.MembershipChange`: joined,
+rejoined, died, revived, left, removed, each with its time on this process's
+``time.monotonic`` clock) are drained from the table after every request and
+on that tick: logged, counted in ``GET /metrics`` and kept, the newest
+``EVENTS_KEPT``, in an :class:`EventRing` numbered from 0. ``GET
+/events?since=N`` gives those from number N on and the number to ask for next
+(``testbed live run`` reads them into its timeline, :mod:`live.run`); a
+reader that fell more than ``EVENTS_KEPT`` behind is told how many it
+``missed``. The balancer serves its own state changes the same way
+(``GET /lb-events``, :mod:`live.balancer`).
 """
 
 from __future__ import annotations
@@ -51,7 +63,10 @@ import json
 import logging
 import secrets
 import time
-from typing import Any, Awaitable, Callable
+from collections import deque
+from dataclasses import asdict
+from itertools import islice
+from typing import Any, Awaitable, Callable, Generic, Iterable, TypeVar
 
 from aiohttp import web
 
@@ -65,7 +80,8 @@ from live.metrics import RegistryMetrics
 from live.openapi import registry_description, serve as serve_openapi
 from live.resolve import DEFAULT_RESOLVE_TIMEOUT_S, check_backend, resolve_host
 
-__all__ = ["ALL_REFRESH_S", "DEFAULT_MAX_NODES", "LEASE_HEADER", "listening", "make_registry_app"]
+__all__ = ["ALL_REFRESH_S", "DEFAULT_MAX_NODES", "EVENTS_KEPT", "EventRing", "LEASE_HEADER", "events_response",
+           "listening", "make_registry_app"]
 
 log = logging.getLogger("testbed.registry")
 
@@ -74,6 +90,54 @@ LEASE_HEADER = "X-Lease"
 DEFAULT_MAX_NODES = 1000
 #: How old a ``GET /nodes?all=1`` body may be (its heartbeat times move on every beat).
 ALL_REFRESH_S = 1.0
+#: State changes a process keeps for ``GET /events`` (and the balancer's ``GET /lb-events``): the newest this many.
+EVENTS_KEPT = 4096
+#: The largest ``since`` a reader may ask for (a JSON-safe integer).
+_MAX_SINCE = 2**53
+
+T = TypeVar("T")
+
+
+class EventRing(Generic[T]):
+    """The newest ``maxlen`` records, numbered from 0 in the order they came. A reader keeps the number
+    :meth:`since` hands back and asks from there next time; records pushed out before it asked are counted
+    as missed, never silently skipped. Memory is ``maxlen`` records whatever the run's length."""
+
+    __slots__ = ("_items", "next")
+
+    def __init__(self, maxlen: int = EVENTS_KEPT) -> None:
+        self._items: deque[T] = deque(maxlen=maxlen)
+        self.next = 0  # the number the next record gets
+
+    def extend(self, items: Iterable[T]) -> None:
+        for item in items:
+            self._items.append(item)
+            self.next += 1
+
+    def since(self, seq: int) -> tuple[list[T], int, int]:
+        """The records numbered ``seq`` on, the number to ask for next, and how many before the oldest kept
+        were asked for and are gone. A ``seq`` past the newest (a reader of an earlier process) gets none,
+        and the current next number."""
+        first = self.next - len(self._items)
+        start = min(max(seq, first), self.next)
+        return list(islice(self._items, start - first, None)), self.next, max(0, first - seq)
+
+
+def events_response(request: web.Request, ring: EventRing[Any]) -> web.Response:
+    """``GET ...?since=N``: ``{"events": [...], "next": M, "missed": K}``; a ``since`` that is not a whole
+    number from 0 to 2**53 is a 400 naming it."""
+    raw = request.query.getall("since", [])
+    if len(raw) > 1:
+        return json_error(400, "bad_query", "give 'since' once", field="since")
+    seq = 0
+    if raw:
+        text = raw[0]
+        if not (text.isascii() and text.isdigit() and len(text) <= 16 and int(text) <= _MAX_SINCE):
+            return json_error(400, "bad_query", f"query 'since' must be a whole number from 0 to {_MAX_SINCE}, "
+                              f"got {text[:40]!r}", field="since")
+        seq = int(text)
+    events, following, missed = ring.since(seq)
+    return web.json_response({"events": events, "next": following, "missed": missed})
 
 
 class Settings:
@@ -131,7 +195,8 @@ CLOCK = web.AppKey[Callable[[], float]]("clock")
 METRICS = web.AppKey("metrics", RegistryMetrics)
 SETTINGS = web.AppKey("settings", Settings)
 LISTING = web.AppKey("listing", Listing)
-_PATHS = {"/register", "/deregister", "/nodes", "/health", "/metrics", "/openapi.json"}
+EVENTS = web.AppKey[EventRing[dict[str, Any]]]("events")
+_PATHS = {"/register", "/deregister", "/nodes", "/events", "/health", "/metrics", "/openapi.json"}
 REGISTER_FIELDS = frozenset({"id", "address", "metadata"})
 HEARTBEAT_FIELDS = frozenset({"metadata"})
 DEREGISTER_FIELDS = frozenset({"id"})
@@ -142,9 +207,11 @@ def _now(request: web.Request) -> float:
 
 
 def _drain(app: web.Application) -> None:
-    for change in app[MEMBERSHIP].drain_events():
+    changes = app[MEMBERSHIP].drain_events()
+    for change in changes:
         app[METRICS].changes.labels(change.kind).inc()
         log.info("%s %s at %.3f", change.node_id, change.kind, change.at)
+    app[EVENTS].extend(asdict(change) for change in changes)
 
 
 def _authorized(request: web.Request, token: bytes) -> bool:
@@ -274,6 +341,14 @@ async def nodes(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
+async def events(request: web.Request) -> web.Response:
+    """``GET /events?since=N``: membership changes ``{"kind", "node_id", "at"}`` (see the module docstring)."""
+    app = request.app
+    app[MEMBERSHIP].counts(now=_now(request))  # expiry is lazy: deaths due by now are changes too
+    _drain(app)
+    return events_response(request, app[EVENTS])
+
+
 async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", **request.app[MEMBERSHIP].counts(now=_now(request))})
 
@@ -318,10 +393,12 @@ def make_registry_app(*, ttl_s: float = 5.0, token: str | None = None,
     app[METRICS] = RegistryMetrics()
     app[SETTINGS] = Settings(token or "", allow_backends or AllowList.default_for(host), resolve_timeout_s, host)
     app[LISTING] = Listing(instance or secrets.token_hex(8), app[MEMBERSHIP])
+    app[EVENTS] = EventRing()
     app.router.add_post("/register", register)
     app.router.add_post("/heartbeat/{node_id}", heartbeat)
     app.router.add_post("/deregister", deregister)
     app.router.add_get("/nodes", nodes)
+    app.router.add_get("/events", events)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", serve_openapi(registry_description(token=bool(token))))

@@ -24,6 +24,36 @@ neither queueing nor service, which the simulator does not model. With
 run ends (done, Ctrl-C, SIGTERM, a process dying, an error) the cluster is
 stopped before this returns or raises.
 
+**The timeline** (``"timeline"``, :mod:`core.timeline`, the simulator's
+schema): the generator's rows fold into a :class:`core.timeline.Timeline` of
+``interval_s`` intervals (the rows' times are already the run's: 0 is the
+first arrival's clock), beside the scenario's faults
+(:func:`core.timeline.fault_events`, as the simulator lists them) and the
+state changes each process recorded itself, never guessed by the runner
+(:class:`StateWatch`), read every ``interval_s`` (kept within
+``POLL_MIN_S``-``POLL_MAX_S``: each change carries its own time, so the
+period only bounds what a bounded record could lose meanwhile) and once at
+the end:
+
+* the balancer's health flips and ejector transitions (``GET /lb-events``);
+* the registry's membership changes (``GET /events``, turned into events by
+  :func:`core.timeline.membership_events`);
+* each node breaker's transitions (the ``transitions`` of ``GET
+  /circuit-status``, its last 20, deduplicated by time; also read just before
+  the node is crashed). A crashed node comes back with a fresh breaker: if the
+  old one was not CLOSED, a ``breaker <old> -> CLOSED "restarted"`` event at
+  the new process's start says so, as the simulator does at its recovery.
+  Transitions the breaker made between two reads beyond those 20 (its
+  ``generation`` moved further) count as missed.
+
+Every process stamps its changes with ``time.monotonic``, and the generator
+its rows with ``time.perf_counter``: on Linux both read CLOCK_MONOTONIC, one
+clock for every process of this machine, so a change at ``at`` happened at
+run time ``at - t0`` (the offset between the two clocks is measured once, in
+case they differ). Changes before time 0 (the cluster starting) are left out;
+events the processes' rings or histories pushed out before they were read
+are counted in the timeline's ``"events_missed"`` (there only when not 0).
+
 With ``dashboard`` the runner prints the balancer's dashboard URL
 (``GET /dashboard``, :mod:`live.dashboard`) once the cluster is up, before the
 load starts; the balancer serves it for as long as the run lasts.
@@ -40,26 +70,40 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
+import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from core.events import TimelineEvent
+from core.registry import MembershipChange
 from core.results import RequestLog, scenario_results
 from core.scenario import Fault, Scenario
+from core.timeline import Timeline, default_interval_s, fault_events, membership_events
 from live.cluster import ChildFailed, Cluster
 from live.limits import DEFAULT_MAX_IN_FLIGHT, default_drain_s
 from live.server_limits import raise_open_file_limit
 from live.loadgen import LoadGenerator, clock
 from live.upstream import UpstreamError, UpstreamPool
 
-__all__ = ["LiveRunError", "Progress", "run_live", "write_requests"]
+__all__ = ["LiveRunError", "Progress", "StateWatch", "run_live", "write_requests"]
 
 #: Open-loop rates from which the runner measures what this machine carries before the load. Below it (the
 #: machine carried 1,100-4,000 requests/s when measured, busy or not) the probe is skipped: it leaves the
 #: balancer with a pool of warm connections to every node, which changes what a node crash fails.
 PROBE_FROM_PER_S = 500.0
+
+#: The runner reads the processes' state changes every timeline interval, but at least this often ...
+POLL_MAX_S = 1.0
+#: ... and at most this often (a timeline of 10 ms intervals needs no reads a hundred times a second).
+POLL_MIN_S = 0.25
+#: A read of a process's state changes waits at most this long (seconds).
+POLL_TIMEOUT_S = 2.0
+#: The read of a node's breaker just before the node is crashed waits at most this long: the crash stays on time.
+LAST_READ_S = 0.25
 
 #: progress(elapsed_s, sent, completed, in_flight) while the run goes on.
 Progress = Callable[[float, int, int, int], Any]
@@ -69,7 +113,136 @@ class LiveRunError(RuntimeError):
     """The run could not be carried out (a process failed to start or died); the message says which."""
 
 
-async def _fault(cluster: Cluster, node_id: str, fault: Fault, t0: float, log: list[dict[str, Any]]) -> None:
+class _Breaker:
+    """What the runner knows of one node's breaker: the process it last read, its state, its newest change."""
+
+    __slots__ = ("pid", "state", "generation", "last_at", "keys_at_last", "retired")
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self.state = "CLOSED"
+        self.generation = 0
+        self.last_at = -math.inf
+        self.keys_at_last: set[tuple[Any, ...]] = set()
+        self.retired: set[int] = set()  # processes crashed since: a late answer of theirs is ignored
+
+
+class StateWatch:
+    """The live processes' own records of their state changes, read into events on the run's clock (see the
+    module docstring). ``t0`` is the run's time 0 on ``time.monotonic``."""
+
+    def __init__(self, cluster: Cluster, t0: float) -> None:
+        self.cluster = cluster
+        self.t0 = t0
+        self.pool = UpstreamPool(timeout_s=POLL_TIMEOUT_S)
+        self.quick = UpstreamPool(timeout_s=LAST_READ_S)
+        self.events: list[TimelineEvent] = []
+        self.changes: list[MembershipChange] = []
+        self.next = {"balancer": 0, "registry": 0}
+        self.missed = 0
+        self.breakers = {spec.id: _Breaker() for spec in cluster.scenario.nodes if spec.circuit_breaker}
+
+    def close(self) -> None:
+        self.pool.close()
+        self.quick.close()
+
+    async def _get(self, url: str, path: str, pool: UpstreamPool | None = None) -> Any:
+        """The JSON of a 200 answer, or None (the process is gone, slow, or said no: nothing learned)."""
+        try:
+            status, _, body = await (pool or self.pool).request(url, "GET", path, [], b"")
+            return json.loads(body) if status == 200 else None
+        except (UpstreamError, asyncio.TimeoutError, ValueError):
+            return None
+
+    async def poll(self) -> None:
+        """Read every process once."""
+        await asyncio.gather(self._balancer(), self._registry(), *(self.breaker(n) for n in self.breakers))
+
+    async def run(self, period_s: float) -> None:
+        while True:
+            await self.poll()
+            await asyncio.sleep(period_s)
+
+    def _ring(self, name: str, body: Any) -> list[Any]:
+        """The new entries of a ``GET /...events?since=N`` answer (and where to read from next)."""
+        if not isinstance(body, dict) or not isinstance(body.get("events"), list):
+            return []
+        self.next[name] = int(body.get("next", self.next[name]))
+        self.missed += int(body.get("missed", 0))
+        return [e for e in body["events"] if isinstance(e, dict)]
+
+    async def _balancer(self) -> None:
+        lb = self.cluster.balancer
+        if lb is None:
+            return
+        body = await self._get(lb.url, f"/lb-events?since={self.next['balancer']}")
+        for e in self._ring("balancer", body):
+            try:
+                self.events.append(TimelineEvent(float(e["t"]) - self.t0, str(e["target"]), str(e["kind"]),
+                                                 str(e["from"]), str(e["to"]), str(e.get("detail", ""))))
+            except (KeyError, TypeError, ValueError):
+                continue
+
+    async def _registry(self) -> None:
+        registry = self.cluster.registry
+        if registry is None:
+            return
+        body = await self._get(registry.url, f"/events?since={self.next['registry']}")
+        for e in self._ring("registry", body):
+            try:
+                self.changes.append(MembershipChange(str(e["kind"]), str(e["node_id"]), float(e["at"])))
+            except (KeyError, TypeError, ValueError):
+                continue
+
+    async def breaker(self, node_id: str, *, last: bool = False) -> None:
+        """Read one node's breaker (``last``: just before a crash, briefly)."""
+        child = self.cluster.nodes.get(node_id)
+        if child is None or not child.running:
+            return
+        pid, started_at = child.pid, child.started_at
+        body = await self._get(child.url, "/circuit-status", self.quick if last else None)
+        if isinstance(body, dict) and isinstance(body.get("transitions"), list):
+            self._breaker_read(node_id, pid, started_at, body)
+
+    def _breaker_read(self, node_id: str, pid: int, started_at: float, body: dict[str, Any]) -> None:
+        b = self.breakers[node_id]
+        if pid in b.retired:
+            return
+        if b.pid is not None and pid != b.pid:  # a new process: its breaker starts CLOSED
+            b.retired.add(b.pid)
+            if b.state != "CLOSED":
+                self.events.append(TimelineEvent(started_at - self.t0, node_id, "breaker", b.state, "CLOSED",
+                                                 "restarted"))
+            b.state, b.generation = "CLOSED", 0
+        b.pid = pid
+        taken = 0
+        for tr in body["transitions"]:
+            try:
+                at, old, new, signal_ = float(tr["at"]), str(tr["from"]), str(tr["to"]), str(tr["signal"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            key = (at, old, new, signal_)
+            if at < b.last_at or (at == b.last_at and key in b.keys_at_last):
+                continue  # read before
+            if at > b.last_at:
+                b.last_at, b.keys_at_last = at, set()
+            b.keys_at_last.add(key)
+            self.events.append(TimelineEvent(at - self.t0, node_id, "breaker", old, new, signal_))
+            b.state = new
+            taken += 1
+        generation = body.get("generation")
+        if isinstance(generation, int):
+            self.missed += max(0, generation - b.generation - taken)
+            b.generation = max(b.generation, generation)
+
+    def timeline_events(self) -> list[TimelineEvent]:
+        """Every change read, on the run's clock, from time 0 on."""
+        events = self.events + membership_events(self.changes, self.t0)
+        return [e for e in events if e.t >= 0]
+
+
+async def _fault(cluster: Cluster, node_id: str, fault: Fault, t0: float, log: list[dict[str, Any]],
+                 watch: StateWatch | None = None) -> None:
     pool = UpstreamPool(timeout_s=5.0)
     headers = [("Content-Type", "application/json"), ("Authorization", f"Bearer {cluster.admin_token}")]
 
@@ -86,6 +259,8 @@ async def _fault(cluster: Cluster, node_id: str, fault: Fault, t0: float, log: l
     try:
         await asyncio.sleep(max(0.0, t0 + fault.start_s - clock()))
         if fault.down:
+            if watch is not None and node_id in watch.breakers:
+                await watch.breaker(node_id, last=True)  # its breaker's last changes die with it otherwise
             await cluster.crash(node_id)
             note("crash (SIGKILL)", "ok")
         else:
@@ -111,15 +286,24 @@ async def _ticker(gen: LoadGenerator, progress: Progress) -> None:
 async def live_run(scenario: Scenario, *, command: Sequence[str], impl: str = "auto",
                    echo: Callable[[str], Any] = print, progress: Progress | None = None,
                    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, drain_s: float | None = None,
-                   keep_requests: str | os.PathLike[str] | None = None, dashboard: bool = False) -> dict[str, Any]:
+                   keep_requests: str | os.PathLike[str] | None = None, dashboard: bool = False,
+                   interval_s: float | None = None) -> dict[str, Any]:
     """Run ``scenario`` live (see the module docstring) and return its results dict. ``command`` starts a
     ``testbed`` process (see :class:`live.cluster.Cluster`); ``max_in_flight`` bounds the requests
     outstanding, ``drain_s`` the wait for them after the duration (None: the balancer's timeout and a margin,
     :func:`live.limits.default_drain_s`, as long as the simulator waits); ``keep_requests`` is a path to
-    write every request's row to; ``dashboard``: print the dashboard's URL once the cluster is up."""
+    write every request's row to; ``dashboard``: print the dashboard's URL once the cluster is up;
+    ``interval_s``: the timeline's interval (seconds; None: :func:`core.timeline.default_interval_s`, as the
+    simulator's; ValueError, before anything starts, for one that is not positive or makes more than
+    :data:`core.timeline.MAX_INTERVALS` intervals)."""
     s = scenario
     if drain_s is None:
         drain_s = default_drain_s(s.balancer.timeout_s)
+    if interval_s is None:
+        interval_s = default_interval_s(s.duration_s)
+    timeline = Timeline(interval_s=interval_s, duration_s=s.duration_s, node_ids=[n.id for n in s.nodes],
+                        workers=[n.workers for n in s.nodes])
+    watch: StateWatch | None = None
     try:
         async with Cluster(s, command=command, impl=impl, echo=echo) as cluster:
             assert cluster.balancer is not None
@@ -141,8 +325,10 @@ async def live_run(scenario: Scenario, *, command: Sequence[str], impl: str = "a
             run = asyncio.create_task(gen.run())
             await asyncio.sleep(0)  # let the generator fix its time origin first
             t0 = gen.t0 or clock()
-            helpers = [asyncio.create_task(_fault(cluster, spec.id, f, t0, fault_log))
+            watch = StateWatch(cluster, t0 + (time.monotonic() - clock()))
+            helpers = [asyncio.create_task(_fault(cluster, spec.id, f, t0, fault_log, watch))
                        for spec in s.nodes for f in spec.faults]
+            helpers.append(asyncio.create_task(watch.run(min(max(interval_s, POLL_MIN_S), POLL_MAX_S))))
             if progress is not None:
                 helpers.append(asyncio.create_task(_ticker(gen, progress)))
             died = asyncio.create_task(cluster.failed.wait())
@@ -158,12 +344,22 @@ async def live_run(scenario: Scenario, *, command: Sequence[str], impl: str = "a
                 raise LiveRunError(cluster.failure)
             run.result()
             stats = gen.generator_stats(s.warmup_s)
+            await watch.poll()  # the changes since the last read, while every process is still up
     except ChildFailed as exc:
         raise LiveRunError(str(exc)) from None
+    finally:
+        if watch is not None:
+            watch.close()
     if keep_requests is not None:
         write_requests(keep_requests, gen.log)
+    timeline.fold(gen.log.columns())
+    timeline.add_events(fault_events(s))
+    timeline.add_events(watch.timeline_events())
+    line = timeline.as_dict()
+    if watch.missed:
+        line["events_missed"] = watch.missed
     return scenario_results(gen.log, s, mode="live", not_sent=gen.not_sent, live_requests=len(gen.log),
-                            generator=stats, overhead_ms=overhead, faults=fault_log)
+                            generator=stats, overhead_ms=overhead, faults=fault_log, timeline=line)
 
 
 def write_requests(path: str | os.PathLike[str], log: RequestLog) -> None:
@@ -186,7 +382,8 @@ def _describe(s: Scenario) -> str:
 def run_live(scenario: Scenario, *, command: Sequence[str], impl: str = "auto",
              echo: Callable[[str], Any] = print, progress: Progress | None = None,
              max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, drain_s: float | None = None,
-             keep_requests: str | os.PathLike[str] | None = None, dashboard: bool = False) -> dict[str, Any]:
+             keep_requests: str | os.PathLike[str] | None = None, dashboard: bool = False,
+             interval_s: float | None = None) -> dict[str, Any]:
     """:func:`live_run` in a fresh event loop (uvloop unless ``TESTBED_LOOP=asyncio``).
 
     Ctrl-C and SIGTERM cancel the run: the cluster is stopped, then
@@ -202,7 +399,7 @@ def run_live(scenario: Scenario, *, command: Sequence[str], impl: str = "auto",
         try:
             return await live_run(scenario, command=command, impl=impl, echo=echo, progress=progress,
                                   max_in_flight=max_in_flight, drain_s=drain_s, keep_requests=keep_requests,
-                                  dashboard=dashboard)
+                                  dashboard=dashboard, interval_s=interval_s)
         except asyncio.CancelledError:
             raise KeyboardInterrupt from None
         finally:
