@@ -78,7 +78,7 @@ def live_group() -> None:
 # cli_sim imports this module (compare_live), and the layering test forbids the cycle.
 def _report_options(f: Any) -> Any:
     for option in reversed([
-        click.option("--interval", type=click.FloatRange(min=0, min_open=True), default=None,
+        click.option("--interval", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
                      help="Seconds per interval of the run's timeline (the \"timeline\" in --json, --plot and "
                           f"--report); at most {MAX_INTERVALS:,} intervals a run. [default: 1, or for a run "
                           f"longer than {MAX_INTERVALS:,} s the first of 2, 5, 10, 20, 50, ... that fits]"),
