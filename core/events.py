@@ -2,26 +2,34 @@
 
 Core objects record what happened to them as small frozen dataclasses
 (:class:`core.circuit_breaker.StateChange`, :class:`core.registry.MembershipChange`)
-and hand them out, oldest first, from ``drain_events()``. One driver drains
-today: the live registry (``live/registry.py``) logs every membership change
-and counts it in ``GET /metrics``, after each request and once a second. No
-driver drains a breaker's changes: the live node shows a breaker's state
-through ``status()`` (``GET /circuit-status`` and a gauge in ``GET /metrics``),
-and the simulator's record is the per-request outcome log. A run's timeline
-(:mod:`core.timeline`) drains them all, as :class:`TimelineEvent` values. The log is
+and hand them out, oldest first, from ``drain_events()``. The drivers drain
+them: the simulator into its run's timeline (:mod:`core.timeline`, as
+:class:`TimelineEvent` values); the live registry logs every membership
+change, counts it in ``GET /metrics`` and keeps it for ``GET /events``; the
+live balancer keeps its backends' health flips and ejector transitions for
+``GET /lb-events``; a live node's breaker changes are read from
+``GET /circuit-status`` (its recent transitions). An :class:`EventLog` is
 bounded: left undrained it keeps the newest ``maxlen`` events and counts the
 older ones it pushed out in ``dropped``, so its memory never grows.
+
+An :class:`EventRing` is what a process keeps for readers that come and go:
+the newest ``EVENTS_KEPT`` records, numbered from 0, read from a number on
+(``?since=N``), with the records a slow reader lost counted as missed.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from itertools import islice
+from typing import Any, Generic, Iterable, TypeVar
 
-__all__ = ["EventLog", "TimelineEvent"]
+__all__ = ["EVENTS_KEPT", "EventLog", "EventRing", "TimelineEvent"]
 
 E = TypeVar("E")
+
+#: Records an :class:`EventRing` keeps by default (the balancer's and the registry's, for their readers).
+EVENTS_KEPT = 4096
 
 
 class EventLog(Generic[E]):
@@ -67,3 +75,28 @@ class TimelineEvent:
         if self.detail:
             out["detail"] = self.detail
         return out
+
+
+class EventRing(Generic[E]):
+    """The newest ``maxlen`` records, numbered from 0 in the order they came. A reader keeps the number
+    :meth:`since` hands back and asks from there next time; records pushed out before it asked are counted
+    as missed, never silently skipped. Memory is ``maxlen`` records whatever the run's length."""
+
+    __slots__ = ("_items", "next")
+
+    def __init__(self, maxlen: int = EVENTS_KEPT) -> None:
+        self._items: deque[E] = deque(maxlen=maxlen)
+        self.next = 0  # the number the next record gets
+
+    def extend(self, items: Iterable[E]) -> None:
+        for item in items:
+            self._items.append(item)
+            self.next += 1
+
+    def since(self, seq: int) -> tuple[list[E], int, int]:
+        """The records numbered ``seq`` on, the number to ask for next, and how many before the oldest kept
+        were asked for and are gone. A ``seq`` past the newest (a reader of an earlier process) gets none,
+        and the current next number."""
+        first = self.next - len(self._items)
+        start = min(max(seq, first), self.next)
+        return list(islice(self._items, start - first, None)), self.next, max(0, first - seq)

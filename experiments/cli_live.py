@@ -10,9 +10,9 @@ from typing import Any
 import click
 
 from core.scenario import Scenario
-from core.timeline import MAX_INTERVALS, Timeline
 from experiments.options import (
-    TESTBED_COMMAND, OutputPath, ScenarioParam, apply_overrides, echo_notices, run_options, write_json,
+    TESTBED_COMMAND, OutputPath, ScenarioParam, apply_overrides, check_interval, draw_run, echo_notices,
+    report_options, run_options, write_json,
 )
 from live.limits import DEFAULT_MAX_IN_FLIGHT
 
@@ -74,48 +74,6 @@ def live_group() -> None:
     """Run scenarios for real: a registry, the nodes and a balancer as processes on loopback."""
 
 
-# The same three flags as `testbed sim run`'s (experiments.cli_sim.report_options). Not imported from there:
-# cli_sim imports this module (compare_live), and the layering test forbids the cycle.
-def _report_options(f: Any) -> Any:
-    for option in reversed([
-        click.option("--interval", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
-                     help="Seconds per interval of the run's timeline (the \"timeline\" in --json, --plot and "
-                          f"--report); at most {MAX_INTERVALS:,} intervals a run. [default: 1, or for a run "
-                          f"longer than {MAX_INTERVALS:,} s the first of 2, 5, 10, 20, 50, ... that fits]"),
-        click.option("--plot", type=OutputPath(), default=None,
-                     help="Draw the run's timeline to this PNG: latency, throughput, failures by kind, each "
-                          "node's share, in-flight and utilization over time, with faults and state changes."),
-        click.option("--report", type=OutputPath(), default=None,
-                     help="Write one self-contained HTML file here (opens offline): the summary tables, the "
-                          "timeline figure and every state change."),
-    ]):
-        f = option(f)
-    return f
-
-
-def _check_interval(interval_s: float | None, duration_s: float) -> None:
-    """A usage error, before anything starts, for an interval core's timeline refuses (not finite, or more
-    than MAX_INTERVALS of them in the run; the message names the smallest that works)."""
-    if interval_s is None:
-        return
-    try:
-        Timeline(interval_s=interval_s, duration_s=duration_s, node_ids=[], workers=[])
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--interval") from None
-
-
-def _draw(result: dict[str, Any], plot: str | None, report: str | None) -> None:
-    title = f"{result['scenario']}: {result['strategy']}, seed {result['seed']}, live"
-    if plot:
-        from experiments.timeline_plot import plot_timeline
-        plot_timeline([result], plot, title=title)
-        click.echo(f"wrote {plot}")
-    if report:
-        from experiments.html_report import write_report
-        write_report(report, [result], title=title)
-        click.echo(f"wrote {report}")
-
-
 @live_group.command("run")
 @click.argument("scenario", type=ScenarioParam())
 @run_options
@@ -133,11 +91,11 @@ def _draw(result: dict[str, Any], plot: str | None, report: str | None) -> None:
 @click.option("--keep-requests", type=OutputPath(), default=None,
               help="Also write every request (arrival, node, start, end, outcome) to this .npz; "
                    "numpy.load(PATH)['arrival'].")
-@_report_options
+@report_options
 def live_run_command(scenario: Any, strategy: str | None, rate: float | None, load: float | None,
                      duration: float | None, seed: int | None, impl: str, json_path: str | None,
                      max_in_flight: int, drain_s: float | None, dashboard: bool, keep_requests: str | None,
-                     interval: float | None, plot: str | None, report: str | None) -> None:
+                     interval: float | None, timeline_nodes: int, plot: str | None, report: str | None) -> None:
     """Run one scenario live: start its processes on free loopback ports, send its workload
     through the balancer, stop everything, and print the same summary as `testbed sim run`.
 
@@ -151,14 +109,15 @@ def live_run_command(scenario: Any, strategy: str | None, rate: float | None, lo
     from experiments.report import run_summary
 
     scenario = apply_overrides(scenario, strategy, rate, load, duration, seed)
-    _check_interval(interval, scenario.duration_s)
+    check_interval(interval, scenario.duration_s)
     echo_notices(impl, scenario)
     result = run_live_scenario(scenario, impl, max_in_flight=max_in_flight, drain_s=drain_s, dashboard=dashboard,
-                               keep_requests=keep_requests, interval_s=interval)
+                               keep_requests=keep_requests, interval_s=interval,
+                               timeline_nodes=timeline_nodes)
     result["impl"] = impl
     click.echo(run_summary(result))
     write_json(json_path, result)
-    _draw(result, plot, report)
+    draw_run(result, plot, report)
     if not result["generator"]["kept_up"]:
         raise SystemExit(EXIT_GENERATOR_BEHIND)
 

@@ -7,20 +7,19 @@ progress bar on a terminal (:mod:`experiments.progress`).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import click
 
 from core.scenario import Scenario
 from core.strategies import STRATEGIES
-from core.timeline import MAX_INTERVALS
 from experiments.executors import EXECUTORS, ExecutorError, open_executor, scheduler_address
 from experiments.options import (
-    OutputPath, ScenarioParam, apply_overrides, echo_notices, impl_option, run_options, write_json,
+    OutputPath, ScenarioParam, apply_overrides, check_interval, draw_run, echo_notices, impl_option, report_options,
+    run_options, write_json,
 )
 
-__all__ = ["Interval", "check_interval", "compare_command", "draw_run", "report_options", "sim_group"]
+__all__ = ["compare_command", "sim_group"]
 
 DEFAULT_LOADS = "0.3,0.5,0.7,0.8,0.9"
 DEFAULT_STRATEGIES = "round_robin,least_connections"
@@ -68,73 +67,6 @@ class SchedulerAddress(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-class Interval(click.ParamType):
-    """A timeline's interval: a finite number of seconds above 0."""
-
-    name = "SECONDS"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        try:
-            seconds = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number of seconds", param, ctx)
-        if not (math.isfinite(seconds) and seconds > 0):
-            self.fail(f"{value} is not a timeline interval: give a number of seconds above 0, like 1 or 0.5",
-                      param, ctx)
-        return seconds
-
-
-def check_interval(interval_s: float | None, duration_s: float) -> None:
-    """A usage error when a run of ``duration_s`` would need more than the timeline's MAX_INTERVALS intervals
-    of ``interval_s``, naming the smallest interval that works (rounded up to three significant digits).
-    None (the default interval, :func:`core.timeline.default_interval_s`) always fits."""
-    if interval_s is None:
-        return
-    needed = math.ceil(duration_s / interval_s - 1e-9)
-    if needed <= MAX_INTERVALS:
-        return
-    least = duration_s / MAX_INTERVALS
-    unit = 10.0 ** (math.floor(math.log10(least)) - 2)
-    smallest = math.ceil(least / unit) * unit
-    while math.ceil(duration_s / smallest - 1e-9) > MAX_INTERVALS:  # float rounding: step up until it fits
-        smallest += unit
-    raise click.BadParameter(f"a run of {duration_s:g} s in intervals of {interval_s:g} s needs {needed:,} "
-                             f"intervals, more than a timeline holds ({MAX_INTERVALS:,}); give --interval "
-                             f"{float(f'{smallest:.3g}'):g} or more", param_hint="--interval")
-
-
-def report_options(f):
-    """``--interval``, ``--plot`` and ``--report``: a run's timeline, drawn and reported."""
-    for option in reversed([
-        click.option("--interval", type=Interval(), default=None,
-                     help="Seconds per interval of the run's timeline (the \"timeline\" in --json, --plot and "
-                          f"--report); at most {MAX_INTERVALS:,} intervals a run. [default: 1, or for a run "
-                          f"longer than {MAX_INTERVALS:,} s the first of 2, 5, 10, 20, 50, ... that fits]"),
-        click.option("--plot", type=OutputPath(), default=None,
-                     help="Draw the run's timeline to this PNG: latency, throughput, failures by kind, each "
-                          "node's share, in-flight and utilization over time, with faults and state changes."),
-        click.option("--report", type=OutputPath(), default=None,
-                     help="Write one self-contained HTML file here (opens offline): the summary tables, the "
-                          "timeline figure and every state change."),
-    ]):
-        f = option(f)
-    return f
-
-
-def draw_run(result: dict[str, Any], plot: str | None, report: str | None) -> None:
-    """Write one run's ``--plot`` and ``--report`` (either may be None) and say so."""
-    title = (f"{result['scenario']}: {result['strategy']}, seed {result['seed']}, "
-             f"{'simulated' if result.get('mode') == 'sim' else result.get('mode', 'run')}")
-    if plot:
-        from experiments.timeline_plot import plot_timeline
-        plot_timeline([result], plot, title=title)
-        click.echo(f"wrote {plot}")
-    if report:
-        from experiments.html_report import write_report
-        write_report(report, [result], title=title)
-        click.echo(f"wrote {report}")
-
-
 quiet_option = click.option("--quiet", "-q", is_flag=True,
                             help="No progress bar (there is none either when stderr is not a terminal).")
 
@@ -154,7 +86,8 @@ def sim_group() -> None:
 @report_options
 def sim_run(scenario: Scenario, strategy: str | None, rate: float | None, load: float | None,
             duration: float | None, seed: int | None, impl: str, json_path: str | None, quiet: bool,
-            keep_requests: str | None, interval: float | None, plot: str | None, report: str | None) -> None:
+            keep_requests: str | None, interval: float | None, timeline_nodes: int, plot: str | None,
+            report: str | None) -> None:
     """Simulate one scenario and print its summary; --plot and --report draw how it went over time."""
     from experiments.progress import over_time
     from experiments.report import run_summary, scheduled_faults
@@ -164,7 +97,7 @@ def sim_run(scenario: Scenario, strategy: str | None, rate: float | None, load: 
     scenario = apply_overrides(scenario, strategy, rate, load, duration, seed)
     check_interval(interval, scenario.duration_s)
     echo_notices(impl, scenario)
-    model = simulation(scenario, impl, interval_s=interval)
+    model = simulation(scenario, impl, interval_s=interval, timeline_nodes=timeline_nodes)
     if keep_requests:
         try:
             model.keep_requests(keep_requests)
@@ -249,7 +182,9 @@ def _sweep_options(default_plot: str | None, default_json: str | None, default_r
             quiet_option,
             impl_option,
             click.option("--plot", type=OutputPath(), default=default_plot, show_default=True,
-                         help="Write a PNG of latency against load here."),
+                         help="Write a PNG of latency against load here. With --mode both (testbed compare), "
+                              "also one figure per strategy and load beside it: the simulated and the live "
+                              "timeline of the same seed overlaid, named PATH's stem + -timeline-STRATEGY-LOAD."),
             click.option("--json", "json_path", type=OutputPath(), default=default_json,
                          show_default=True, help="Write every run and the summary as JSON here."),
         ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import sys
 from typing import Any, Sequence
@@ -11,10 +12,12 @@ import click
 
 from core.scenario import Scenario, ScenarioError
 from core.strategies import STRATEGIES
+from core.timeline import MAX_INTERVALS, TIMELINE_NODES, smallest_interval_s
 from solutions.impl import Impl
 
-__all__ = ["EXIT_NOT_IMPLEMENTED", "OutputPath", "ScenarioParam", "TESTBED_COMMAND", "apply_overrides", "bench_json_option",
-           "echo_notice", "echo_notices", "impl_option", "run_options", "write_json"]
+__all__ = ["EXIT_NOT_IMPLEMENTED", "Interval", "OutputPath", "ScenarioParam", "TESTBED_COMMAND", "apply_overrides",
+           "bench_json_option", "check_interval", "draw_run", "echo_notice", "echo_notices", "impl_option",
+           "report_options", "run_options", "write_json"]
 
 #: How a live run starts its ``testbed`` processes: this Python and this tree (a copy on PYTHONPATH
 #: runs its own code, which is how the grader's live step grades what is on disk).
@@ -141,3 +144,69 @@ def echo_notices(impl: str, scenario: Scenario, strategies: Sequence[str] = ()) 
             for name in uses(scenario.replace(strategy=strategy))}
     for name in sorted(used):
         echo_notice(name, impl)
+
+
+class Interval(click.ParamType):
+    """A timeline's interval: a finite number of seconds above 0."""
+
+    name = "SECONDS"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not (math.isfinite(seconds) and seconds > 0):
+            self.fail(f"{value} is not a timeline interval: give a number of seconds above 0, like 1 or 0.5",
+                      param, ctx)
+        return seconds
+
+
+def check_interval(interval_s: float | None, duration_s: float) -> None:
+    """A usage error, before the run, when a run of ``duration_s`` would need more than the timeline's
+    MAX_INTERVALS intervals of ``interval_s``, naming the smallest interval that works
+    (:func:`core.timeline.smallest_interval_s`). None (the default interval,
+    :func:`core.timeline.default_interval_s`) always fits."""
+    if interval_s is None:
+        return
+    needed = math.ceil(duration_s / interval_s - 1e-9)
+    if needed > MAX_INTERVALS:
+        raise click.BadParameter(f"a run of {duration_s:g} s in intervals of {interval_s:g} s needs {needed:,} "
+                                 f"intervals, more than a timeline holds ({MAX_INTERVALS:,}); give --interval "
+                                 f"{smallest_interval_s(duration_s):g} or more", param_hint="--interval")
+
+
+def report_options(f: Any) -> Any:
+    """``--interval``, ``--timeline-nodes``, ``--plot`` and ``--report``: a run's timeline, drawn and reported
+    (``testbed sim run`` and ``testbed live run`` alike)."""
+    for option in reversed([
+        click.option("--interval", type=Interval(), default=None,
+                     help="Seconds per interval of the run's timeline (the \"timeline\" in --json, --plot and "
+                          f"--report); at most {MAX_INTERVALS:,} intervals a run. [default: 1, or for a run "
+                          f"longer than {MAX_INTERVALS:,} s the first of 2, 5, 10, 20, 50, ... that fits]"),
+        click.option("--timeline-nodes", type=click.IntRange(0, 100_000), default=TIMELINE_NODES, show_default=True,
+                     help="Keep per-node timeline series for runs of at most this many nodes; a run over more keeps "
+                          "the overall series only (\"nodes_omitted\" says how many)."),
+        click.option("--plot", type=OutputPath(), default=None,
+                     help="Draw the run's timeline to this PNG: latency, throughput, failures by kind, each "
+                          "node's share, in-flight and utilization over time, with faults and state changes."),
+        click.option("--report", type=OutputPath(), default=None,
+                     help="Write one self-contained HTML file here (opens offline): the summary tables, the "
+                          "timeline figure and every state change."),
+    ]):
+        f = option(f)
+    return f
+
+
+def draw_run(result: dict[str, Any], plot: str | None, report: str | None) -> None:
+    """Write one run's ``--plot`` and ``--report`` (either may be None) and say so."""
+    title = (f"{result['scenario']}: {result['strategy']}, seed {result['seed']}, "
+             f"{'simulated' if result.get('mode') == 'sim' else result.get('mode', 'run')}")
+    if plot:
+        from experiments.timeline_plot import plot_timeline
+        plot_timeline([result], plot, title=title)
+        click.echo(f"wrote {plot}")
+    if report:
+        from experiments.html_report import write_report
+        write_report(report, [result], title=title)
+        click.echo(f"wrote {report}")

@@ -35,7 +35,7 @@ ejector transitions (:meth:`core.balancer_state.BalancerState.drain_events`,
 timed on this process's ``time.monotonic`` clock) is drained by the health
 task about ten times a second (and before a backend leaves the books) into a
 ring of the newest ``EVENTS_KEPT``, which ``GET /lb-events?since=N`` serves
-(:func:`live.registry.events_response`: the events from number N on, the
+(:func:`live.http.events_response`: the events from number N on, the
 number to ask for next, how many a late reader missed). ``testbed live run``
 reads them into its timeline.
 
@@ -99,15 +99,15 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
 from core.balancer_state import Attempt, BackendEntry, BalancerState, feeds_latency
+from core.events import EventRing
 from core.client_key import TrustedProxies
 from core.scenario import BalancerSpec
 from core.strategies import STRATEGIES, BaseStrategy, NoHealthyBackend, Strategy
 from live.backends import NOT_CHECKED, backends_stats, entry_stats, running
 from live.dashboard import DashboardConfig, add_dashboard
-from live.http import error_response, json_error, metrics_response
+from live.http import error_response, events_response, json_error, metrics_response
 from live.metrics import BalancerMetrics
 from live.openapi import balancer_description, serve as serve_openapi
-from live.registry import EventRing, events_response
 from live.upstream import (MAX_RESPONSE_HEADER_BYTES, MAX_RESPONSE_HEADERS, Body, ConnectFailed, UpstreamError,
                            UpstreamPool, UpstreamResponse)
 

@@ -35,10 +35,11 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from core.events import EventRing
 from live.server_limits import ServerLimits
 
 __all__ = ["BODY_TIMEOUT", "MAX_JSON_DEPTH", "cancel_and_wait", "error_body", "error_bytes", "error_middleware", "error_response",
-           "metrics_response", "json_error", "parse_json_object", "read_json", "reject_unknown", "require"]
+           "events_response", "metrics_response", "json_error", "parse_json_object", "read_json", "reject_unknown", "require"]
 
 log = logging.getLogger("testbed.http")
 
@@ -244,3 +245,24 @@ class _JSONHTTPError(web.HTTPException):
 
 def _bad(code: str, message: str, **details: Any) -> web.HTTPException:
     return _JSONHTTPError(400, code, message, **details)
+
+
+#: The largest ``since`` a ring reader may ask for (JSON numbers are exact up to here).
+_MAX_SINCE = 2**53
+
+
+def events_response(request: web.Request, ring: EventRing[Any]) -> web.Response:
+    """``GET ...?since=N``: ``{"events": [...], "next": M, "missed": K}``; a ``since`` that is not a whole
+    number from 0 to 2**53 is a 400 naming it."""
+    raw = request.query.getall("since", [])
+    if len(raw) > 1:
+        return json_error(400, "bad_query", "give 'since' once", field="since")
+    seq = 0
+    if raw:
+        text = raw[0]
+        if not (text.isascii() and text.isdigit() and len(text) <= 16 and int(text) <= _MAX_SINCE):
+            return json_error(400, "bad_query", f"query 'since' must be a whole number from 0 to {_MAX_SINCE}, "
+                              f"got {text[:40]!r}", field="since")
+        seq = int(text)
+    events, following, missed = ring.since(seq)
+    return web.json_response({"events": events, "next": following, "missed": missed})

@@ -264,7 +264,7 @@ _SINCE = [{"name": "since", "in": "query", "required": False,
 
 
 def _events(summary: str, event: Schema, *, tag: str) -> dict[str, Any]:
-    """A ring of numbered state changes read from ``since`` on (:func:`live.registry.events_response`)."""
+    """A ring of numbered state changes read from ``since`` on (:func:`live.http.events_response`)."""
     return _get(summary, _obj({
         "events": {"type": "array", "items": event},
         "next": {**INTEGER, "description": "The `since` to ask for next."},

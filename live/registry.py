@@ -63,25 +63,23 @@ import json
 import logging
 import secrets
 import time
-from collections import deque
 from dataclasses import asdict
-from itertools import islice
-from typing import Any, Awaitable, Callable, Generic, Iterable, TypeVar
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
 from core.addresses import AddressError, AllowList, parse_backend_url
+from core.events import EventRing
 from core.rate_limiter import retry_after
 from core.registry import (NODE_ID_RULE, HeartbeatResult, IdTaken, LeaseMismatch, Membership, MetadataLimits,
                            MetadataRefused, RegistryFull, RegistryRefusal, is_own_address, valid_node_id)
-from live.http import (cancel_and_wait, error_middleware, json_error, metrics_response, read_json, reject_unknown,
-                       require)
+from live.http import (cancel_and_wait, error_middleware, events_response, json_error, metrics_response, read_json,
+                       reject_unknown, require)
 from live.metrics import RegistryMetrics
 from live.openapi import registry_description, serve as serve_openapi
 from live.resolve import DEFAULT_RESOLVE_TIMEOUT_S, check_backend, resolve_host
 
-__all__ = ["ALL_REFRESH_S", "DEFAULT_MAX_NODES", "EVENTS_KEPT", "EventRing", "LEASE_HEADER", "events_response",
-           "listening", "make_registry_app"]
+__all__ = ["ALL_REFRESH_S", "DEFAULT_MAX_NODES", "LEASE_HEADER", "listening", "make_registry_app"]
 
 log = logging.getLogger("testbed.registry")
 
@@ -90,54 +88,6 @@ LEASE_HEADER = "X-Lease"
 DEFAULT_MAX_NODES = 1000
 #: How old a ``GET /nodes?all=1`` body may be (its heartbeat times move on every beat).
 ALL_REFRESH_S = 1.0
-#: State changes a process keeps for ``GET /events`` (and the balancer's ``GET /lb-events``): the newest this many.
-EVENTS_KEPT = 4096
-#: The largest ``since`` a reader may ask for (a JSON-safe integer).
-_MAX_SINCE = 2**53
-
-T = TypeVar("T")
-
-
-class EventRing(Generic[T]):
-    """The newest ``maxlen`` records, numbered from 0 in the order they came. A reader keeps the number
-    :meth:`since` hands back and asks from there next time; records pushed out before it asked are counted
-    as missed, never silently skipped. Memory is ``maxlen`` records whatever the run's length."""
-
-    __slots__ = ("_items", "next")
-
-    def __init__(self, maxlen: int = EVENTS_KEPT) -> None:
-        self._items: deque[T] = deque(maxlen=maxlen)
-        self.next = 0  # the number the next record gets
-
-    def extend(self, items: Iterable[T]) -> None:
-        for item in items:
-            self._items.append(item)
-            self.next += 1
-
-    def since(self, seq: int) -> tuple[list[T], int, int]:
-        """The records numbered ``seq`` on, the number to ask for next, and how many before the oldest kept
-        were asked for and are gone. A ``seq`` past the newest (a reader of an earlier process) gets none,
-        and the current next number."""
-        first = self.next - len(self._items)
-        start = min(max(seq, first), self.next)
-        return list(islice(self._items, start - first, None)), self.next, max(0, first - seq)
-
-
-def events_response(request: web.Request, ring: EventRing[Any]) -> web.Response:
-    """``GET ...?since=N``: ``{"events": [...], "next": M, "missed": K}``; a ``since`` that is not a whole
-    number from 0 to 2**53 is a 400 naming it."""
-    raw = request.query.getall("since", [])
-    if len(raw) > 1:
-        return json_error(400, "bad_query", "give 'since' once", field="since")
-    seq = 0
-    if raw:
-        text = raw[0]
-        if not (text.isascii() and text.isdigit() and len(text) <= 16 and int(text) <= _MAX_SINCE):
-            return json_error(400, "bad_query", f"query 'since' must be a whole number from 0 to {_MAX_SINCE}, "
-                              f"got {text[:40]!r}", field="since")
-        seq = int(text)
-    events, following, missed = ring.since(seq)
-    return web.json_response({"events": events, "next": following, "missed": missed})
 
 
 class Settings:

@@ -82,7 +82,7 @@ from core.events import TimelineEvent
 from core.registry import MembershipChange
 from core.results import RequestLog, scenario_results
 from core.scenario import Fault, Scenario
-from core.timeline import Timeline, default_interval_s, fault_events, membership_events
+from core.timeline import TIMELINE_NODES, Timeline, default_interval_s, fault_events, membership_events
 from live.cluster import ChildFailed, Cluster
 from live.limits import DEFAULT_MAX_IN_FLIGHT, default_drain_s
 from live.server_limits import raise_open_file_limit
@@ -287,7 +287,7 @@ async def live_run(scenario: Scenario, *, command: Sequence[str], impl: str = "a
                    echo: Callable[[str], Any] = print, progress: Progress | None = None,
                    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, drain_s: float | None = None,
                    keep_requests: str | os.PathLike[str] | None = None, dashboard: bool = False,
-                   interval_s: float | None = None) -> dict[str, Any]:
+                   interval_s: float | None = None, timeline_nodes: int = TIMELINE_NODES) -> dict[str, Any]:
     """Run ``scenario`` live (see the module docstring) and return its results dict. ``command`` starts a
     ``testbed`` process (see :class:`live.cluster.Cluster`); ``max_in_flight`` bounds the requests
     outstanding, ``drain_s`` the wait for them after the duration (None: the balancer's timeout and a margin,
@@ -295,14 +295,14 @@ async def live_run(scenario: Scenario, *, command: Sequence[str], impl: str = "a
     write every request's row to; ``dashboard``: print the dashboard's URL once the cluster is up;
     ``interval_s``: the timeline's interval (seconds; None: :func:`core.timeline.default_interval_s`, as the
     simulator's; ValueError, before anything starts, for one that is not positive or makes more than
-    :data:`core.timeline.MAX_INTERVALS` intervals)."""
+    :data:`core.timeline.MAX_INTERVALS` intervals), with per-node series for up to ``timeline_nodes`` nodes."""
     s = scenario
     if drain_s is None:
         drain_s = default_drain_s(s.balancer.timeout_s)
     if interval_s is None:
         interval_s = default_interval_s(s.duration_s)
     timeline = Timeline(interval_s=interval_s, duration_s=s.duration_s, node_ids=[n.id for n in s.nodes],
-                        workers=[n.workers for n in s.nodes])
+                        workers=[n.workers for n in s.nodes], node_series=timeline_nodes)
     watch: StateWatch | None = None
     try:
         async with Cluster(s, command=command, impl=impl, echo=echo) as cluster:
@@ -383,7 +383,7 @@ def run_live(scenario: Scenario, *, command: Sequence[str], impl: str = "auto",
              echo: Callable[[str], Any] = print, progress: Progress | None = None,
              max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, drain_s: float | None = None,
              keep_requests: str | os.PathLike[str] | None = None, dashboard: bool = False,
-             interval_s: float | None = None) -> dict[str, Any]:
+             interval_s: float | None = None, timeline_nodes: int = TIMELINE_NODES) -> dict[str, Any]:
     """:func:`live_run` in a fresh event loop (uvloop unless ``TESTBED_LOOP=asyncio``).
 
     Ctrl-C and SIGTERM cancel the run: the cluster is stopped, then
@@ -399,7 +399,7 @@ def run_live(scenario: Scenario, *, command: Sequence[str], impl: str = "auto",
         try:
             return await live_run(scenario, command=command, impl=impl, echo=echo, progress=progress,
                                   max_in_flight=max_in_flight, drain_s=drain_s, keep_requests=keep_requests,
-                                  dashboard=dashboard, interval_s=interval_s)
+                                  dashboard=dashboard, interval_s=interval_s, timeline_nodes=timeline_nodes)
         except asyncio.CancelledError:
             raise KeyboardInterrupt from None
         finally:

@@ -163,14 +163,19 @@ def scenario_classes(scenario: Scenario, impl: Impl | str = Impl.AUTO) -> Scenar
     return ScenarioClasses(strategy_class(scenario.balancer.strategy, impl), limiter)
 
 
-def simulation(scenario: Scenario, impl: Impl | str = Impl.AUTO, *, interval_s: float | None = None) -> Simulation:
+def simulation(scenario: Scenario, impl: Impl | str = Impl.AUTO, *, interval_s: float | None = None,
+               timeline_nodes: int | None = None) -> Simulation:
     """A :class:`sim.model.Simulation` of ``scenario`` built with the exercise classes ``impl`` picks;
-    ``interval_s`` is its timeline's interval in seconds (None: :func:`core.timeline.default_interval_s`)."""
+    ``interval_s`` is its timeline's interval in seconds (None: :func:`core.timeline.default_interval_s`),
+    ``timeline_nodes`` its per-node cap (None: :data:`core.timeline.TIMELINE_NODES`)."""
     from sim.model import Simulation
 
     classes = scenario_classes(scenario, impl)
+    if timeline_nodes is None:
+        return Simulation(scenario, strategy_cls=classes.strategy_cls, limiter_cls=classes.limiter_cls,
+                          interval_s=interval_s)
     return Simulation(scenario, strategy_cls=classes.strategy_cls, limiter_cls=classes.limiter_cls,
-                      interval_s=interval_s)
+                      interval_s=interval_s, timeline_nodes=timeline_nodes)
 
 
 def simulate(scenario: Scenario, impl: Impl | str = Impl.AUTO, *, interval_s: float | None = None) -> dict[str, Any]:

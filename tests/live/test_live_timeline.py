@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 
 from core.scenario import Scenario
-from core.timeline import EVENT_KINDS, MAX_INTERVALS
+from core.events import EventRing
+from core.timeline import EVENT_KINDS
 from experiments.cli_live import timeline_path
 from experiments.scenarios import load
 from live.balancer import STATE, BalancerConfig, make_balancer_app
 from live.node import NodeConfig, make_node_app
-from live.registry import EventRing, make_registry_app
+from live.registry import make_registry_app
 from live.run import StateWatch
 from solutions.impl import simulate
 from tests.live.test_live_run import SMALL, finished, run, started
@@ -153,7 +154,7 @@ def test_the_plot_and_the_report_are_written(faults_run) -> None:
     (("--interval", "nan"), "--interval"),
     (("--interval", "inf"), "--interval"),
     (("--interval", "soon"), "--interval"),
-    (("--interval", "0.01"), f"at most {MAX_INTERVALS}; give an interval of at least 0.025 s"),
+    (("--interval", "0.01"), "needs 9,000 intervals, more than a timeline holds (3,600); give --interval 0.025 or more"),
     (("--plot", "/proc/no/such/timeline.png"), "cannot write"),
     (("--report", "/proc/no/such/report.html"), "cannot write"),
 ])
