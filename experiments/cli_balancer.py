@@ -109,6 +109,9 @@ class CIDRList(click.ParamType):
 @click.option("--dashboard-max-streams", type=click.IntRange(0, 10_000), default=8, show_default=True,
               help="Open /dashboard/events streams at most; past it 503 dashboard_busy (0: no dashboard "
                    "streams).")
+@click.option("--events-kept", type=click.IntRange(1, 1_000_000), default=4096, show_default=True,
+              help="State changes (health flips, ejector transitions) GET /lb-events keeps, the newest; a reader "
+                   "that fell further behind is told how many it missed.")
 @impl_option
 def balancer_command(port: int, host: str, nodes: tuple[str, ...] | None,
                      registry: str | None, strategy: str, health_interval: float, unhealthy_after: int,
@@ -117,7 +120,7 @@ def balancer_command(port: int, host: str, nodes: tuple[str, ...] | None,
                      max_body: int, trust_clients: tuple[str, ...], health_timeout: float | None,
                      health_concurrency: int, stall_after: float | None, stall_factor: float, max_backends: int,
                      allow_backends: str | None, warmup_timeout: float, max_response_header_bytes: int,
-                     max_response_headers: int, dashboard_max_streams: int) -> None:
+                     max_response_headers: int, dashboard_max_streams: int, events_kept: int) -> None:
     """The load balancer: proxies everything; GET /lb-stats and /metrics are its own."""
     from live.balancer import STATE, BalancerConfig, make_balancer_app
 
@@ -137,7 +140,7 @@ def balancer_command(port: int, host: str, nodes: tuple[str, ...] | None,
                             stall_after_s=stall_after, stall_factor=stall_factor, max_backends=max_backends,
                             allow_backends=allow_backends, warmup_timeout_s=warmup_timeout,
                             max_response_header_bytes=max_response_header_bytes,
-                            max_response_headers=max_response_headers)
+                            max_response_headers=max_response_headers, events_kept=events_kept)
     from core.addresses import AddressError
     from live.backends import check_nodes, listening
 

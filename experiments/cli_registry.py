@@ -35,9 +35,12 @@ _LIMITS = MetadataLimits()
               show_default=True, help="Longest metadata key, in characters (400 past it).")
 @click.option("--resolve-timeout", type=click.FloatRange(0.01, 60), default=2.0, show_default=True,
               help="Seconds a registered host name may take to resolve (400 bad_address past it).")
+@click.option("--events-kept", type=click.IntRange(1, 1_000_000), default=4096, show_default=True,
+              help="Membership changes GET /events keeps, the newest; a reader that fell further behind is told "
+                   "how many it missed.")
 def registry_command(port: int, host: str, ttl: float, token: str | None, allow_backends: str | None,
                      max_nodes: int, max_metadata_bytes: int, max_metadata_keys: int, max_metadata_key_chars: int,
-                     resolve_timeout: float) -> None:
+                     resolve_timeout: float, events_kept: int) -> None:
     """The service registry: POST /register, /heartbeat/{id}, /deregister; GET /nodes, /health, /metrics."""
     from live.registry import listening, make_registry_app
 
@@ -46,5 +49,5 @@ def registry_command(port: int, host: str, ttl: float, token: str | None, allow_
     allow = AllowList.parse(allow_backends) if allow_backends else AllowList.default_for(host)
     click.echo(f"registry: backends allowed in {allow}", err=True)
     app = make_registry_app(ttl_s=ttl, token=token, host=host, allow_backends=allow, max_nodes=max_nodes,
-                            metadata_limits=limits, resolve_timeout_s=resolve_timeout)
+                            metadata_limits=limits, resolve_timeout_s=resolve_timeout, events_kept=events_kept)
     serve_app(app, port, name="registry", on_listening=lambda bound: listening(app, bound))

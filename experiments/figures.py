@@ -34,6 +34,13 @@ class Figure:
     args: tuple[str, ...]
     quick: tuple[str, ...]
     takes: str
+    #: The file the README shows, when the command draws it beside ``--plot`` rather than at it (the
+    #: overlaid timelines ``testbed compare --mode both --plot`` writes next to its sweep figure).
+    shows: str = ""
+
+    @property
+    def shown(self) -> str:
+        return self.shows or self.name
 
     def command(self, out: pathlib.Path, data: pathlib.Path, quick: bool = False) -> list[str]:
         return [*self.args, *(self.quick if quick else ()), "--plot", str(out / self.name),
@@ -54,13 +61,18 @@ FIGURES = {f.name: f for f in (
            ("--strategies", "random,power_of_two", "--loads", "0.5,0.9", "--reps", "2", "--duration", "1"),
            "about 1 h 40 min on 2 cores: 75 runs, 291 million simulated requests"),
     Figure("faults-timeline.png", ("sim", "run", "faults"), ("--duration", "30"), "about 5 s"),
+    Figure("faults-live.png", ("compare", "faults", "--mode", "both", "--strategies", "least_connections",
+                               "--reps", "1"),
+           ("--duration", "8"), "about 2 minutes: one live run of 90 s",
+           shows="faults-live-timeline-least_connections-0.50.png"),
 )}
 
 
 def _pick(names: tuple[str, ...]) -> list[Figure]:
     picked = []
     for name in names:
-        figure = FIGURES.get(name) or FIGURES.get(f"{name}.png")
+        figure = (FIGURES.get(name) or FIGURES.get(f"{name}.png")
+                  or next((f for f in FIGURES.values() if name in (f.shown, f.shown.removesuffix(".png"))), None))
         if figure is None:
             raise click.BadParameter(f"no figure {name!r}; the README's figures are: {', '.join(FIGURES)}",
                                      param_hint="NAME")

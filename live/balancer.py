@@ -99,7 +99,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
 from core.balancer_state import Attempt, BackendEntry, BalancerState, feeds_latency
-from core.events import EventRing
+from core.events import EVENTS_KEPT, EventRing
 from core.client_key import TrustedProxies
 from core.scenario import BalancerSpec
 from core.strategies import STRATEGIES, BaseStrategy, NoHealthyBackend, Strategy
@@ -221,8 +221,11 @@ class BalancerConfig:
     warmup_timeout_s: float = 2.0                 # first registry poll and checks before listening, at most (0: none)
     max_response_header_bytes: int = MAX_RESPONSE_HEADER_BYTES  # a backend's response head past it: 502
     max_response_headers: int = MAX_RESPONSE_HEADERS            # ... or with more header fields than this: 502
+    events_kept: int = EVENTS_KEPT                # state changes GET /lb-events keeps, the newest
 
     def __post_init__(self) -> None:
+        if self.events_kept < 1:
+            raise ValueError(f"events_kept must be >= 1, got {self.events_kept}")
         if self.max_body_bytes < 0:
             raise ValueError(f"max_body_bytes must be >= 0, got {self.max_body_bytes}")
         if self.max_response_header_bytes < 1 or self.max_response_headers < 1:
@@ -283,7 +286,7 @@ class Balancer:
         self._via = self.id.encode("latin-1")
         self._via_line = b"Via: 1.1 %s\r\n" % self._via
         self.trusted_clients = TrustedProxies.parse(config.trust_clients)
-        self.events: EventRing[dict[str, Any]] = EventRing()  # GET /lb-events
+        self.events: EventRing[dict[str, Any]] = EventRing(config.events_kept)  # GET /lb-events
 
     def drain_events(self) -> None:
         """The books' state changes so far (health, ejector) into :attr:`events`."""

@@ -69,7 +69,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from core.addresses import AddressError, AllowList, parse_backend_url
-from core.events import EventRing
+from core.events import EVENTS_KEPT, EventRing
 from core.rate_limiter import retry_after
 from core.registry import (NODE_ID_RULE, HeartbeatResult, IdTaken, LeaseMismatch, Membership, MetadataLimits,
                            MetadataRefused, RegistryFull, RegistryRefusal, is_own_address, valid_node_id)
@@ -330,10 +330,11 @@ def make_registry_app(*, ttl_s: float = 5.0, token: str | None = None,
                       allow_backends: AllowList | None = None, max_nodes: int = DEFAULT_MAX_NODES,
                       metadata_limits: MetadataLimits | None = None,
                       resolve_timeout_s: float = DEFAULT_RESOLVE_TIMEOUT_S,
-                      instance: str | None = None) -> web.Application:
+                      instance: str | None = None, events_kept: int = EVENTS_KEPT) -> web.Application:
     """The registry's aiohttp application. ``clock`` defaults to ``time.monotonic`` (the event loop's clock);
     ``allow_backends`` to :meth:`AllowList.default_for` the ``host`` the registry is bound to; ``instance``
-    (the name ``GET /nodes`` gives this registry process) to a random one."""
+    (the name ``GET /nodes`` gives this registry process) to a random one; ``events_kept`` membership changes
+    are kept for ``GET /events``, the newest."""
     app = web.Application(middlewares=[error_middleware, registry_middleware], client_max_size=16 * 1024)
     if clock is None:
         clock = time.monotonic  # what the default event loop's loop.time() reads
@@ -343,7 +344,7 @@ def make_registry_app(*, ttl_s: float = 5.0, token: str | None = None,
     app[METRICS] = RegistryMetrics()
     app[SETTINGS] = Settings(token or "", allow_backends or AllowList.default_for(host), resolve_timeout_s, host)
     app[LISTING] = Listing(instance or secrets.token_hex(8), app[MEMBERSHIP])
-    app[EVENTS] = EventRing()
+    app[EVENTS] = EventRing(events_kept)
     app.router.add_post("/register", register)
     app.router.add_post("/heartbeat/{node_id}", heartbeat)
     app.router.add_post("/deregister", deregister)

@@ -188,6 +188,16 @@ async def test_registry_events_list_membership_changes_from_since_on(aiohttp_cli
     assert (await (await client.get("/events?since=2")).json())["events"] == []
 
 
+async def test_events_kept_bounds_the_registrys_ring_and_a_late_reader_is_told(aiohttp_client, clock) -> None:
+    client = await aiohttp_client(make_registry_app(ttl_s=5.0, clock=clock, events_kept=2))
+    for i in range(3):
+        resp = await client.post("/register", json={"id": f"node-{i}", "address": f"http://127.0.0.1:{5001 + i}"})
+        assert resp.status == 201
+    body = await (await client.get("/events?since=0")).json()
+    assert [e["node_id"] for e in body["events"]] == ["node-1", "node-2"] and body["missed"] == 1
+    assert body["next"] == 3
+
+
 @pytest.mark.parametrize("query", ["since=-1", "since=abc", "since=", "since=1.5", "since=%C2%B2",
                                    f"since={2**53 + 1}", "since=1&since=2"])
 async def test_a_bad_since_is_a_json_400_on_both_endpoints(aiohttp_client, clock, query: str) -> None:
