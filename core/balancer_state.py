@@ -78,7 +78,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from core.circuit_breaker import CircuitBreaker, Permit, State
-from core.events import EventLog, TimelineEvent
+from core.events import EventLog, TimelineEvent, breaker_events
 from core.health import CheckSchedule, HealthTracker, counts_as_failure, default_health_timeout_s
 from core.latency import PeakEwma
 from core.outlier import NOT_AN_ANSWER, StallClock, Stalled, StallRule
@@ -222,14 +222,18 @@ class BalancerState:
             self._health_changes.emit(TimelineEvent(now, entry.id, "health", "up" if was else "down",
                                                     "down" if was else "up"))
 
-    def drain_events(self) -> list[TimelineEvent]:
-        """Health flips and ejector transitions since the last drain (see the module docstring)."""
+    def drain_events(self, *, now: float | None = None) -> list[TimelineEvent]:
+        """Health flips and ejector transitions since the last drain (see the module docstring); with ``now``,
+        ejections whose time was up by then have moved on first (OPEN -> HALF_OPEN, dated at the deadline)."""
         out = self._health_changes.drain()
         for entry in self.backends.values():
             ejector = entry.ejector
             if ejector is not None:
-                out.extend(TimelineEvent(c.at, entry.id, "ejector", c.old.name, c.new.name, c.signal.value)
-                           for c in ejector.drain_events())
+                changes = ejector.drain_events(now=now)
+                if changes:
+                    out.extend(breaker_events(entry.id, "ejector", changes))
+                    if now is not None:
+                        self._changed(entry, now)
         return out
 
     def _changed(self, entry: BackendEntry, now: float | None = None) -> None:

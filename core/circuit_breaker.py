@@ -339,8 +339,11 @@ class CircuitBreaker:
             return self._opened_at + self.recovery_timeout_s
         return None
 
-    def drain_events(self) -> list[StateChange]:
-        """State changes since the last drain, oldest first."""
+    def drain_events(self, *, now: float | None = None) -> list[StateChange]:
+        """State changes since the last drain, oldest first; with ``now``, time is moved there first, so a
+        move that was due by then (OPEN -> HALF_OPEN) is among them, dated at its deadline."""
+        if now is not None:
+            self._advance(now)
         return self._events.drain()
 
     def status(self, *, now: float) -> dict[str, Any]:

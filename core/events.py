@@ -22,9 +22,35 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Generic, Iterable, TypeVar
+from typing import Any, Generic, Iterable, Mapping, Protocol, TypeVar
 
-__all__ = ["EVENTS_KEPT", "EventLog", "EventRing", "TimelineEvent"]
+
+class _StateChange(Protocol):
+    """What :func:`breaker_events` reads of a :class:`core.circuit_breaker.StateChange` (that module imports
+    this one)."""
+
+    @property
+    def old(self) -> Any: ...
+    @property
+    def new(self) -> Any: ...
+    @property
+    def signal(self) -> Any: ...
+    @property
+    def at(self) -> float: ...
+
+
+class _MembershipChange(Protocol):
+    """What :func:`membership_events` reads of a :class:`core.registry.MembershipChange`."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def node_id(self) -> str: ...
+    @property
+    def at(self) -> float: ...
+
+__all__ = ["EVENTS_KEPT", "EventLog", "EventRing", "TimelineEvent", "breaker_events", "membership_events",
+           "restart_event"]
 
 E = TypeVar("E")
 
@@ -75,6 +101,40 @@ class TimelineEvent:
         if self.detail:
             out["detail"] = self.detail
         return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], t0: float = 0.0) -> TimelineEvent:
+        """The event :meth:`as_dict` wrote (as a process serves it), its time less ``t0``; KeyError, TypeError or
+        ValueError for a mapping that is not one."""
+        return cls(float(data["t"]) - t0, str(data["target"]), str(data["kind"]), str(data["from"]),
+                   str(data["to"]), str(data.get("detail") or ""))
+
+
+def breaker_events(target: str, kind: str, changes: Iterable[_StateChange], t0: float = 0.0) -> list[TimelineEvent]:
+    """A breaker's :class:`~core.circuit_breaker.StateChange` values as events of ``kind`` (``breaker``, a node's;
+    ``ejector``, the balancer's for a backend), their times less ``t0`` (the run's time origin)."""
+    return [TimelineEvent(c.at - t0, target, kind, c.old.name, c.new.name, c.signal.value) for c in changes]
+
+
+def restart_event(target: str, state: str, at: float) -> TimelineEvent | None:
+    """A node process restarted at ``at`` with a fresh breaker: the ``breaker`` event that says so when the
+    old process's breaker was left in ``state`` other than CLOSED (None when it was CLOSED: nothing changed)."""
+    return None if state == "CLOSED" else TimelineEvent(at, target, "breaker", state, "CLOSED", "restarted")
+
+
+def membership_events(changes: Iterable[_MembershipChange], t0: float = 0.0) -> list[TimelineEvent]:
+    """A registry's :class:`~core.registry.MembershipChange` values as ``membership`` events: ``to`` is what
+    happened (joined, rejoined, died, revived, left, removed), ``from`` what the node was before (``absent``,
+    ``alive``, ``dead``), followed change by change."""
+    status: dict[str, str] = {}
+    after = {"joined": "alive", "rejoined": "alive", "revived": "alive", "died": "dead", "left": "absent",
+             "removed": "absent"}
+    out = []
+    for c in changes:
+        before = status.get(c.node_id, "absent")
+        status[c.node_id] = after.get(c.kind, before)
+        out.append(TimelineEvent(c.at - t0, c.node_id, "membership", before, c.kind))
+    return out
 
 
 class EventRing(Generic[E]):

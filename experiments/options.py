@@ -12,7 +12,7 @@ import click
 
 from core.scenario import Scenario, ScenarioError
 from core.strategies import STRATEGIES
-from core.timeline import MAX_INTERVALS, TIMELINE_NODES, smallest_interval_s
+from core.timeline import MAX_INTERVALS, TIMELINE_NODES, check_interval_s
 from solutions.impl import Impl
 
 __all__ = ["EXIT_NOT_IMPLEMENTED", "Interval", "OutputPath", "ScenarioParam", "TESTBED_COMMAND", "apply_overrides",
@@ -163,17 +163,15 @@ class Interval(click.ParamType):
 
 
 def check_interval(interval_s: float | None, duration_s: float) -> None:
-    """A usage error, before the run, when a run of ``duration_s`` would need more than the timeline's
-    MAX_INTERVALS intervals of ``interval_s``, naming the smallest interval that works
-    (:func:`core.timeline.smallest_interval_s`). None (the default interval,
-    :func:`core.timeline.default_interval_s`) always fits."""
+    """A usage error, before the run, for an interval core's timeline refuses
+    (:func:`core.timeline.check_interval_s`: its message names the smallest interval that works). None (the
+    default interval, :func:`core.timeline.default_interval_s`) always fits."""
     if interval_s is None:
         return
-    needed = math.ceil(duration_s / interval_s - 1e-9)
-    if needed > MAX_INTERVALS:
-        raise click.BadParameter(f"a run of {duration_s:g} s in intervals of {interval_s:g} s needs {needed:,} "
-                                 f"intervals, more than a timeline holds ({MAX_INTERVALS:,}); give --interval "
-                                 f"{smallest_interval_s(duration_s):g} or more", param_hint="--interval")
+    try:
+        check_interval_s(interval_s, duration_s)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--interval") from None
 
 
 def report_options(f: Any) -> Any:

@@ -68,9 +68,9 @@ from core.node_pipeline import NodePipeline, Rejected, Ticket
 from core.rate_limiter import TokenBucket
 from core.results import CHUNK_ROWS, OUTCOME_STATUS, Outcome, RequestLog, new_summary, scenario_results
 from core.scenario import NodeSpec, Scenario
-from core.events import TimelineEvent
+from core.events import restart_event
 from core.strategies import STRATEGIES, BaseStrategy, NoHealthyBackend
-from core.timeline import TIMELINE_NODES, Timeline, breaker_events, default_interval_s, fault_events
+from core.timeline import TIMELINE_NODES, Timeline, breaker_events
 from core.workload import (
     ARRIVAL_STREAM, CLIENT_STREAM, NODE_STREAM, chunks, client_ids, node_chunk_size, open_loop, service_times,
     strategy_seed, streams, think_times,
@@ -146,7 +146,7 @@ class SimNode:
         """Go down: everything held fails now; the process comes back fresh when it recovers."""
         now = self.env.now
         self.up = False
-        self.sim.drain_breaker(self)
+        self.sim.drain_breaker(self, now)  # what was due by now (a cool-down) happened before the crash
         breaker = self.pipeline.breaker
         self.breaker_at_crash = breaker.state.name if breaker is not None else "CLOSED"
         for ticket in self.pipeline.crash():
@@ -154,9 +154,9 @@ class SimNode:
 
     def recover(self) -> None:
         self.up = True
-        if self.breaker_at_crash != "CLOSED" and self.sim.timeline is not None:
-            self.sim.timeline.add_events([TimelineEvent(self.env.now, self.spec.id, "breaker", self.breaker_at_crash,
-                                                        "CLOSED", "restarted")])
+        restarted = restart_event(self.spec.id, self.breaker_at_crash, self.env.now)
+        if restarted is not None and self.sim.timeline is not None:
+            self.sim.timeline.add_events([restarted])
         self.breaker_at_crash = "CLOSED"
 
 
@@ -177,11 +177,8 @@ class Simulation:
         self.env = simpy.Environment()
         self.summary = new_summary(warmup_s=scenario.warmup_s, duration_s=scenario.duration_s,
                                    nodes=len(scenario.nodes))
-        if interval_s is None:
-            interval_s = default_interval_s(scenario.duration_s)
-        self.timeline = (Timeline(interval_s=interval_s, duration_s=scenario.duration_s,
-                                  node_ids=[n.id for n in scenario.nodes], workers=[n.workers for n in scenario.nodes],
-                                  node_series=timeline_nodes) if timeline else None)
+        self.timeline = (Timeline.for_scenario(scenario, interval_s=interval_s, node_series=timeline_nodes)
+                         if timeline else None)
         sinks = [self.summary.fold] if self.timeline is None else [self.summary.fold, self.timeline.fold]
         self.log = RequestLog(keep=keep_rows, sinks=sinks, chunk_rows=chunk_rows)
         self._files: list[RequestsFile] = []
@@ -272,22 +269,22 @@ class Simulation:
             for entry in self.balancer.backends.values():
                 self.balancer.checked(entry, entry.driver.up, now=now)
             self.balancer.tick(now=now)  # hung backends the strategy no longer picks (core.outlier)
-            self.drain_events()
+            self.drain_events(now)
 
     # -- the timeline's state changes ------------------------------------------
-    def drain_breaker(self, node: SimNode) -> None:
-        """The node's breaker's changes so far into the timeline (before a crash replaces the breaker)."""
+    def drain_breaker(self, node: SimNode, now: float) -> None:
+        """The node's breaker's changes up to ``now`` into the timeline (before a crash replaces the breaker)."""
         breaker = node.pipeline.breaker
         if breaker is not None:
-            changes = breaker.drain_events()
+            changes = breaker.drain_events(now=now)
             if self.timeline is not None:
                 self.timeline.add_events(breaker_events(node.spec.id, "breaker", changes))
 
-    def drain_events(self) -> None:
-        """Every core object's state changes so far into the timeline (and out of their bounded logs)."""
-        events = self.balancer.drain_events()
+    def drain_events(self, now: float) -> None:
+        """Every core object's state changes up to ``now`` into the timeline (and out of their bounded logs)."""
+        events = self.balancer.drain_events(now=now)
         for node in self.nodes:
-            self.drain_breaker(node)
+            self.drain_breaker(node, now)
         if self.timeline is not None:
             self.timeline.add_events(events)
 
@@ -316,7 +313,7 @@ class Simulation:
         try:
             self._run(progress)
             self.log.flush()
-            self.drain_events()
+            self.drain_events(self.env.now)
             for f in self._files:
                 f.close()
         except BaseException:
@@ -332,8 +329,6 @@ class Simulation:
         else:
             env.process(self._open_arrivals())
         env.process(self._health_checks())
-        if self.timeline is not None:
-            self.timeline.add_events(fault_events(self.scenario))
         for node in self.nodes:
             for f in node.spec.faults:
                 env.process(self._fault(node, f.start_s, f.end_s, f.error_rate, f.extra_latency_ms, f.down))

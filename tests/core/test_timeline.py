@@ -58,7 +58,10 @@ def test_counts_are_by_the_interval_the_response_completed_in(data) -> None:
     assert tl["overall"]["requests"] == np.bincount(k, minlength=n).tolist()
     ok = data["outcome"] == Outcome.OK
     assert tl["overall"]["ok"] == np.bincount(k[ok], minlength=n).tolist()
-    assert tl["overall"]["throughput_rps"] == pytest.approx((np.bincount(k[ok], minlength=n) / STEP).tolist())
+    covered = np.full(n, STEP)
+    covered[-1] = data["end"].max() - (n - 1) * STEP  # the last interval ends with the last response
+    assert tl["end_s"] == pytest.approx(data["end"].max())
+    assert tl["overall"]["throughput_rps"] == pytest.approx((np.bincount(k[ok], minlength=n) / covered).tolist())
     errors = np.isin(data["outcome"], [4, 5, 6, 7])
     assert tl["overall"]["errors"] == np.bincount(k[errors], minlength=n).tolist()
     for i in range(3):
@@ -84,8 +87,8 @@ def test_utilization_is_service_time_inside_each_interval(data) -> None:
     served = ~np.isnan(data["start"]) & (data["node"] >= 0)
     for i in range(3):
         s, e = data["start"][served & (data["node"] == i)], data["end"][served & (data["node"] == i)]
-        want = [float(np.clip(np.minimum(e, lo + STEP) - np.maximum(np.minimum(s, e), lo), 0, None).sum()) / (2 * STEP)
-                for lo in tl["t"]]
+        want = [float(np.clip(np.minimum(e, lo + STEP) - np.maximum(np.minimum(s, e), lo), 0, None).sum())
+                / (2 * min(STEP, tl["end_s"] - lo)) for lo in tl["t"]]
         assert tl["nodes"][f"n{i}"]["utilization"] == pytest.approx(want, abs=1e-9)
     assert tl["overall"]["utilization"] == pytest.approx(
         [sum(tl["nodes"][f"n{i}"]["utilization"][k] for i in range(3)) / 3 for k in range(len(tl["t"]))])
@@ -138,13 +141,16 @@ def test_over_the_node_cap_only_the_overall_series_are_kept(data) -> None:
 
 @pytest.mark.parametrize("interval", [0, -1.0, math.nan, math.inf])
 def test_an_interval_must_be_a_positive_number(interval) -> None:
-    with pytest.raises(ValueError, match="interval_s must be a positive number"):
+    with pytest.raises(ValueError, match="an interval must be a positive number of seconds"):
         Timeline(interval_s=interval, duration_s=10, node_ids=["a"], workers=[1])
 
 
 def test_too_many_intervals_names_the_smallest_interval_that_works() -> None:
-    with pytest.raises(ValueError, match=r"at most 3600; give an interval of at least 2 s"):
+    with pytest.raises(ValueError, match=r"needs 7,200 intervals, more than a timeline holds \(3,600\); give an "
+                                         r"interval of 2 s or more"):
         Timeline(interval_s=1.0, duration_s=2 * MAX_INTERVALS, node_ids=["a"], workers=[1])
+    with pytest.raises(ValueError, match=r"needs over 10\^15 intervals"):  # a tiny interval: no overflow
+        Timeline(interval_s=1e-310, duration_s=90, node_ids=["a"], workers=[1])
 
 
 def test_responses_beyond_the_last_interval_are_counted_as_later() -> None:
@@ -155,6 +161,7 @@ def test_responses_beyond_the_last_interval_are_counted_as_later() -> None:
     tl = t.as_dict()
     assert tl["later"] == 1 and sum(tl["overall"]["requests"]) == 1
     assert len(tl["t"]) == 10  # nothing else completed after the run's end
+    assert tl["overall"]["in_flight"] == [0, 0, 1, 1, 1, 1, 1, 1, 1, 1]  # the late one is out all along
 
 
 def test_events_come_out_sorted_and_converted() -> None:
@@ -185,5 +192,31 @@ def test_the_smallest_interval_named_fits_and_three_digits_lower_would_not(durat
     smallest = smallest_interval_s(duration)
     Timeline(interval_s=smallest, duration_s=duration, node_ids=["a"], workers=[1])
     below = smallest - 10.0 ** (math.floor(math.log10(smallest)) - 2)
-    with pytest.raises(ValueError, match=f"at least {smallest:g} s"):
+    with pytest.raises(ValueError, match=f"give an interval of {smallest:g} s or more"):
         Timeline(interval_s=below, duration_s=duration, node_ids=["a"], workers=[1])
+
+
+def test_old_intervals_settle_to_their_percentiles_and_free_their_digests() -> None:
+    """Memory holds digests for the last settle_s of completions only; what comes later for a settled interval
+    still counts, and is named."""
+    rng = np.random.default_rng(5)
+    t = Timeline(interval_s=1.0, duration_s=600, node_ids=[f"n{i}" for i in range(20)], workers=[1] * 20,
+                 settle_s=10.0)
+    open_digests = []
+    exact: dict[int, list[float]] = {}
+    for second in range(600):
+        arrival = second + np.sort(rng.uniform(0, 1, 100))
+        response = rng.exponential(0.05, 100)
+        t.fold({"arrival": arrival, "node": rng.integers(0, 20, 100).astype(np.intc), "start": arrival,
+                "end": arrival + response, "outcome": np.zeros(100, dtype=np.int8)})
+        open_digests.append(len(t._digests))
+        for k, r in zip(np.floor(arrival + response).astype(int), response):
+            exact.setdefault(int(k), []).append(r * 1000.0)
+    assert max(open_digests) <= 20 * 13  # ~11 intervals of 20 nodes open at most, never 600 x 20
+    t.fold({"arrival": np.array([3.0]), "node": np.array([0], dtype=np.intc), "start": np.array([3.0]),
+            "end": np.array([3.5]), "outcome": np.array([0], dtype=np.int8)})  # late, for a settled interval
+    tl = t.as_dict()
+    assert tl["unsettled"] == 1 and tl["overall"]["ok"][3] == len(exact[3]) + 1
+    for k in (0, 100, 599):  # settled or not, each interval's percentiles are numpy's (up to 200 values)
+        assert [tl["overall"][p][k] for p in ("p50_ms", "p95_ms", "p99_ms")] == pytest.approx(
+            np.percentile(exact[k], [50, 95, 99]).tolist(), rel=1e-6)

@@ -222,7 +222,7 @@ def test_a_long_run_without_interval_gets_the_first_round_one_that_fits(tmp_path
     (["--interval", "inf"], "is not a timeline interval"),
     (["--interval", "soon"], "'soon' is not a number of seconds"),
     (["--duration", "3601", "--interval", "1"], "a run of 3601 s in intervals of 1 s needs 3,601 intervals, more "
-                                                "than a timeline holds (3,600); give --interval 1.01 or more"),
+                                                "than a timeline holds (3,600); give an interval of 1.01 s or more"),
     (["--duration", "100", "--interval", "0.01"], "needs 10,000 intervals"),
 ])
 def test_a_bad_interval_is_a_usage_error_before_the_run(args, words) -> None:

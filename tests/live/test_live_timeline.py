@@ -154,7 +154,7 @@ def test_the_plot_and_the_report_are_written(faults_run) -> None:
     (("--interval", "nan"), "--interval"),
     (("--interval", "inf"), "--interval"),
     (("--interval", "soon"), "--interval"),
-    (("--interval", "0.01"), "needs 9,000 intervals, more than a timeline holds (3,600); give --interval 0.025 or more"),
+    (("--interval", "0.01"), "needs 9,000 intervals, more than a timeline holds (3,600); give an interval of 0.025 s or more"),
     (("--plot", "/proc/no/such/timeline.png"), "cannot write"),
     (("--report", "/proc/no/such/report.html"), "cannot write"),
 ])

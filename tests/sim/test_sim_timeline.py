@@ -80,3 +80,25 @@ def test_over_a_hundred_nodes_the_timeline_keeps_the_overall_series() -> None:
     assert tl["nodes"] == {} and tl["nodes_omitted"] == 150 and sum(tl["overall"]["requests"]) > 3000
     tl = simulation(scenario, keep_rows=False, timeline_nodes=200).run().results()["timeline"]
     assert len(tl["nodes"]) == 150 and tl["nodes_omitted"] == 0
+
+
+def test_a_cool_down_that_was_due_before_a_crash_is_on_the_timeline() -> None:
+    """The breaker moves OPEN -> HALF_OPEN by time alone; nobody asked it between its deadline and the crash,
+    yet the timeline has the move at its deadline, and the restart resets HALF_OPEN, as the live runner sees it."""
+    scenario = Scenario.from_mapping({
+        "name": "cool-down-then-crash", "seed": 3, "duration_s": 14, "warmup_s": 0,
+        "workload": {"arrival": "poisson", "rate_per_s": 40},
+        "balancer": {"strategy": "round_robin", "health_check_interval_s": 1.0, "eject_after_failures": 2,
+                     "ejection_time_s": 30},
+        "nodes": [{"id": "a", "workers": 1, "load_factor_ms": 10, "circuit_breaker": {
+                       "failure_threshold": 2, "recovery_timeout_s": 1},
+                   "faults": [{"start_s": 5, "end_s": 8, "error_rate": 1.0}, {"start_s": 8, "end_s": 10, "down": True}]},
+                  {"id": "b", "workers": 1, "load_factor_ms": 10}]})
+    results = simulation(scenario, keep_rows=False).run().results()
+    breaker = events(results, target="a", kind="breaker")
+    trip = next(e for e in breaker if e["to"] == "OPEN")
+    cooled = [e for e in breaker if e["from"] == "OPEN" and e["to"] == "HALF_OPEN"]
+    assert cooled and cooled[0]["t"] == pytest.approx(trip["t"] + 1.0) and cooled[0]["t"] < 8.0
+    assert (breaker[-1]["from"], breaker[-1]["to"], breaker[-1]["t"]) == ("HALF_OPEN", "CLOSED", 10.0)
+    ejector = events(results, target="a", kind="ejector")
+    assert ejector[0]["to"] == "OPEN" and ejector[-1]["to"] == "OPEN"  # 30 s ejection: still out at the end
