@@ -121,7 +121,8 @@ def balancer_command(port: int, host: str, nodes: tuple[str, ...] | None,
                      health_concurrency: int, stall_after: float | None, stall_factor: float, max_backends: int,
                      allow_backends: str | None, warmup_timeout: float, max_response_header_bytes: int,
                      max_response_headers: int, dashboard_max_streams: int, events_kept: int) -> None:
-    """The load balancer: proxies everything; GET /lb-stats and /metrics are its own."""
+    """The load balancer: proxies everything; GET /lb-stats, /lb-events (health flips and ejector moves),
+    /metrics, /dashboard and /openapi.json are its own."""
     from live.balancer import STATE, BalancerConfig, make_balancer_app
 
     if not nodes and not registry:

@@ -41,7 +41,8 @@ _LIMITS = MetadataLimits()
 def registry_command(port: int, host: str, ttl: float, token: str | None, allow_backends: str | None,
                      max_nodes: int, max_metadata_bytes: int, max_metadata_keys: int, max_metadata_key_chars: int,
                      resolve_timeout: float, events_kept: int) -> None:
-    """The service registry: POST /register, /heartbeat/{id}, /deregister; GET /nodes, /health, /metrics."""
+    """The service registry: POST /register, /heartbeat/{id}, /deregister; GET /nodes, /events (membership
+    changes), /health, /metrics, /openapi.json."""
     from live.registry import listening, make_registry_app
 
     limits = MetadataLimits(max_bytes=max_metadata_bytes, max_keys=max_metadata_keys,

@@ -289,8 +289,9 @@ class Balancer:
         self.events: EventRing[dict[str, Any]] = EventRing(config.events_kept)  # GET /lb-events
 
     def drain_events(self) -> None:
-        """The books' state changes so far (health, ejector) into :attr:`events`."""
-        self.events.extend(event.as_dict() for event in self.state.drain_events())
+        """The books' state changes up to now (health, ejector) into :attr:`events`: an ejection whose time is
+        up has moved OPEN -> HALF_OPEN first, dated at its deadline, whether or not a request came since."""
+        self.events.extend(event.as_dict() for event in self.state.drain_events(now=self.clock()))
 
     def join(self, backend_id: str, url: str, weight: int) -> BackendEntry:
         entry = self.state.add(backend_id, url, weight)

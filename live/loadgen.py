@@ -45,7 +45,8 @@ drawn as in the simulator), which the balancer passes on and the nodes trust
 from it, so per-client rate limiting works behind the balancer. The response
 is read back as an outcome with :func:`core.results.outcome_of`; the node that
 served it is its ``X-Node-ID`` (or the ``backend`` a balancer error names),
-and its service time the node's own ``service_ms``. Rows go into a
+and its service time the node's own ``service_ms`` (in the body of an OK answer,
+in the error object of a failed one: failed work kept a worker busy too). Rows go into a
 :class:`core.results.RequestLog`, exactly like the simulator's.
 
 Times come from ``time.perf_counter``, not the event loop's clock: uvloop's
@@ -278,7 +279,9 @@ class LoadGenerator:
         node_id = node_id or error.get("backend")
         node = self.index.get(node_id, -1) if node_id else -1
         start = NAN
-        service_ms = data.get("service_ms") if outcome is Outcome.OK else None
+        # A node's service time: in the body of an OK answer, in the error object of failed work
+        # (``work_failed``); refusals and the balancer's own errors did no work and carry none.
+        service_ms = data.get("service_ms") if outcome is Outcome.OK else error.get("service_ms")
         if isinstance(service_ms, (int, float)) and math.isfinite(service_ms):
             start = end - service_ms / 1000.0
         return node, start, outcome

@@ -268,8 +268,11 @@ async def work(request: web.Request) -> web.Response:
     _wake(pipeline.complete(ticket, failed=failed, now=finished))
     if failed:
         state.metrics.rejected("server_error")
+        # The work was done before it failed: its service time, as the OK answer gives it, so that a client
+        # (the live runner's generator) counts the workers' busy time for failed work too, as the simulator does.
         return json_error(500 if downstream_status is None else 502, "work_failed", detail,
-                          node_id=state.config.node_id, headers=ticket.headers or None)
+                          node_id=state.config.node_id, service_ms=(finished - started) * 1000,
+                          headers=ticket.headers or None)
     return web.json_response({"node_id": state.config.node_id, "queue_wait_ms": (started - arrived) * 1000,
                               "service_ms": (finished - started) * 1000, "downstream_status": downstream_status},
                              headers=ticket.headers or None)

@@ -202,8 +202,9 @@ def node_description(*, faults: bool = False, admin_token: bool = False) -> dict
             {"200": _ok("Done", _obj({"node_id": STRING, "queue_wait_ms": NONNEG, "service_ms": NONNEG,
                                       "downstream_status": _nullable(INTEGER)}), headers=ok_hdr)},
             {**_REFUSALS,
-             500: "The work failed (`work_failed`): an injected fault (`/admin/faults`, `--error-rate`).",
-             502: "The `--downstream` call failed (`work_failed`).",
+             500: "The work failed (`work_failed`): an injected fault (`/admin/faults`, `--error-rate`). The "
+                  "error object's `service_ms` is the service time it took, as in an OK answer.",
+             502: "The `--downstream` call failed (`work_failed`); the error object has `service_ms` too.",
              503: "The circuit breaker refuses (`circuit_open`), with `Retry-After`."},
             tag=tag, parameters=_CLIENT_HEADERS)},
         "/stats": _get("Counters and configuration", _obj(
@@ -269,7 +270,8 @@ def _events(summary: str, event: Schema, *, tag: str) -> dict[str, Any]:
         "events": {"type": "array", "items": event},
         "next": {**INTEGER, "description": "The `since` to ask for next."},
         "missed": {**INTEGER, "description": "Events from `since` on that were pushed out of the ring "
-                                             "(it keeps the newest 4096) before this read."}}, more=False),
+                                             "(it keeps the newest `--events-kept`, 4,096 by default) before "
+                                             "this read."}}, more=False),
                 tag=tag, parameters=_SINCE,
                 errors={400: "`since` is not a whole number from 0 to 2**53, or given twice (`bad_query`)."})
 

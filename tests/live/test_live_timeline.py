@@ -227,6 +227,11 @@ async def test_balancer_events_list_health_flips_and_ejector_moves(aiohttp_clien
         {"t": 1003.25, "target": "n1", "kind": "ejector", "from": "CLOSED", "to": "OPEN", "detail": "trip"},
     ] and body["next"] == 3 and body["missed"] == 0
     assert (await (await client.get("/lb-events?since=3")).json())["events"] == []
+    # No request comes; the ejection's time is up all the same: the next read shows it, at its deadline.
+    clock.advance(2000.0)
+    later = await (await client.get("/lb-events?since=3")).json()
+    assert later["events"] == [{"t": 1003.25 + lb.config.ejection_time_s, "target": "n1", "kind": "ejector",
+                                "from": "OPEN", "to": "HALF_OPEN", "detail": "cool_down_elapsed"}]
 
 
 # -- the runner's reading of node breakers ---------------------------------------------------------------------

@@ -68,20 +68,23 @@ async def test_responses_are_read_back_as_outcomes_nodes_and_service_starts(aioh
                                         "backend": "b"}}, status=502),
         4: web.json_response({"error": {"status": 503, "code": "no_healthy_backend", "message": "x"}}, status=503),
         5: web.Response(status=500, text="<html>not json</html>"),
+        6: web.json_response({"error": {"status": 500, "code": "work_failed", "message": "x", "node_id": "a",
+                                        "service_ms": 30.0}}, status=500, headers={"X-Node-ID": "a"}),
     }
     seen: list[str] = []
     server = await aiohttp_server(recording_app(seen, lambda n: replies[n]))
     gen = LoadGenerator(str(server.make_url("")).rstrip("/"), Workload(arrival="constant", rate_per_s=10.0),
-                        seed=0, duration_s=0.55, node_ids=["a", "b"])
+                        seed=0, duration_s=0.65, node_ids=["a", "b"])
     await gen.run()
     c = gen.log.columns()
     order = np.argsort(c["arrival"])
     assert c["outcome"][order].tolist() == [Outcome.OK, Outcome.RATE_LIMITED, Outcome.CONNECT_ERROR,
-                                            Outcome.NO_BACKEND, Outcome.SERVER_ERROR]
-    assert c["node"][order].tolist() == [0, 1, 1, -1, -1]
-    first = order[0]
+                                            Outcome.NO_BACKEND, Outcome.SERVER_ERROR, Outcome.SERVER_ERROR]
+    assert c["node"][order].tolist() == [0, 1, 1, -1, -1, 0]
+    first, failed = order[0], order[5]
     assert c["end"][first] - c["start"][first] == pytest.approx(0.040)  # the node's own service time
-    assert np.isnan(c["start"][order[1:]]).all()
+    assert c["end"][failed] - c["start"][failed] == pytest.approx(0.030)  # failed work was served too
+    assert np.isnan(c["start"][order[1:5]]).all()  # refusals and errors without a node's work: never served
 
 
 async def test_an_unreachable_target_is_a_connect_error_for_every_request() -> None:

@@ -34,6 +34,16 @@ async def test_work_reports_its_timing(aiohttp_client) -> None:
     assert 19 <= body["service_ms"] < 200 and body["queue_wait_ms"] >= 0
 
 
+async def test_failed_work_reports_the_service_time_it_took(aiohttp_client) -> None:
+    """Failed work kept a worker busy: its 500 carries ``service_ms`` like an OK answer, in the error object."""
+    client = await aiohttp_client(make_node_app(NodeConfig(node_id="n1", load_factor_ms=20, service="deterministic",
+                                                           error_rate=1.0)))
+    resp = await client.get("/work")
+    error = (await resp.json())["error"]
+    assert resp.status == 500 and error["code"] == "work_failed" and error["node_id"] == "n1"
+    assert 19 <= error["service_ms"] < 200
+
+
 async def test_rate_limit_three_then_429_then_refill(aiohttp_client, clock) -> None:
     client = await client_for(aiohttp_client, clock, rate_limit_per_s=3)
     statuses = [(await client.get("/health")).status for _ in range(10)]
