@@ -7,7 +7,10 @@ file that opens anywhere, offline: the CSS is inline, the timeline figure
 (:func:`experiments.timeline_plot.draw_timeline`) is a base64
 ``data:image/png`` and there is no script. In order: each run's particulars,
 requests by outcome and latency (one column per run), each run's nodes
-(requests, share, utilization, p50/p95/p99), the timeline figure, the faults
+(requests, share, utilization, p50/p95/p99), the timeline figure with what
+its timeline counts but cannot show, when not 0 (state changes missed,
+responses after its last interval, OK responses after their interval's
+percentiles settled: :data:`experiments.timeline_plot.COUNTS`), the faults
 the run played and every state change of its timeline as a table.
 
 Every string that comes from the results (node ids, scenario names, event
@@ -52,7 +55,7 @@ def write_report(path: str | pathlib.Path, runs: Sequence[Mapping[str, Any]], *,
              "<h2>Latency of OK requests</h2>", _latency(runs, names)]
     for name, run in zip(names, runs):
         parts += [f"<h2>Nodes{' of the ' + _e(name) + ' run' if len(runs) > 1 else ''}</h2>", _nodes(run)]
-    parts += ["<h2>Timeline</h2>", _figure(runs, title)]
+    parts += ["<h2>Timeline</h2>", _figure(runs, title), _counts(runs, names)]
     if any(r.get("faults") for r in runs):
         parts += ["<h2>Faults played</h2>", _faults(runs, names)]
     parts += ["<h2>State changes</h2>", _events(runs, names), "</body></html>\n"]
@@ -92,7 +95,8 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence
 def _cut(rows: list[Any], what: str) -> tuple[list[Any], str]:
     if len(rows) <= TABLE_ROWS:
         return rows, ""
-    return rows[:TABLE_ROWS], f"the first {TABLE_ROWS:,} of {len(rows):,} {what}; all of them are in the --json file"
+    return rows[:TABLE_ROWS], (f"the first {TABLE_ROWS:,} of {len(rows):,} {what}; all of them are in the results "
+                               "JSON (--json)")
 
 
 def _particulars(runs: Sequence[Mapping[str, Any]], names: list[str]) -> str:
@@ -155,6 +159,21 @@ def _figure(runs: Sequence[Mapping[str, Any]], title: str) -> str:
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
     return (f"<img src=\"data:image/png;base64,{data}\" alt=\"{_e(title)}: response time, throughput, failures "
             "and per-node share, in-flight and utilization over time, with faults and state changes\">")
+
+
+def _counts(runs: Sequence[Mapping[str, Any]], names: list[str]) -> str:
+    """What each run's timeline counts but cannot show, when not 0, with why; nothing when all are 0."""
+    from experiments.timeline_plot import counts_of
+
+    items = []
+    for name, r in zip(names, runs):
+        timeline = r.get("timeline")
+        for key, words, why in counts_of(timeline) if isinstance(timeline, Mapping) else ():
+            run = f"{_e(name)}: " if len(runs) > 1 else ""
+            items.append(f"<li>{run}{_e(words)} (<code>{_e(key)}</code>: {_e(why)})</li>")
+    if not items:
+        return ""
+    return f"<p class=\"note\">What the timeline counts but cannot show:</p><ul class=\"note\">{''.join(items)}</ul>"
 
 
 def _faults(runs: Sequence[Mapping[str, Any]], names: list[str]) -> str:

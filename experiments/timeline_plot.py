@@ -19,12 +19,18 @@ one) as stacked panels sharing the time axis, in seconds since the run began:
    ejector, health, membership), a bar wherever that state was not the normal
    one (OPEN, HALF_OPEN, down, dead, a fault), coloured by what it was.
 
-Values are drawn at the middle of their interval. Scheduled faults are also
+Values are drawn at the middle of their interval. Faults (as scheduled in a
+simulated run, as played in a live one) are also
 shaded across every panel, so a spike lines up with its cause; their names sit
 inside their bars in the strip where they fit, and in the caption where they do
 not. No label is drawn over a curve: series are named in legends beside the
 panels, states by the strip's legend. Dotted grey lines mark the measurement
 window (``warmup_s`` .. ``duration_s``) that the run's summary counts.
+
+What a timeline could not show is said under the title, per run, when not 0
+(:data:`COUNTS`): state changes missed (``events_missed``, a live run's),
+responses after its last interval (``later``) and OK responses that came after
+their interval's percentiles settled (``unsettled``).
 
 Several runs (a sim and a live run of one seed) share the panels: colours say
 which series, line styles which run (solid the first, dashed the second), and
@@ -37,12 +43,21 @@ import math
 import pathlib
 from typing import Any, Mapping, Sequence
 
-__all__ = ["EVENT_ROWS", "NODES_DRAWN", "draw_timeline", "plot_timeline", "timeline_of"]
+__all__ = ["COUNTS", "EVENT_ROWS", "NODES_DRAWN", "counts_of", "draw_timeline", "plot_timeline", "timeline_of"]
 
 #: Per-node panels draw at most this many nodes (those with the most requests); the panel title says so.
 NODES_DRAWN = 8
 #: The event strip shows at most this many (node, kind) rows; the caption counts the rest.
 EVENT_ROWS = 24
+
+#: What a timeline counts but cannot show, shown when not 0: key, what it counts (with ``{n}``), why.
+COUNTS = (
+    ("events_missed", "{n:,} state change{s} missed",
+     "pushed out of a process's record before the runner read it, or lost with a read that failed"),
+    ("later", "{n:,} response{s} after the last interval", "counted in no interval"),
+    ("unsettled", "{n:,} OK response{s} after their interval's percentiles settled",
+     "counted in its requests, not in its p50/p95/p99"),
+)
 
 _STYLES = ("-", "--", ":", "-.")
 _PERCENTILES = (("p50_ms", "p50", "C0"), ("p95_ms", "p95", "C1"), ("p99_ms", "p99", "C3"))
@@ -167,10 +182,34 @@ def draw_timeline(runs: Sequence[Mapping[str, Any]], *, title: str | None = None
     fig.suptitle(_text(title, 200) if title else _default_title(runs, names), fontsize=13)
     fig.canvas.draw()  # lay out, so a fault's name is kept only where it fits inside its bar
     hidden = _fit_labels(fault_labels, fig)
-    notes = [n for n in (node_note if not nodes else "", row_note, _hidden_note(hidden)) if n]
+    notes = [n for n in (*_counts_notes(timelines, names), node_note if not nodes else "", row_note,
+                         _hidden_note(hidden)) if n]
     if notes:
-        axes[0].set_title("\n".join(notes), fontsize=9, loc="right", color="0.3")
+        # Under the figure's title, on lines of their own above the first panel's (an empty last line: a long
+        # note never runs into "response time of OK requests").
+        axes[0].set_title("\n".join(notes) + "\n", fontsize=9, loc="right", color="0.3")
     return fig
+
+
+def counts_of(tl: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """What ``tl`` counts but cannot show (:data:`COUNTS`), those not 0: (key, count said in words, why)."""
+    out = []
+    for key, words, why in COUNTS:
+        n = tl.get(key)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            out.append((key, words.format(n=n, s="" if n == 1 else "s"), why))
+    return out
+
+
+def _counts_notes(timelines: Sequence[Mapping[str, Any]], names: Sequence[str]) -> list[str]:
+    """One line per run with counts to say (named by its run when there are several)."""
+    lines = []
+    for tl, name in zip(timelines, names):
+        counts = counts_of(tl)
+        if counts:
+            said = "; ".join(f"{words} ({key})" for key, words, _ in counts)
+            lines.append(f"{name}: {said}" if len(timelines) > 1 else said)
+    return lines
 
 
 # -- data ---------------------------------------------------------------------------------------------
@@ -414,14 +453,17 @@ def _bottom_legend(runs: Sequence[Mapping[str, Any]], names: list[str], timeline
                     for k, name in enumerate(names)]
     handles.append(Line2D([], [], color="0.5", ls=":", label="measurement window of the summary"))
     seen: dict[str, str] = {}
+    shown = set(rows)
     for tl in timelines:
+        by_row: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
         for e in _events(tl, end):
-            if (str(e.get("target")), str(e.get("kind"))) not in rows:
-                continue
-            for state in (str(e.get("from")), str(e.get("to"))):
-                if state not in _NORMAL:
-                    colour, label = _style(str(e.get("kind")), state)
-                    seen.setdefault(label, colour)
+            by_row.setdefault((str(e.get("target")), str(e.get("kind"))), []).append(e)
+        for (target, kind), events in by_row.items():
+            # The states drawn, as bars: a "from" the strip never draws (a registry's "dead" before "rejoined",
+            # whose bar is the "died" before it) names nothing in the legend.
+            for _, _, state in _spans(events, end) if (target, kind) in shown else ():
+                colour, label = _style(kind, state)
+                seen.setdefault(label, colour)
     handles += [Patch(color=colour, label=label + (" (shaded in every panel)" if label.startswith("fault") else ""))
                 for label, colour in seen.items()]
     return handles

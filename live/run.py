@@ -25,10 +25,15 @@ run ends (done, Ctrl-C, SIGTERM, a process dying, an error) the cluster is
 stopped before this returns or raises.
 
 **The timeline** (``"timeline"``, :mod:`core.timeline`, the simulator's
-schema): the generator's rows fold into a :class:`core.timeline.Timeline` of
-``interval_s`` intervals (the rows' times are already the run's: 0 is the
-first arrival's clock), beside the scenario's faults
-(:func:`core.timeline.fault_events`, as the simulator lists them) and the
+schema, begun by :meth:`core.timeline.Timeline.for_scenario` as the
+simulator's is): the generator's rows fold into it in ``interval_s`` intervals
+(the rows' times are already the run's: 0 is the first arrival's clock),
+beside the faults **as played**, not as scheduled: a ``fault`` event (named as
+:func:`core.timeline.fault_events` names the scheduled one) at each time the
+fault log (``"faults"``) records, when the SIGKILL was sent, when the restarted
+node listened again (a restart that took 4 s ends its span 4 s late), when
+``POST`` / ``DELETE /admin/faults`` were answered; an action that failed adds
+none (a fault never switched off lasts to the end). Beside them, the
 state changes each process recorded itself, never guessed by the runner
 (:class:`StateWatch`), read every ``interval_s`` (kept within
 ``POLL_MIN_S``-``POLL_MAX_S``: each change carries its own time, so the
@@ -42,9 +47,9 @@ the end:
   /circuit-status``, its last 20, deduplicated by time; also read just before
   the node is crashed). A crashed node comes back with a fresh breaker: if the
   old one was not CLOSED, a ``breaker <old> -> CLOSED "restarted"`` event at
-  the new process's start says so, as the simulator does at its recovery.
-  Transitions the breaker made between two reads beyond those 20 (its
-  ``generation`` moved further) count as missed.
+  the new process's start says so (:func:`core.events.restart_event`), as the
+  simulator does at its recovery. Transitions the breaker made between two
+  reads beyond those 20 (its ``generation`` moved further) count as missed.
 
 Every process stamps its changes with ``time.monotonic``, and the generator
 its rows with ``time.perf_counter``: on Linux both read CLOCK_MONOTONIC, one
@@ -53,6 +58,11 @@ run time ``at - t0`` (the offset between the two clocks is measured once, in
 case they differ). Changes before time 0 (the cluster starting) are left out;
 events the processes' rings or histories pushed out before they were read
 are counted in the timeline's ``"events_missed"`` (there only when not 0).
+So is a read that is the last chance and fails: the read of a breaker just
+before its node is crashed (no answer within ``LAST_READ_S``), or any read at
+the end; its process's changes since the read before are lost, how many cannot
+be known, so it counts one. The run says so: a warning, and for a pre-crash
+read a line in the fault log.
 
 With ``dashboard`` the runner prints the balancer's dashboard URL
 (``GET /dashboard``, :mod:`live.dashboard`) once the cluster is up, before the
@@ -74,22 +84,23 @@ import math
 import os
 import signal
 import time
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from core.events import TimelineEvent
+from core.events import TimelineEvent, restart_event
 from core.registry import MembershipChange
 from core.results import RequestLog, scenario_results
 from core.scenario import Fault, Scenario
-from core.timeline import TIMELINE_NODES, Timeline, default_interval_s, fault_events, membership_events
+from core.timeline import TIMELINE_NODES, Timeline, fault_events, membership_events
 from live.cluster import ChildFailed, Cluster
 from live.limits import DEFAULT_MAX_IN_FLIGHT, default_drain_s
 from live.server_limits import raise_open_file_limit
 from live.loadgen import LoadGenerator, clock
 from live.upstream import UpstreamError, UpstreamPool
 
-__all__ = ["LiveRunError", "Progress", "StateWatch", "run_live", "write_requests"]
+__all__ = ["LiveRunError", "Progress", "StateWatch", "fault_schedule", "live_timeline", "run_live", "write_requests"]
 
 #: Open-loop rates from which the runner measures what this machine carries before the load. Below it (the
 #: machine carried 1,100-4,000 requests/s when measured, busy or not) the probe is skipped: it leaves the
@@ -140,6 +151,7 @@ class StateWatch:
         self.changes: list[MembershipChange] = []
         self.next = {"balancer": 0, "registry": 0}
         self.missed = 0
+        self.lost: list[str] = []  # last-chance reads that failed, said in words (each counted in missed)
         self.breakers = {spec.id: _Breaker() for spec in cluster.scenario.nodes if spec.circuit_breaker}
 
     def close(self) -> None:
@@ -154,9 +166,23 @@ class StateWatch:
         except (UpstreamError, asyncio.TimeoutError, ValueError):
             return None
 
-    async def poll(self) -> None:
-        """Read every process once."""
-        await asyncio.gather(self._balancer(), self._registry(), *(self.breaker(n) for n in self.breakers))
+    async def poll(self, *, last: bool = False) -> None:
+        """Read every process once; ``last``: the read at the end, after which nothing is read again (a read
+        that fails then counts in :attr:`missed`, and is named in :attr:`lost`)."""
+        names = ["the balancer's /lb-events", "the registry's /events",
+                 *(f"{n}'s breaker" for n in self.breakers)]
+        done = await asyncio.gather(self._balancer(), self._registry(), *(self.breaker(n) for n in self.breakers))
+        if last:
+            for name, ok in zip(names, done):
+                if not ok:
+                    self.lose(f"{name} could not be read at the end of the run")
+
+    def lose(self, what: str) -> None:
+        """A last-chance read failed: what its process changed since the read before is lost, how much cannot
+        be known; it counts one in :attr:`missed`."""
+        self.missed += 1
+        self.lost.append(f"{what}: its state changes since the read before are not on the timeline "
+                         "(counted in events_missed)")
 
     async def run(self, period_s: float) -> None:
         while True:
@@ -171,38 +197,44 @@ class StateWatch:
         self.missed += int(body.get("missed", 0))
         return [e for e in body["events"] if isinstance(e, dict)]
 
-    async def _balancer(self) -> None:
+    async def _balancer(self) -> bool:
+        """Read the balancer's new events; False when the read failed."""
         lb = self.cluster.balancer
         if lb is None:
-            return
+            return True
         body = await self._get(lb.url, f"/lb-events?since={self.next['balancer']}")
         for e in self._ring("balancer", body):
             try:
-                self.events.append(TimelineEvent(float(e["t"]) - self.t0, str(e["target"]), str(e["kind"]),
-                                                 str(e["from"]), str(e["to"]), str(e.get("detail", ""))))
+                self.events.append(TimelineEvent.from_dict(e, self.t0))
             except (KeyError, TypeError, ValueError):
                 continue
+        return body is not None
 
-    async def _registry(self) -> None:
+    async def _registry(self) -> bool:
+        """Read the registry's new membership changes; False when the read failed."""
         registry = self.cluster.registry
         if registry is None:
-            return
+            return True
         body = await self._get(registry.url, f"/events?since={self.next['registry']}")
         for e in self._ring("registry", body):
             try:
                 self.changes.append(MembershipChange(str(e["kind"]), str(e["node_id"]), float(e["at"])))
             except (KeyError, TypeError, ValueError):
                 continue
+        return body is not None
 
-    async def breaker(self, node_id: str, *, last: bool = False) -> None:
-        """Read one node's breaker (``last``: just before a crash, briefly)."""
+    async def breaker(self, node_id: str, *, last: bool = False) -> bool:
+        """Read one node's breaker (``last``: just before a crash, waiting at most ``LAST_READ_S``); False
+        when the read failed (no node process to read is no failure)."""
         child = self.cluster.nodes.get(node_id)
         if child is None or not child.running:
-            return
+            return True
         pid, started_at = child.pid, child.started_at
         body = await self._get(child.url, "/circuit-status", self.quick if last else None)
         if isinstance(body, dict) and isinstance(body.get("transitions"), list):
             self._breaker_read(node_id, pid, started_at, body)
+            return True
+        return False
 
     def _breaker_read(self, node_id: str, pid: int, started_at: float, body: dict[str, Any]) -> None:
         b = self.breakers[node_id]
@@ -210,9 +242,9 @@ class StateWatch:
             return
         if b.pid is not None and pid != b.pid:  # a new process: its breaker starts CLOSED
             b.retired.add(b.pid)
-            if b.state != "CLOSED":
-                self.events.append(TimelineEvent(started_at - self.t0, node_id, "breaker", b.state, "CLOSED",
-                                                 "restarted"))
+            restarted = restart_event(node_id, b.state, started_at - self.t0)
+            if restarted is not None:
+                self.events.append(restarted)
             b.state, b.generation = "CLOSED", 0
         b.pid = pid
         taken = 0
@@ -241,8 +273,26 @@ class StateWatch:
         return [e for e in events if e.t >= 0]
 
 
+def live_timeline(scenario: Scenario, *, interval_s: float | None = None,
+                  node_series: int = TIMELINE_NODES) -> Timeline:
+    """:meth:`core.timeline.Timeline.for_scenario` without the scheduled faults: a live run adds the faults as
+    it played them (:func:`fault_schedule`)."""
+    unscheduled = replace(scenario, nodes=tuple(replace(n, faults=()) for n in scenario.nodes))
+    return Timeline.for_scenario(unscheduled, interval_s=interval_s, node_series=node_series)
+
+
+def fault_schedule(scenario: Scenario) -> list[tuple[str, Fault, TimelineEvent, TimelineEvent]]:
+    """Each of the scenario's faults with its node and its two scheduled ``fault`` events (start, end, as
+    :func:`core.timeline.fault_events` names them), which :func:`_fault` re-dates at the times it played them."""
+    events = iter(fault_events(scenario))  # two per fault, node by node, fault by fault
+    return [(spec.id, f, next(events), next(events)) for spec in scenario.nodes for f in spec.faults]
+
+
 async def _fault(cluster: Cluster, node_id: str, fault: Fault, t0: float, log: list[dict[str, Any]],
-                 watch: StateWatch | None = None) -> None:
+                 watch: StateWatch | None = None, *, scheduled: tuple[TimelineEvent, TimelineEvent] | None = None,
+                 played: list[TimelineEvent] | None = None) -> None:
+    """Play one fault on schedule and log what happened (``log``); with ``scheduled`` (its start and end
+    events), add them to ``played`` dated when each action took effect, for those that did."""
     pool = UpstreamPool(timeout_s=5.0)
     headers = [("Content-Type", "application/json"), ("Authorization", f"Bearer {cluster.admin_token}")]
 
@@ -253,25 +303,48 @@ async def _fault(cluster: Cluster, node_id: str, fault: Fault, t0: float, log: l
         except (UpstreamError, asyncio.TimeoutError) as exc:
             return f"failed: {exc or type(exc).__name__}"
 
-    def note(action: str, result: str) -> None:
-        log.append({"node": node_id, "at_s": round(clock() - t0, 3), "action": action, "result": result})
+    def note(action: str, result: str, at: float | None = None) -> float:
+        """Log an action; its run time (``at`` on :func:`clock`, or now), as logged."""
+        at_s = round((clock() if at is None else at) - t0, 3)
+        log.append({"node": node_id, "at_s": at_s, "action": action, "result": result})
+        return at_s
+
+    def play(event: int, at_s: float) -> None:
+        if scheduled is not None and played is not None:
+            played.append(replace(scheduled[event], t=at_s))
 
     try:
         await asyncio.sleep(max(0.0, t0 + fault.start_s - clock()))
         if fault.down:
-            if watch is not None and node_id in watch.breakers:
-                await watch.breaker(node_id, last=True)  # its breaker's last changes die with it otherwise
+            if watch is not None and node_id in watch.breakers and not await watch.breaker(node_id, last=True):
+                # Its breaker's last changes die with it: say so, and count them (how many, nobody knows).
+                what = f"{node_id}'s breaker did not answer within {LAST_READ_S:g} s before the crash"
+                watch.lose(what)
+                note("read the breaker before the crash", f"failed: no answer within {LAST_READ_S:g} s (its "
+                     "changes since the read before are lost, counted in the timeline's events_missed)")
+            killed = clock()
             await cluster.crash(node_id)
-            note("crash (SIGKILL)", "ok")
+            play(0, note("crash (SIGKILL)", "ok", killed))
+            on = True
         else:
             body = json.dumps({"error_rate": fault.error_rate, "extra_latency_ms": fault.extra_latency_ms}).encode()
-            note(f"faults on: error_rate={fault.error_rate:g} extra_latency_ms={fault.extra_latency_ms:g}",
-                 await admin("POST", body))
+            result = await admin("POST", body)
+            at_s = note(f"faults on: error_rate={fault.error_rate:g} extra_latency_ms={fault.extra_latency_ms:g}",
+                        result)
+            on = result == "ok"
+            if on:
+                play(0, at_s)
         await asyncio.sleep(max(0.0, t0 + fault.end_s - clock()))
         if fault.down:
-            note("restart", "ok" if await cluster.restart(node_id) else "failed")
+            restarted = await cluster.restart(node_id)  # returns once the new process listens
+            at_s = note("restart", "ok" if restarted else "failed")
+            if restarted:
+                play(1, at_s)
         else:
-            note("faults off", await admin("DELETE", b""))
+            result = await admin("DELETE", b"")
+            at_s = note("faults off", result)
+            if on and result == "ok":  # a fault never switched on, or never off, has no end to show
+                play(1, at_s)
     finally:
         pool.close()
 
@@ -299,10 +372,8 @@ async def live_run(scenario: Scenario, *, command: Sequence[str], impl: str = "a
     s = scenario
     if drain_s is None:
         drain_s = default_drain_s(s.balancer.timeout_s)
-    if interval_s is None:
-        interval_s = default_interval_s(s.duration_s)
-    timeline = Timeline(interval_s=interval_s, duration_s=s.duration_s, node_ids=[n.id for n in s.nodes],
-                        workers=[n.workers for n in s.nodes], node_series=timeline_nodes)
+    timeline = live_timeline(s, interval_s=interval_s, node_series=timeline_nodes)
+    played: list[TimelineEvent] = []
     watch: StateWatch | None = None
     try:
         async with Cluster(s, command=command, impl=impl, echo=echo) as cluster:
@@ -326,9 +397,10 @@ async def live_run(scenario: Scenario, *, command: Sequence[str], impl: str = "a
             await asyncio.sleep(0)  # let the generator fix its time origin first
             t0 = gen.t0 or clock()
             watch = StateWatch(cluster, t0 + (time.monotonic() - clock()))
-            helpers = [asyncio.create_task(_fault(cluster, spec.id, f, t0, fault_log, watch))
-                       for spec in s.nodes for f in spec.faults]
-            helpers.append(asyncio.create_task(watch.run(min(max(interval_s, POLL_MIN_S), POLL_MAX_S))))
+            helpers = [asyncio.create_task(_fault(cluster, node_id, f, t0, fault_log, watch, scheduled=(on, off),
+                                                  played=played))
+                       for node_id, f, on, off in fault_schedule(s)]
+            helpers.append(asyncio.create_task(watch.run(min(max(timeline.interval_s, POLL_MIN_S), POLL_MAX_S))))
             if progress is not None:
                 helpers.append(asyncio.create_task(_ticker(gen, progress)))
             died = asyncio.create_task(cluster.failed.wait())
@@ -344,7 +416,7 @@ async def live_run(scenario: Scenario, *, command: Sequence[str], impl: str = "a
                 raise LiveRunError(cluster.failure)
             run.result()
             stats = gen.generator_stats(s.warmup_s)
-            await watch.poll()  # the changes since the last read, while every process is still up
+            await watch.poll(last=True)  # the changes since the last read, while every process is still up
     except ChildFailed as exc:
         raise LiveRunError(str(exc)) from None
     finally:
@@ -352,8 +424,10 @@ async def live_run(scenario: Scenario, *, command: Sequence[str], impl: str = "a
             watch.close()
     if keep_requests is not None:
         write_requests(keep_requests, gen.log)
+    for what in watch.lost:
+        echo(f"WARNING: {what}")
     timeline.fold(gen.log.columns())
-    timeline.add_events(fault_events(s))
+    timeline.add_events(played)
     timeline.add_events(watch.timeline_events())
     line = timeline.as_dict()
     if watch.missed:

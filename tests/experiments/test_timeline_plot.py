@@ -151,6 +151,38 @@ def test_short_faults_are_named_in_the_note_and_many_rows_are_capped() -> None:
         plt.close(fig)
 
 
+def test_what_a_timeline_counts_but_cannot_show_is_said_under_the_title_and_in_the_report(tmp_path) -> None:
+    quiet, live = synthetic("sim"), synthetic("live")
+    live["timeline"].update(events_missed=3, later=1, unsettled=12)
+    fig = draw_timeline([quiet])
+    try:
+        assert fig.axes[0].get_title(loc="right") == ""  # all 0: nothing said
+    finally:
+        plt.close(fig)
+    fig = draw_timeline([quiet, live])
+    try:
+        note = fig.axes[0].get_title(loc="right")
+        assert note.splitlines()[0] == ("live (round_robin, seed 1): 3 state changes missed (events_missed); "
+                                        "1 response after the last interval (later); 12 OK responses after their "
+                                        "interval's percentiles settled (unsettled)")
+        assert "sim" not in note  # the run with nothing to say is not named
+    finally:
+        plt.close(fig)
+    write_report(tmp_path / "r.html", [quiet, live], title="counts")
+    page = (tmp_path / "r.html").read_text()
+    assert "<li>live: 3 state changes missed (<code>events_missed</code>: pushed out of a process" in page
+    assert "<li>live: 12 OK responses after their interval&#x27;s percentiles settled (<code>unsettled</code>" in page
+    write_report(tmp_path / "quiet.html", [quiet], title="quiet")
+    assert "cannot show" not in (tmp_path / "quiet.html").read_text()
+
+
+def test_a_cut_table_says_where_all_its_rows_are(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr("experiments.html_report.TABLE_ROWS", 2)
+    write_report(tmp_path / "r.html", [synthetic(events=fault("node-1", 3, 8) + fault("node-2", 4, 9))], title="cut")
+    page = (tmp_path / "r.html").read_text()
+    assert "the first 2 of 4 state changes; all of them are in the results JSON (--json)" in page
+
+
 def test_a_hostile_node_id_is_drawn_as_plain_text(tmp_path: pathlib.Path) -> None:
     nasty = r"$\frac{" + HOSTILE
     plot_timeline([synthetic(nodes=(nasty, "node-2"), events=fault(nasty, 3, 8))], tmp_path / "x.png")
