@@ -301,7 +301,8 @@ def _style(kind: str, state: str) -> tuple[str, str]:
 
 
 def _fault_spans(timelines: Sequence[Mapping[str, Any]], end: float) -> list[tuple[float, float, str]]:
-    """Every distinct fault span of the runs, with its colour (a sim and a live run share their schedule)."""
+    """Every distinct fault span of the runs, with its colour (a sim run's, as scheduled, and a live run's, as
+    played, both drawn: they differ by how late the live one was)."""
     spans: dict[tuple[float, float, str], None] = {}
     for tl in timelines:
         faults: dict[str, list[Mapping[str, Any]]] = {}
