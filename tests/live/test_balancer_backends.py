@@ -136,9 +136,9 @@ async def test_a_sigstopped_node_gets_no_new_request_later_than_two_health_inter
         checks: list[tuple[str, bool, float]] = []  # (backend, passed, when): what the balancer concluded
         book_check = lb.state.checked
 
-        def checked(entry: Any, ok: bool) -> None:
+        def checked(entry: Any, ok: bool, **timed: Any) -> None:
             checks.append((entry.id, ok, loop.time()))
-            book_check(entry, ok)
+            book_check(entry, ok, **timed)
         lb.state.checked = checked  # type: ignore[method-assign]  # observe, then do as before
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             load = SteadyLoad(session, str(server.make_url("/work")), rate_per_s=50)
