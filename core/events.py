@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Generic, Iterable, Mapping, Protocol, TypeVar
 
+__all__ = ["EVENTS_KEPT", "EventLog", "EventRing", "TimelineEvent", "breaker_events", "membership_events",
+           "restart_event"]
+
 
 class _StateChange(Protocol):
     """What :func:`breaker_events` reads of a :class:`core.circuit_breaker.StateChange` (that module imports
@@ -49,8 +52,6 @@ class _MembershipChange(Protocol):
     @property
     def at(self) -> float: ...
 
-__all__ = ["EVENTS_KEPT", "EventLog", "EventRing", "TimelineEvent", "breaker_events", "membership_events",
-           "restart_event"]
 
 E = TypeVar("E")
 

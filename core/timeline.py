@@ -67,10 +67,10 @@ from core.events import TimelineEvent, breaker_events, membership_events, restar
 from core.results import Outcome
 
 if TYPE_CHECKING:
-    from core.scenario import Scenario
+    from core.scenario import Fault, Scenario
 
 __all__ = ["EVENT_KINDS", "INTERVAL_CENTROIDS", "MAX_INTERVALS", "SERIES", "TIMELINE_NODES", "Timeline",
-           "TimelineEvent", "breaker_events", "check_interval_s", "default_interval_s", "fault_events",
+           "TimelineEvent", "breaker_events", "check_interval_s", "default_interval_s", "fault_events", "fault_pair",
            "membership_events", "restart_event", "smallest_interval_s"]
 
 #: Intervals a timeline holds at most (an hour of 1 s intervals): a longer run needs a larger interval.
@@ -132,20 +132,21 @@ _ERRORS = [int(o) for o in (Outcome.SERVER_ERROR, Outcome.CONNECT_ERROR, Outcome
 _QUANTILES = (("p50_ms", 0.50), ("p95_ms", 0.95), ("p99_ms", 0.99))
 
 
+def fault_pair(node_id: str, fault: Fault) -> tuple[TimelineEvent, TimelineEvent]:
+    """One fault's two ``fault`` events, as scheduled: ``ok`` -> what (``down``, ``error_rate 0.5``,
+    ``extra_latency_ms 200``) at its start, back to ``ok`` at its end. A live run re-dates them to when it played
+    them."""
+    what = ", ".join(part for part in (
+        "down" if fault.down else "",
+        f"error_rate {fault.error_rate:g}" if fault.error_rate else "",
+        f"extra_latency_ms {fault.extra_latency_ms:g}" if fault.extra_latency_ms else "") if part) or "none"
+    return (TimelineEvent(fault.start_s, node_id, "fault", "ok", what),
+            TimelineEvent(fault.end_s, node_id, "fault", what, "ok"))
+
+
 def fault_events(scenario: Scenario) -> list[TimelineEvent]:
-    """The scenario's faults as ``fault`` events: ``ok`` -> what (``down``, ``error_rate 0.5``,
-    ``extra_latency_ms 200``) at its start, back to ``ok`` at its end. The same for a simulated and a live run
-    of the scenario: both play the faults on the run's clock."""
-    out = []
-    for node in scenario.nodes:
-        for f in node.faults:
-            what = ", ".join(part for part in (
-                "down" if f.down else "",
-                f"error_rate {f.error_rate:g}" if f.error_rate else "",
-                f"extra_latency_ms {f.extra_latency_ms:g}" if f.extra_latency_ms else "") if part) or "none"
-            out.append(TimelineEvent(f.start_s, node.id, "fault", "ok", what))
-            out.append(TimelineEvent(f.end_s, node.id, "fault", what, "ok"))
-    return out
+    """The scenario's faults as scheduled (:func:`fault_pair`), node by node: what a simulated run plays."""
+    return [event for node in scenario.nodes for f in node.faults for event in fault_pair(node.id, f)]
 
 
 class Timeline:
@@ -187,15 +188,17 @@ class Timeline:
 
     @classmethod
     def for_scenario(cls, scenario: Scenario, *, interval_s: float | None = None,
-                     node_series: int = TIMELINE_NODES) -> Timeline:
+                     node_series: int = TIMELINE_NODES, scheduled_faults: bool = True) -> Timeline:
         """A run of ``scenario``'s timeline: its nodes and workers, intervals of ``interval_s`` (None:
-        :func:`default_interval_s`), settled a balancer timeout behind (a response can be no later), its
-        faults already listed (:func:`fault_events`). The simulator and the live runner both start here."""
+        :func:`default_interval_s`), settled a balancer timeout behind (a response can be no later), and with
+        ``scheduled_faults`` its faults already listed (:func:`fault_events`; a live run lists them as it
+        played them instead). The simulator and the live runner both start here."""
         s = scenario
         timeline = cls(interval_s=default_interval_s(s.duration_s) if interval_s is None else interval_s,
                        duration_s=s.duration_s, node_ids=[n.id for n in s.nodes], workers=[n.workers for n in s.nodes],
                        node_series=node_series, settle_s=max(SETTLE_S, 2.0 * s.balancer.timeout_s))
-        timeline.add_events(fault_events(s))
+        if scheduled_faults:
+            timeline.add_events(fault_events(s))
         return timeline
 
     def _grow(self, size: int) -> None:

@@ -29,7 +29,7 @@ schema, begun by :meth:`core.timeline.Timeline.for_scenario` as the
 simulator's is): the generator's rows fold into it in ``interval_s`` intervals
 (the rows' times are already the run's: 0 is the first arrival's clock),
 beside the faults **as played**, not as scheduled: a ``fault`` event (named as
-:func:`core.timeline.fault_events` names the scheduled one) at each time the
+:func:`core.timeline.fault_pair` names the scheduled one) at each time the
 fault log (``"faults"``) records, when the SIGKILL was sent, when the restarted
 node listened again (a restart that took 4 s ends its span 4 s late), when
 ``POST`` / ``DELETE /admin/faults`` were answered; an action that failed adds
@@ -93,7 +93,7 @@ from core.events import TimelineEvent, restart_event
 from core.registry import MembershipChange
 from core.results import RequestLog, scenario_results
 from core.scenario import Fault, Scenario
-from core.timeline import TIMELINE_NODES, Timeline, fault_events, membership_events
+from core.timeline import TIMELINE_NODES, Timeline, fault_pair, membership_events
 from live.cluster import ChildFailed, Cluster
 from live.limits import DEFAULT_MAX_IN_FLIGHT, default_drain_s
 from live.server_limits import raise_open_file_limit
@@ -277,15 +277,13 @@ def live_timeline(scenario: Scenario, *, interval_s: float | None = None,
                   node_series: int = TIMELINE_NODES) -> Timeline:
     """:meth:`core.timeline.Timeline.for_scenario` without the scheduled faults: a live run adds the faults as
     it played them (:func:`fault_schedule`)."""
-    unscheduled = replace(scenario, nodes=tuple(replace(n, faults=()) for n in scenario.nodes))
-    return Timeline.for_scenario(unscheduled, interval_s=interval_s, node_series=node_series)
+    return Timeline.for_scenario(scenario, interval_s=interval_s, node_series=node_series, scheduled_faults=False)
 
 
 def fault_schedule(scenario: Scenario) -> list[tuple[str, Fault, TimelineEvent, TimelineEvent]]:
-    """Each of the scenario's faults with its node and its two scheduled ``fault`` events (start, end, as
-    :func:`core.timeline.fault_events` names them), which :func:`_fault` re-dates at the times it played them."""
-    events = iter(fault_events(scenario))  # two per fault, node by node, fault by fault
-    return [(spec.id, f, next(events), next(events)) for spec in scenario.nodes for f in spec.faults]
+    """Each of the scenario's faults with its node and its two scheduled ``fault`` events
+    (:func:`core.timeline.fault_pair`), which :func:`_fault` re-dates at the times it played them."""
+    return [(spec.id, f, *fault_pair(spec.id, f)) for spec in scenario.nodes for f in spec.faults]
 
 
 async def _fault(cluster: Cluster, node_id: str, fault: Fault, t0: float, log: list[dict[str, Any]],
